@@ -1,0 +1,44 @@
+# One command for the main job (`make run`) and one for the tests (`make test`).
+# Both create .venv when missing and install into it; the install is skipped while
+# pyproject.toml is unchanged (the stamp file carries its hash).
+PY      ?= python3
+TORCH   ?= torch==2.13.0
+VENV    := .venv
+BIN     := $(VENV)/bin
+HASH    := $(shell (cat pyproject.toml; echo "$(TORCH)") | sha1sum | cut -c1-12)
+STAMP   := $(VENV)/.installed-$(HASH)
+
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: install
+	$(BIN)/lmops run
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --json || exit 1; done
+
+clean:
+	rm -rf .lmops

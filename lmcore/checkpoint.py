@@ -1,0 +1,107 @@
+"""Model checkpoints on disk: weights in safetensors, args in JSON, never pickle for weights.
+
+A model folder holds ``model.safetensors``, ``config.json`` (``{"model": ModelConfig, ...}``
+plus free metadata such as the dataset version) and ``tokenizer.json``. A training
+checkpoint adds ``trainer_state.pt`` (optimizer, step, RNG) next to them. Writes go to a
+temporary sibling folder that is renamed into place, so a crash never leaves half a
+checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmcore.errors import LmopsError
+from lmcore.model import ModelConfig, Transformer
+from lmcore.tokenizer import Tokenizer
+
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights without the tied duplicate (safetensors refuses shared storage)."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def atomic_dir(target: Path) -> Path:
+    """A fresh temporary sibling of ``target``; pass it to :func:`commit_dir` when complete."""
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, target: Path) -> Path:
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target
+
+
+def write_model_files(folder: Path, model: torch.nn.Module, tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
+    """Write weights, config and tokenizer into an existing folder (no atomicity here)."""
+    cfg: ModelConfig = getattr(getattr(model, "module", model), "cfg", None) or model._orig_mod.cfg
+    save_file(model_state(model), str(folder / WEIGHTS))
+    (folder / CONFIG).write_text(json.dumps({"model": cfg.to_dict(), **meta}, indent=2, default=str))
+    tokenizer.save(folder / TOKENIZER)
+
+
+def save_model(folder: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, meta: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_dir(folder)
+    try:
+        write_model_files(tmp, model, tokenizer, meta or {})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_dir(tmp, folder)
+
+
+def read_meta(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        raise LmopsError(f"not a model folder (no {CONFIG}): {folder}")
+    try:
+        meta = json.loads(path.read_text())
+        ModelConfig.from_dict(meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LmopsError(f"corrupt model config {path}: {e}") from None
+    return meta
+
+
+def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
+    """Model (eval mode), tokenizer and metadata from a model folder; one-line error if broken."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    cfg = ModelConfig.from_dict(meta["model"])
+    tokenizer = Tokenizer.load(folder / TOKENIZER)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise LmopsError(f"tokenizer in {folder} has {tokenizer.vocab_size} tokens, model only {cfg.vocab_size}")
+    model = Transformer(cfg)
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as e:
+        raise LmopsError(f"cannot read weights {folder / WEIGHTS}: {str(e).splitlines()[0]}") from None
+    if cfg.tie_embeddings:
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise LmopsError(f"weights in {folder} do not match its config: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer, meta

@@ -1,0 +1,58 @@
+"""The `lmops` command: one verb per user task, each a thin layer over one lmcore module.
+
+Each verb group lives in its own module with a ``register(app)`` function; heavy imports
+(torch, mlflow, dvc, great_expectations) happen inside the verbs so ``--help`` stays fast.
+Orchestration verbs (`run`, `schedule`, `harvest`) are added by ``flows.cli``: lmcore never
+imports flows.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from lmcore.errors import LmopsError
+
+app = typer.Typer(
+    name="lmops",
+    help="lmops: raw text -> validated, versioned data -> trained, tracked, served language model -> feedback.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show library logs (Prefect, MLflow, DVC)."),
+) -> None:
+    """lmops: one loop from raw text to a served model and back."""
+    if verbose:
+        import os
+
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
+        os.environ["LMOPS_VERBOSE"] = "1"
+
+
+def _register_all() -> None:
+    from lmcore.cli import data_cmds, info_cmds, model_cmds, models_cmds, optimize_cmds, serve_cmds
+
+    for module in (info_cmds, model_cmds, data_cmds, models_cmds, serve_cmds, optimize_cmds):
+        module.register(app)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    from lmcore.settings import apply_environment
+
+    apply_environment()
+    try:
+        app(args=argv)
+    except LmopsError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)

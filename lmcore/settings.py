@@ -1,0 +1,102 @@
+"""Where lmops keeps its state, and the environment it runs in.
+
+Everything lmops writes (MLflow store, Prefect home, DVC cache/remote, feedback DB, caches)
+lives under one home folder: ``$LMOPS_HOME``, else ``<workspace>/.lmops``. The workspace is
+``$LMOPS_WORKSPACE``, else the nearest folder upward holding ``params.yaml``, else the cwd.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+QUIET_ENV = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+
+
+def find_workspace(start: Path | None = None) -> Path:
+    if env := os.environ.get("LMOPS_WORKSPACE"):
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file():
+            return folder
+    return here
+
+
+@dataclass(frozen=True)
+class Settings:
+    workspace: Path
+    home: Path
+
+    @property
+    def params_path(self) -> Path:
+        return self.workspace / "params.yaml"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.home / "mlartifacts"
+
+    @property
+    def prefect_home(self) -> Path:
+        return Path(os.environ.get("PREFECT_HOME") or self.home / "prefect")
+
+    @property
+    def prefect_api_url(self) -> str | None:
+        return os.environ.get("PREFECT_API_URL") or None
+
+    @property
+    def dvc_remote(self) -> Path:
+        return self.home / "dvc-remote"
+
+    @property
+    def dvc_site_cache(self) -> Path:
+        return self.home / "dvc-site-cache"
+
+    @property
+    def feedback_db(self) -> str:
+        return os.environ.get("LMOPS_FEEDBACK_DB") or f"sqlite:///{self.home / 'feedback.db'}"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def gx_dir(self) -> Path:
+        return self.home / "gx"
+
+    def ensure(self) -> Settings:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def get_settings() -> Settings:
+    workspace = find_workspace()
+    home = Path(os.environ.get("LMOPS_HOME") or workspace / ".lmops").resolve()
+    return Settings(workspace=workspace, home=home)
+
+
+def apply_environment(settings: Settings | None = None) -> Settings:
+    """Telemetry off and every tool's home inside the lmops home. Call before importing them."""
+    settings = settings or get_settings()
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MPLCONFIGDIR", str(settings.home / "matplotlib"))
+    return settings

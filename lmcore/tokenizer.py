@@ -1,0 +1,98 @@
+"""Byte-level BPE (Hugging Face `tokenizers`), saved as one ``tokenizer.json``.
+
+``kind="byte"`` is the same machinery with no merges: 256 byte symbols plus the end-of-text
+token, so tiny runs and character-level benchmarks share one file format and one code path.
+Either way encode -> decode round-trips any UTF-8 string exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lmcore.errors import LmopsError
+
+EOS = "<|endoftext|>"
+BYTE_VOCAB = 257  # 256 byte symbols + EOS
+
+
+class Tokenizer:
+    def __init__(self, tok: _HFTokenizer):
+        self._tok = tok
+        eos = tok.token_to_id(EOS)
+        if eos is None:
+            raise LmopsError(f"tokenizer has no {EOS} token")
+        self.eos_id: int = eos
+
+    @classmethod
+    def train(cls, texts: Iterable[str], kind: str = "bpe", vocab_size: int = 2048) -> Tokenizer:
+        tok = _HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=BYTE_VOCAB if kind == "byte" else vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts if kind != "byte" else iter(()), trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise LmopsError(f"tokenizer not found: {path}")
+        try:
+            return cls(_HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise LmopsError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+
+    @classmethod
+    def from_str(cls, text: str) -> Tokenizer:
+        return cls(_HFTokenizer.from_str(text))
+
+    def to_str(self) -> str:
+        return self._tok.to_str()
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.to_str(), encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
+        """Yield text pieces as ids arrive, holding back bytes of an unfinished UTF-8 char."""
+        seen: list[int] = []
+        emitted = ""
+        for i in ids:
+            seen.append(i)
+            text = self.decode(seen)
+            if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+        text = self.decode(seen)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
