@@ -2,14 +2,85 @@
 
 from __future__ import annotations
 
+import typer
+
+from lmcore.cli import app
 from lmcore.cli import main as _lmcore_main
+from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, SET_OPTION, emit_json, load_params_cli
 
 
-def _register_flow_verbs() -> None:
-    return None
+def _overrides(sets: list[str] | None) -> dict:
+    from lmcore.config import parse_override
+
+    return dict(parse_override(s) for s in (sets or []))
 
 
-_register_flow_verbs()
+@app.command()
+def run(
+    source: list[str] = typer.Option(
+        None, "--source", "-s", help="Source to ingest (path or built-in name); repeatable. Default: data.sources."
+    ),
+    params: str = PARAMS_OPTION,
+    sets: list[str] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Run the whole loop once: ingest, validate, version, prepare, train, evaluate, register, gate, deploy.
+
+    Uses Prefect's ephemeral API unless PREFECT_API_URL is set, MLflow on SQLite under the lmops
+    home unless MLFLOW_TRACKING_URI is set, and DVC with a local remote. With unchanged data and
+    params a re-run is cached and does no training work.
+    """
+    load_params_cli(params, sets)  # fail fast on bad params, before Prefect starts
+    typer.secho("starting the training flow (Prefect) ...", err=True, dim=True)
+    from flows.reporting import terminal_summary
+    from flows.training import training_flow
+
+    summary = training_flow(sources=source or None, params_path=params, overrides=_overrides(sets))
+    if as_json:
+        emit_json(summary)
+    else:
+        typer.echo(terminal_summary(summary))
+
+
+@app.command()
+def harvest(
+    params: str = PARAMS_OPTION,
+    no_train: bool = typer.Option(False, "--no-train", help="Only harvest; never trigger a training run."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Turn new user feedback into validated, versioned training data (and train if enough arrived)."""
+    load_params_cli(params, None)
+    from flows.harvest import harvest_flow
+
+    result = harvest_flow(params_path=params, trigger_training=not no_train)
+    if as_json:
+        emit_json(result)
+        return
+    typer.echo(
+        f"harvested {result.get('new_rows', 0)} feedback rows -> {result.get('train_records', 0)} training, "
+        f"{result.get('holdout_records', 0)} held out, {result.get('negatives', 0)} negatives, "
+        f"{result.get('quarantined', 0)} quarantined; version {result.get('version') or 'unchanged'}"
+    )
+    if result.get("training"):
+        t = result["training"]
+        typer.echo(f"triggered training: v{t['model_version']} {'promoted' if t['promoted'] else 'not promoted'}")
+
+
+@app.command()
+def schedule(
+    params: str = PARAMS_OPTION,
+    port: int = typer.Option(4200, help="Port of the local Prefect server started when PREFECT_API_URL is unset."),
+) -> None:
+    """Keep the scheduled flows running on this machine (training nightly, harvest hourly by default).
+
+    Starts a local Prefect server on 127.0.0.1 if none is configured, serves both deployments
+    with the cron schedules from params.yaml, prints the UI address, and shuts everything down on
+    Ctrl-C or SIGTERM.
+    """
+    p = load_params_cli(params, None)
+    from flows.schedule import serve_schedules
+
+    serve_schedules(p, params, port=port, echo=lambda m: typer.echo(m, err=True))
 
 
 def main() -> None:

@@ -95,8 +95,13 @@ def apply_environment(settings: Settings | None = None) -> Settings:
     settings = settings or get_settings()
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home))
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if "PREFECT_HOME" not in os.environ:
+        os.environ["PREFECT_HOME"] = str(settings.prefect_home)
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)  # Prefect will not create parents
+    # Flow and task logs still reach the Prefect API (and UI) at INFO; the terminal stays quiet
+    # unless `lmops -v` lowers the console handler's level.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MPLCONFIGDIR", str(settings.home / "matplotlib"))
     return settings

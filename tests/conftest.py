@@ -41,3 +41,85 @@ def lmops_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "lmops-home"
     monkeypatch.setenv("LMOPS_HOME", str(home))
     return home
+
+
+TINY_PARAMS = """\
+data:
+  sources: [corpus]
+  min_chars: 8
+  max_chars: 100000
+  max_failure_rate: 0.9
+prepare:
+  val_fraction: 0.2
+  seed: 7
+tokenizer:
+  kind: byte
+  vocab_size: 257
+model:
+  n_layer: 1
+  n_head: 2
+  n_kv_head: 2
+  d_model: 32
+  block_size: 32
+train:
+  device: cpu
+  batch_size: 4
+  lr: 3.0e-3
+  min_lr: 3.0e-4
+  warmup_steps: 2
+  max_steps: 12
+  max_minutes: 2.0
+  eval_interval: 6
+  eval_iters: 2
+  checkpoint_interval: 6
+eval:
+  batch_size: 4
+  max_batches: 4
+  n_samples: 1
+  sample_max_new_tokens: 16
+  prompts: ["def "]
+registry:
+  model_name: tiny-lm
+  experiment: tiny
+"""
+
+TINY_TEXTS = {
+    "a.py": "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n" * 6,
+    "b.md": "# Notes\n\nThe quick brown fox jumps over the lazy dog.\n" * 8,
+    "c.txt": "import os\nimport sys\n\nprint(os.getcwd(), sys.argv)\n" * 8,
+}
+
+
+def make_tiny_workspace(root: Path, params: str = TINY_PARAMS) -> Path:
+    """A git repo with tiny params and a small text corpus under ``corpus/``."""
+    import subprocess
+
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run(["git", "-C", str(root), "config", "user.email", "test@lmops.invalid"], check=True)
+    subprocess.run(["git", "-C", str(root), "config", "user.name", "lmops test"], check=True)
+    (root / "params.yaml").write_text(params)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, text in TINY_TEXTS.items():
+        (corpus / name).write_text(text)
+    return root
+
+
+@pytest.fixture()
+def tiny_workspace(tmp_path, monkeypatch) -> Path:
+    """A tiny workspace + its own lmops home, selected through the environment."""
+    ws = make_tiny_workspace(tmp_path / "ws")
+    monkeypatch.setenv("LMOPS_WORKSPACE", str(ws))
+    monkeypatch.setenv("LMOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(ws)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (it costs ~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

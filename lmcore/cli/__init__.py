@@ -32,7 +32,7 @@ def _root(
     if verbose:
         import os
 
-        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"
         os.environ["LMOPS_VERBOSE"] = "1"
 
 

@@ -1,0 +1,201 @@
+"""Prefect tasks: each a thin wrapper over one lmcore function.
+
+Tasks pass paths, ids and content hashes, never large objects. The expensive steps
+(prepare, train, evaluate) are cached on the same content hashes DVC uses: the dataset
+version (DVC's hash of the data) plus the hash of the params slices the step reads. A
+cache key is only honoured while the output folder it names still exists, so deleting the
+lmops home never yields a cached path to nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.tasks import exponential_backoff
+
+from lmcore.config import Params
+from lmcore.settings import get_settings
+
+CACHE_DAYS = timedelta(days=30)
+
+
+def _serializable(key_fn) -> CachePolicy:
+    """Cache on ``key_fn``; a second run with the same key waits for the first, then reuses it."""
+    locks = FileSystemLockManager(lock_files_directory=get_settings().home / "locks" / "prefect")
+    return CacheKeyFnPolicy(cache_key_fn=key_fn).configure(isolation_level="SERIALIZABLE", lock_manager=locks)
+
+
+def _hash(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def prepare_key(version: str, params: Params) -> str:
+    return _hash("prepare", version, params.slice_hash("prepare", "tokenizer"))
+
+
+def train_key(version: str, params: Params) -> str:
+    return _hash("train", prepare_key(version, params), params.slice_hash("model", "train"))
+
+
+def prepared_dir(version: str, params: Params) -> Path:
+    return get_settings().runs_dir / "prepared" / prepare_key(version, params)
+
+
+def train_dir(version: str, params: Params) -> Path:
+    return get_settings().runs_dir / "train" / train_key(version, params)
+
+
+def _cached_while(path: Path, key: str) -> str:
+    """The cache key while ``path`` exists; a fresh one (a miss) once it is gone."""
+    return key if path.exists() else f"{key}-missing-{uuid.uuid4().hex}"
+
+
+def _prepare_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
+    out = prepared_dir(p["version"], p["params"])
+    return _cached_while(out / "meta.json", f"prepare-{out.name}")
+
+
+def _train_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
+    out = train_dir(p["version"], p["params"])
+    return _cached_while(out / "model" / "config.json", f"train-{out.name}")
+
+
+def _evaluate_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
+    out = Path(p["trained"]["out_dir"]) / "eval.json"
+    return _cached_while(out, f"evaluate-{Path(p['trained']['out_dir']).name}-{p['params'].slice_hash('eval')}")
+
+
+@task(name="ingest")
+def ingest_task(sources: list[str], params: Params) -> dict[str, Any]:
+    """Read, clean, validate (GX) and version the sources; returns the current dataset version."""
+    from lmcore.data.ingest import ingest
+    from lmcore.data.registry import DataRegistry
+
+    registry = DataRegistry.open()
+    registry.ensure_initialized()
+    result = ingest(sources, params.data, registry=registry, progress=False)
+    current = registry.current()
+    if current is None:
+        from lmcore.errors import LmopsError
+
+        raise LmopsError("no dataset version: ingest accepted no records and the registry is empty")
+    return {
+        "version": current.id,
+        "git_rev": current.git_rev,
+        "new_version": result.version,
+        "rows": result.rows,
+        "accepted": result.accepted,
+        "quarantined": result.quarantined,
+        "refusals": list(result.refusals),
+    }
+
+
+@task(name="prepare", cache_policy=_serializable(_prepare_cache_key), cache_expiration=CACHE_DAYS, persist_result=True)
+def prepare_task(version: str, params: Params) -> str:
+    """Tokenizer + deterministic split + memmaps for one dataset version."""
+    from lmcore.data.registry import DataRegistry
+
+    from lmcore.prepare import prepare_dataset
+
+    out = prepared_dir(version, params)
+    records = DataRegistry.open().iter_records(version)
+    prepare_dataset(records, out, params.tokenizer, params.prepare, dataset_version=version)
+    return str(out)
+
+
+@task(name="train", cache_policy=_serializable(_train_cache_key), cache_expiration=CACHE_DAYS, persist_result=True)
+def train_task(data_dir: str, version: str, params: Params, lineage: dict[str, str]) -> dict[str, Any]:
+    """Train and track one model in its own MLflow run (explicit run id, thread-safe)."""
+    from lmcore.tracking import RunTracker
+    from lmcore.train import train
+
+    out = train_dir(version, params)
+    tracker = RunTracker.start(
+        params.registry.experiment, run_name=f"train-{out.name[:8]}", params=params.flat(), tags=lineage
+    )
+    try:
+        result = train(
+            Path(data_dir), out, params.model, params.train,
+            progress=True, on_metrics=tracker.log_metrics, dataset_version=version,
+        )
+        tracker.log_training_artifacts(result)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return {
+        "out_dir": str(out),
+        "model_dir": str(result.model_dir),
+        "run_id": tracker.run_id,
+        "train_key": out.name,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "stopped_by": result.stopped_by,
+    }
+
+
+@task(name="evaluate", cache_policy=_serializable(_evaluate_cache_key), cache_expiration=CACHE_DAYS, persist_result=True)
+def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params) -> dict[str, Any]:
+    """Validation metrics and samples, logged to the training run, which it then closes."""
+    from lmcore.evaluate import evaluate
+    from lmcore.tracking import RunTracker
+
+    out = Path(trained["out_dir"]) / "eval.json"
+    metrics = evaluate(Path(trained["model_dir"]), Path(data_dir), params.eval, out_path=out)
+    tracker = RunTracker.resume(trained["run_id"])
+    tracker.log_evaluation(metrics, out)
+    tracker.finish("FINISHED")
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+@task(name="register", retries=3, retry_delay_seconds=exponential_backoff(2))
+def register_task(trained: dict[str, Any], params: Params, lineage: dict[str, str]) -> str:
+    """One registered version per trained model: a cached re-run finds and reuses it."""
+    from lmcore.registry import find_version_by_tag, log_model, register_version
+
+    name = params.registry.model_name
+    existing = find_version_by_tag(name, "lmops.train_key", trained["train_key"])
+    if existing is not None:
+        return existing
+    uri = log_model(trained["run_id"], Path(trained["model_dir"]))
+    tags = {**lineage, "lmops.train_key": trained["train_key"]}
+    return register_version(uri, name, tags, trained["run_id"])
+
+
+@task(name="gate")
+def gate_task(version: str, data_dir: str, params: Params) -> dict[str, Any]:
+    """Challenger vs champion on the same validation set; moves `champion` only on a pass."""
+    from dataclasses import asdict
+
+    from lmcore.registry import gate
+
+    return asdict(gate(params.registry.model_name, version, Path(data_dir), params))
+
+
+@task(name="deploy", retries=3, retry_delay_seconds=exponential_backoff(1))
+def deploy_task(decision: dict[str, Any], params: Params) -> str:
+    """Tell a running server to load the new champion, or record that none runs."""
+    import os
+
+    import httpx
+
+    if not decision.get("promoted"):
+        return "champion unchanged: nothing to deploy"
+    url = os.environ.get("LMOPS_SERVE_URL") or f"http://{params.serve.host}:{params.serve.port}"
+    try:
+        httpx.get(f"{url}/health", timeout=2.0)
+    except httpx.TransportError:
+        return f"no server running at {url}: `lmops serve` will load the new champion when started"
+    headers = {}
+    if token := os.environ.get("LMOPS_API_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+    r = httpx.post(f"{url}/admin/reload", headers=headers, timeout=120.0)
+    r.raise_for_status()
+    return f"server at {url} now serves version {r.json().get('version', decision.get('challenger'))}"
