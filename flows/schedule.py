@@ -43,19 +43,28 @@ def build_deployments(params: Params, params_path: str | None = None) -> list[An
 
 def serve_schedules(params: Params, params_path: str | None = None, port: int = 4200, echo=print) -> None:
     """Serve the deployments (blocking); start and stop a local Prefect server if none is set."""
+    import signal
+
     import prefect.settings
     from prefect import serve
 
     from lmcore.settings import get_settings
 
+    def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so the server we started is stopped
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     with ExitStack() as stack:
+        stack.callback(signal.signal, signal.SIGTERM, previous)
         api_url = get_settings().prefect_api_url
         if api_url is None:
-            from lmcore.ui import start_prefect_server
+            from lmcore.ui import start_prefect_server, stop_service
 
-            server = stack.enter_context(start_prefect_server(port=port))
-            api_url = server.api_url
-            echo(f"started a Prefect server (pid {server.pid}); UI at {server.ui_url}")
+            echo("starting a local Prefect server on 127.0.0.1 (10-20 s) ...")
+            server = start_prefect_server(port=port)
+            stack.callback(stop_service, server)
+            api_url = f"{server.url}/api"
+            echo(f"Prefect UI: {server.url}  (server pid {server.pid}, log {server.log})")
         stack.enter_context(prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: api_url}))
         deployments = build_deployments(params, params_path)
         echo(
@@ -63,4 +72,7 @@ def serve_schedules(params: Params, params_path: str | None = None, port: int = 
             f"harvest/{HARVEST_DEPLOYMENT} ({params.schedule.harvest_cron}), time zone {params.schedule.timezone}; "
             "Ctrl-C stops"
         )
-        serve(*deployments, print_starting_message=False)
+        try:
+            serve(*deployments, print_starting_message=False)
+        except KeyboardInterrupt:
+            echo("stopping ...")

@@ -13,6 +13,7 @@ import hashlib
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from prefect import task
@@ -23,8 +24,9 @@ from prefect.tasks import exponential_backoff
 
 from lmcore.config import Params
 from lmcore.settings import get_settings
+from lmcore.tracking import TAG_DATASET_VERSION
 
-CACHE_DAYS = timedelta(days=30)
+CACHED: dict[str, Any] = {"cache_expiration": timedelta(days=30), "persist_result": True}
 
 
 def _serializable(key_fn) -> CachePolicy:
@@ -68,11 +70,6 @@ def _train_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
     return _cached_while(out / "model" / "config.json", f"train-{out.name}")
 
 
-def _evaluate_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    out = Path(p["trained"]["out_dir"]) / "eval.json"
-    return _cached_while(out, f"evaluate-{Path(p['trained']['out_dir']).name}-{p['params'].slice_hash('eval')}")
-
-
 @task(name="ingest")
 def ingest_task(sources: list[str], params: Params) -> dict[str, Any]:
     """Read, clean, validate (GX) and version the sources; returns the current dataset version."""
@@ -98,11 +95,10 @@ def ingest_task(sources: list[str], params: Params) -> dict[str, Any]:
     }
 
 
-@task(name="prepare", cache_policy=_serializable(_prepare_cache_key), cache_expiration=CACHE_DAYS, persist_result=True)
+@task(name="prepare", cache_policy=_serializable(_prepare_cache_key), **CACHED)
 def prepare_task(version: str, params: Params) -> str:
     """Tokenizer + deterministic split + memmaps for one dataset version."""
     from lmcore.data.registry import DataRegistry
-
     from lmcore.prepare import prepare_dataset
 
     out = prepared_dir(version, params)
@@ -111,28 +107,31 @@ def prepare_task(version: str, params: Params) -> str:
     return str(out)
 
 
-@task(name="train", cache_policy=_serializable(_train_cache_key), cache_expiration=CACHE_DAYS, persist_result=True)
-def train_task(data_dir: str, version: str, params: Params, lineage: dict[str, str]) -> dict[str, Any]:
-    """Train and track one model in its own MLflow run (explicit run id, thread-safe)."""
+@task(name="train", cache_policy=_serializable(_train_cache_key), **CACHED)
+def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: dict[str, str]) -> dict[str, Any]:
+    """Train one model inside its own MLflow run (explicit run id, thread-safe); the run stays open."""
     from lmcore.tracking import RunTracker
     from lmcore.train import train
 
+    version = dataset["version"]
     out = train_dir(version, params)
     tracker = RunTracker.start(
         params.registry.experiment, run_name=f"train-{out.name[:8]}", params=params.flat(), tags=lineage
     )
     try:
+        tracker.log_dataset_input(SimpleNamespace(id=version, git_rev=dataset.get("git_rev")), "data")
         result = train(
             Path(data_dir), out, params.model, params.train,
             progress=True, on_metrics=tracker.log_metrics, dataset_version=version,
         )
-        tracker.log_training_artifacts(result)
+        tracker.flush()
     except BaseException:
         tracker.finish("FAILED")
         raise
     return {
         "out_dir": str(out),
         "model_dir": str(result.model_dir),
+        "history_csv": str(result.history_csv),
         "run_id": tracker.run_id,
         "train_key": out.name,
         "steps": result.steps,
@@ -141,32 +140,49 @@ def train_task(data_dir: str, version: str, params: Params, lineage: dict[str, s
     }
 
 
-@task(name="evaluate", cache_policy=_serializable(_evaluate_cache_key), cache_expiration=CACHE_DAYS, persist_result=True)
-def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params) -> dict[str, Any]:
-    """Validation metrics and samples, logged to the training run, which it then closes."""
+def _evaluate_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
+    out = Path(p["trained"]["out_dir"]) / "eval.json"
+    return _cached_while(out, f"evaluate-{Path(p['trained']['out_dir']).name}-{p['params'].slice_hash('eval')}")
+
+
+@task(name="evaluate", cache_policy=_serializable(_evaluate_cache_key), **CACHED)
+def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params, lineage: dict[str, str]) -> dict[str, Any]:
+    """Metrics, samples, loss curve, model card and the pyfunc model, into the training run; closes it."""
     from lmcore.evaluate import evaluate
+    from lmcore.registry import log_model
+    from lmcore.reports import log_training_outputs
     from lmcore.tracking import RunTracker
 
     out = Path(trained["out_dir"]) / "eval.json"
-    metrics = evaluate(Path(trained["model_dir"]), Path(data_dir), params.eval, out_path=out)
-    tracker = RunTracker.resume(trained["run_id"])
-    tracker.log_evaluation(metrics, out)
+    tmp = out.with_suffix(".tmp.json")
+    metrics = evaluate(Path(trained["model_dir"]), Path(data_dir), params.eval, out_path=tmp)
+    tracker = RunTracker.attach(trained["run_id"])
+    try:
+        log_training_outputs(
+            tracker, model_dir=Path(trained["model_dir"]), metrics=metrics, history_csv=Path(trained["history_csv"]),
+            params=params, dataset_version=lineage.get(TAG_DATASET_VERSION), lineage=lineage,
+        )
+        model_uri = log_model(tracker, Path(trained["model_dir"]))
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
     tracker.finish("FINISHED")
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    tmp.replace(out)  # the cache key honours eval.json only once everything above is logged
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return {"metrics": numbers, "model_uri": model_uri}
 
 
 @task(name="register", retries=3, retry_delay_seconds=exponential_backoff(2))
-def register_task(trained: dict[str, Any], params: Params, lineage: dict[str, str]) -> str:
+def register_task(trained: dict[str, Any], model_uri: str, params: Params, lineage: dict[str, str]) -> str:
     """One registered version per trained model: a cached re-run finds and reuses it."""
-    from lmcore.registry import find_version_by_tag, log_model, register_version
+    from lmcore.registry import find_version_by_tag, register_version
 
     name = params.registry.model_name
     existing = find_version_by_tag(name, "lmops.train_key", trained["train_key"])
     if existing is not None:
         return existing
-    uri = log_model(trained["run_id"], Path(trained["model_dir"]))
     tags = {**lineage, "lmops.train_key": trained["train_key"]}
-    return register_version(uri, name, tags, trained["run_id"])
+    return register_version(model_uri, name, tags, trained["run_id"])
 
 
 @task(name="gate")

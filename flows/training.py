@@ -38,9 +38,8 @@ def training_flow(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the loop once on `sources` (default: params.data.sources)."""
-    from lmcore.tracking import configure_mlflow, lineage_tags
-
     from lmcore.device import pick_device
+    from lmcore.tracking import configure_mlflow, lineage_tags
 
     params = load_params(params_path, overrides)
     configure_mlflow()
@@ -57,13 +56,14 @@ def training_flow(
         flow_run_id=str(flow_run.get_id() or ""),
         device=str(pick_device(params.train.device)),
     )
-    trained_state = train_task(prepared, version, params, lineage, return_state=True)
+    trained_state = train_task(prepared, data, params, lineage, return_state=True)
     trained = trained_state.result()
-    eval_state = evaluate_task(trained, prepared, params, return_state=True)
-    metrics = eval_state.result()
+    eval_state = evaluate_task(trained, prepared, params, lineage, return_state=True)
+    evaluated = eval_state.result()
+    metrics = evaluated["metrics"]
 
     with file_lock(get_settings().home / "locks" / "model-registry.lock"):
-        model_version = register_task(trained, params, lineage)
+        model_version = register_task(trained, evaluated["model_uri"], params, lineage)
         decision = gate_task(model_version, prepared, params)
     deployed = deploy_task(decision, params)
 

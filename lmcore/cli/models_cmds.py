@@ -1,9 +1,105 @@
-"""Verbs for this module are added by the issue that owns it."""
+"""`lmops models`, `promote`, `rollback`, `ui`: the model registry and the tracking/orchestration UIs."""
 
 from __future__ import annotations
 
 import typer
 
+from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, emit_json, load_params_cli, print_table
+
+NAME_OPTION = typer.Option(None, "--name", help="Registered model name (default: params registry.model_name).")
+
+
+def _model_name(name: str | None, params_path: str | None) -> str:
+    if name:
+        return name
+    return load_params_cli(params_path, None).registry.model_name
+
+
+def _row(v: dict) -> list:
+    m, t = v["metrics"], v["tags"]
+    bpb = m.get("eval/bits_per_byte", m.get("bits_per_byte"))
+    return [
+        v["version"],
+        ",".join(v["aliases"]),
+        "" if bpb is None else f"{bpb:.4f}",
+        t.get("lmops.gate.decision", ""),
+        (t.get("lmops.dataset_version") or "")[:12],
+        (t.get("lmops.code_rev") or "")[:12],
+        t.get("lmops.params_hash", ""),
+        (v["run_id"] or "")[:8],
+    ]
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command()
+    def models(
+        name: str = NAME_OPTION,
+        params_path: str = PARAMS_OPTION,
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """List registered model versions with aliases (champion/challenger), metrics, gate outcome and lineage."""
+        from lmcore.registry import alias_history, list_versions
+
+        model = _model_name(name, params_path)
+        versions = list_versions(model)
+        if as_json:
+            emit_json({"name": model, "versions": versions, "history": alias_history(model)})
+            return
+        rows = [_row(v) for v in versions]
+        print_table(f"registered model {model}",
+                    ["version", "aliases", "bits/byte", "gate", "data", "code", "params", "run"], rows)
+        for v in versions:
+            if v["tags"].get("lmops.gate.reason"):
+                typer.echo(f"v{v['version']} gate: {v['tags']['lmops.gate.reason']}")
+
+    @app.command()
+    def promote(
+        version: str = typer.Argument(..., help="Model version to make champion."),
+        reason: str = typer.Option(..., "--reason", help="Why (recorded on the version and in the alias history)."),
+        name: str = NAME_OPTION,
+        params_path: str = PARAMS_OPTION,
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Point the `champion` alias at VERSION by hand, recording the reason."""
+        from lmcore.registry import CHAMPION, resolve_alias
+        from lmcore.registry import promote as do_promote
+
+        model = _model_name(name, params_path)
+        previous = resolve_alias(model, CHAMPION)
+        do_promote(model, version.removeprefix("v"), reason)
+        if as_json:
+            emit_json({"name": model, "champion": version.removeprefix("v"), "previous": previous, "reason": reason})
+        else:
+            typer.echo(f"{model}: champion v{previous or '-'} -> v{version.removeprefix('v')} ({reason})")
+
+    @app.command()
+    def rollback(
+        reason: str = typer.Option(..., "--reason", help="Why (recorded on the version and in the alias history)."),
+        name: str = NAME_OPTION,
+        params_path: str = PARAMS_OPTION,
+        as_json: bool = JSON_OPTION,
+    ) -> None:
+        """Move `champion` back to the previous champion, recording the reason."""
+        from lmcore.registry import CHAMPION, resolve_alias
+        from lmcore.registry import rollback as do_rollback
+
+        model = _model_name(name, params_path)
+        previous = resolve_alias(model, CHAMPION)
+        target = do_rollback(model, reason)
+        if as_json:
+            emit_json({"name": model, "champion": target, "previous": previous, "reason": reason})
+        else:
+            typer.echo(f"{model}: champion v{previous} -> v{target} (rollback: {reason})")
+
+    @app.command()
+    def ui(
+        mlflow_port: int = typer.Option(5000, "--mlflow-port", help="Port for the MLflow UI."),
+        prefect_port: int = typer.Option(4200, "--prefect-port", help="Port for the Prefect UI."),
+        no_prefect: bool = typer.Option(False, "--no-prefect", help="Start only the MLflow UI."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: local only)."),
+    ) -> None:
+        """Start the MLflow UI (runs, models) and the Prefect UI (flows); Ctrl-C stops both."""
+        from lmcore.ui import run_uis
+
+        run_uis(mlflow_port=mlflow_port, prefect_port=None if no_prefect else prefect_port, host=host,
+                echo=typer.echo)

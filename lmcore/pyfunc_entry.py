@@ -1,0 +1,7 @@
+"""MLflow "model from code" entry point: MLflow runs this file to get the pyfunc (no pickle)."""
+
+from mlflow.models import set_model
+
+from lmcore.pyfunc import LmopsLanguageModel
+
+set_model(LmopsLanguageModel())

@@ -1,0 +1,551 @@
+"""The MLflow model registry: pyfunc logging, versions, aliases and the promotion gate.
+
+One registered model (``params.registry.model_name``). Every new version gets the alias
+``challenger``; ``champion`` is what serving uses. Only the gate (or a person through
+``promote``/``rollback``, with a reason) moves ``champion``; every move is recorded in the
+version's tags and in an alias history kept as a registered-model tag. Aliases, not stages.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcore.errors import LmopsError
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "lmops.alias_history"
+HISTORY_MAX_CHARS = 4500
+MODEL_ARTIFACT = "model"
+MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+# --------------------------------------------------------------------------- logging a model
+def _pip_requirements() -> list[str]:
+    """Pinned runtime deps of the pyfunc (no slow inference); ``lmops`` provides the model class."""
+    import importlib.metadata as md
+
+    reqs = []
+    for pkg in ("torch", "safetensors", "tokenizers", "mlflow", "pandas", "lmops"):
+        try:
+            version = md.version(pkg).split("+")[0]
+            reqs.append(f"{pkg}=={version}")
+        except md.PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def log_model(tracker_or_run_id: Any, model_dir: Path) -> str:
+    """Log a model folder to a run as a pyfunc model (weights as a safetensors artifact); returns its URI.
+
+    The model is saved "from code" (``lmcore/pyfunc_entry.py``) so nothing is pickled, into a
+    temporary folder, then uploaded with ``log_artifacts`` against the explicit run id.
+    """
+    import mlflow.pyfunc
+
+    from lmcore.checkpoint import read_meta
+    from lmcore.pyfunc import MODEL_DIR_ARTIFACT, signature
+    from lmcore.tracking import get_client
+
+    model_dir = Path(model_dir)
+    read_meta(model_dir)
+    missing = [f for f in MODEL_FILES if not (model_dir / f).is_file()]
+    if missing:
+        raise LmopsError(f"not a complete model folder {model_dir}: missing {', '.join(missing)}")
+    run_id = tracker_or_run_id if isinstance(tracker_or_run_id, str) else tracker_or_run_id.run_id
+    client = get_client()
+    with tempfile.TemporaryDirectory(prefix="lmops-pyfunc-") as tmp:
+        staged = Path(tmp) / MODEL_DIR_ARTIFACT  # MLflow keeps a folder artifact's own name
+        staged.mkdir()
+        for f in MODEL_FILES:  # only the three files: never a trainer_state.pt (pickle) next to them
+            shutil.copy2(model_dir / f, staged / f)
+        out = Path(tmp) / MODEL_ARTIFACT
+        with warnings.catch_warnings():  # "add type hints"/"no input example": by design (explicit signature)
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(out),
+                python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+                artifacts={MODEL_DIR_ARTIFACT: str(staged)},
+                signature=signature(),
+                pip_requirements=_pip_requirements(),
+                metadata={"lmops_model": True},
+            )
+        client.log_artifacts(run_id, str(out), MODEL_ARTIFACT)
+    return f"runs:/{run_id}/{MODEL_ARTIFACT}"
+
+
+def _source_for(client: Any, model_uri: str) -> str:
+    if model_uri.startswith("runs:/"):
+        run_id, _, sub = model_uri.removeprefix("runs:/").partition("/")
+        return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{sub}"
+    return model_uri
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description="lmops language model (aliases: champion, challenger)")
+        except MlflowException:
+            client.get_registered_model(name)  # created concurrently
+
+
+def register_version(model_uri: str, name: str, tags: dict, run_id: str) -> str:
+    """Register ``model_uri`` as a new version of ``name`` with ``tags``; alias ``challenger`` points at it."""
+    from lmcore.tracking import get_client
+
+    client = get_client()
+    _ensure_registered_model(client, name)
+    mv = client.create_model_version(name, _source_for(client, model_uri), run_id=run_id,
+                                     tags={str(k): str(v) for k, v in (tags or {}).items()})
+    _wait_ready(client, name, mv.version)
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return str(mv.version)
+
+
+def _wait_ready(client: Any, name: str, version: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get_model_version(name, version).status
+        if status == "READY":
+            return
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise LmopsError(f"model version {name}/{version} did not become ready (status {status})")
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- lookups
+def _require_model(client: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        try:
+            known = sorted(m.name for m in client.search_registered_models(max_results=50))
+        except MlflowException:
+            known = []
+        hint = f" (registered: {', '.join(known)})" if known else " (no models registered yet)"
+        raise LmopsError(f"registered model '{name}' not found{hint}") from None
+
+
+def _require_version(client: Any, name: str, version: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    _require_model(client, name)
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise LmopsError(f"model version {name}/{version} not found") from None
+
+
+def resolve_alias(name: str, alias: str) -> str | None:
+    """Version number an alias points at, or None when the alias is unset (LmopsError for an unknown model)."""
+    from mlflow.exceptions import MlflowException
+
+    from lmcore.tracking import get_client
+
+    client = get_client()
+    _require_model(client, name)
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def find_version_by_tag(name: str, key: str, value: str) -> str | None:
+    """The version of ``name`` whose tag ``key`` equals ``value`` (None if none or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    from lmcore.tracking import get_client
+
+    client = get_client()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return None
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if (mv.tags or {}).get(key) == value:
+            return str(mv.version)
+    return None
+
+
+def list_versions(name: str) -> list[dict]:
+    """All versions (newest first) with aliases, their run's metrics, lineage tags and gate outcome."""
+    from mlflow.exceptions import MlflowException
+
+    from lmcore.tracking import get_client
+
+    client = get_client()
+    rm = _require_model(client, name)
+    alias_of: dict[str, list[str]] = {}
+    for alias, version in (getattr(rm, "aliases", None) or {}).items():
+        alias_of.setdefault(str(version), []).append(alias)
+    out = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        metrics: dict[str, float] = {}
+        if mv.run_id:
+            try:
+                metrics = dict(client.get_run(mv.run_id).data.metrics)
+            except MlflowException:
+                metrics = {}
+        out.append({
+            "name": name,
+            "version": str(mv.version),
+            "aliases": sorted(alias_of.get(str(mv.version), [])),
+            "created": int(mv.creation_timestamp or 0),
+            "run_id": mv.run_id,
+            "status": mv.status,
+            "metrics": metrics,
+            "tags": dict(mv.tags or {}),
+            "description": mv.description or "",
+        })
+    out.sort(key=lambda d: int(d["version"]), reverse=True)
+    return out
+
+
+def alias_history(name: str) -> list[dict]:
+    """Every recorded champion move for ``name``, oldest first."""
+    from lmcore.tracking import get_client
+
+    rm = _require_model(get_client(), name)
+    raw = (rm.tags or {}).get(HISTORY_TAG)
+    try:
+        return json.loads(raw) if raw else []
+    except json.JSONDecodeError:
+        return []
+
+
+# --------------------------------------------------------------------------- fetching a model
+def _validate_model_dir(folder: Path, label: str) -> None:
+    """Cheap integrity check: config parses, tokenizer present, safetensors header matches file size."""
+    from safetensors import safe_open
+
+    from lmcore.checkpoint import read_meta
+
+    try:
+        read_meta(folder)
+    except LmopsError as e:
+        raise LmopsError(f"model {label} is corrupt: {e}") from None
+    for f in MODEL_FILES:
+        if not (folder / f).is_file():
+            raise LmopsError(f"model {label} is corrupt: missing {f}")
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as sf:
+            for key in sf.keys():  # noqa: SIM118 - safe_open is not a dict
+                sf.get_slice(key)
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LmopsError(f"model {label} is corrupt: cannot read weights ({msg})") from None
+
+
+def _parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, None, alias); ``models:/name/3`` -> (name, "3", None)."""
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, _, alias = body.partition("@")
+        return name, None, alias
+    name, _, version = body.rpartition("/")
+    if not name or not version:
+        raise LmopsError(f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>: {uri}")
+    return name, version, None
+
+
+def fetch_model_dir(model_uri: str, dst: Path | None = None) -> tuple[Path, dict]:
+    """A local, validated model folder for ``model_uri`` plus ``{"name","version","aliases","run_id"}``.
+
+    Accepts ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a local model folder.
+    Registry models are downloaded once into ``<home>/models/<name>/v<version>`` (or ``dst``)
+    through a temporary folder; a corrupt artifact is a one-line LmopsError.
+    """
+    local = Path(model_uri)
+    if not model_uri.startswith(("models:/", "runs:/")) and local.exists():
+        _validate_model_dir(local, str(local))
+        return local, {"name": None, "version": None, "aliases": [], "run_id": None}
+
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from lmcore.pyfunc import MODEL_DIR_ARTIFACT
+    from lmcore.settings import get_settings
+    from lmcore.tracking import get_client
+
+    client = get_client()
+    if model_uri.startswith("runs:/"):
+        name, version, run_id, aliases = None, None, model_uri.removeprefix("runs:/").split("/")[0], []
+        remote = f"{model_uri.rstrip('/')}/artifacts/{MODEL_DIR_ARTIFACT}"
+        cache_key = f"runs/{run_id}"
+    else:
+        name, version, alias = _parse_models_uri(model_uri)
+        _require_model(client, name)
+        if alias is not None:
+            version = resolve_alias(name, alias)
+            if version is None:
+                raise LmopsError(f"model '{name}' has no version with alias '{alias}'")
+        mv = _require_version(client, name, version)
+        run_id = mv.run_id
+        aliases = sorted(getattr(mv, "aliases", None) or [])
+        remote = f"{client.get_model_version_download_uri(name, version).rstrip('/')}/artifacts/{MODEL_DIR_ARTIFACT}"
+        cache_key = f"{name}/v{version}"
+    info = {"name": name, "version": version, "aliases": aliases, "run_id": run_id}
+    target = Path(dst) if dst is not None else get_settings().home / "models" / cache_key
+    label = model_uri if version is None else f"{name}/{version}"
+    if target.is_dir() and all((target / f).is_file() for f in MODEL_FILES):
+        _validate_model_dir(target, label)
+        return target, info
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.dl-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=remote, dst_path=str(tmp)))
+        except (MlflowException, OSError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise LmopsError(f"cannot download model {label}: {msg}") from None
+        _validate_model_dir(got, label)
+        if target.exists():
+            shutil.rmtree(target)
+        got.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, info
+
+
+# --------------------------------------------------------------------------- champion moves
+def _record_move(client: Any, name: str, entry: dict) -> None:
+    history = alias_history(name) + [entry]
+    text = json.dumps(history)
+    while len(text) > HISTORY_MAX_CHARS and len(history) > 1:  # tag values are capped: keep the newest
+        history = history[1:]
+        text = json.dumps(history)
+    client.set_registered_model_tag(name, HISTORY_TAG, text)
+
+
+def _move_champion(client: Any, name: str, version: str, action: str, reason: str) -> str | None:
+    previous = resolve_alias(name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _record_move(client, name, {"at": now, "action": action, "version": str(version), "previous": previous,
+                                "reason": reason})
+    client.set_model_version_tag(name, str(version), "lmops.champion.since", now)
+    client.set_model_version_tag(name, str(version), "lmops.champion.reason", f"{action}: {reason}"[:4900])
+    return previous
+
+
+def promote(name: str, version: str, reason: str) -> None:
+    """Point ``champion`` at ``version`` by hand; the reason goes into tags and the alias history."""
+    from lmcore.tracking import get_client
+
+    if not reason or not reason.strip():
+        raise LmopsError("a reason is required to move the champion")
+    client = get_client()
+    _require_version(client, name, str(version))
+    _move_champion(client, name, str(version), "promote", reason.strip())
+
+
+def _champion_stack(history: list[dict]) -> list[str]:
+    """Replays the alias history: promotions push, rollbacks pop; the top is the champion."""
+    stack: list[str] = []
+    for e in history:
+        if e.get("action") == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != e["version"]:
+                stack.append(e["version"])
+        elif not stack or stack[-1] != e["version"]:
+            stack.append(e["version"])
+    return stack
+
+
+def rollback(name: str, reason: str) -> str:
+    """Move ``champion`` back to the previous champion; returns that version."""
+    from lmcore.tracking import get_client
+
+    if not reason or not reason.strip():
+        raise LmopsError("a reason is required to roll back the champion")
+    client = get_client()
+    _require_model(client, name)
+    current = resolve_alias(name, CHAMPION)
+    if current is None:
+        raise LmopsError(f"model '{name}' has no champion to roll back")
+    stack = _champion_stack(alias_history(name))
+    if stack and stack[-1] == current:
+        stack.pop()
+    if not stack:
+        raise LmopsError(f"model '{name}' has no previous champion to roll back to (champion is v{current})")
+    target = stack[-1]
+    _require_version(client, name, target)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    client.set_model_version_tag(name, current, "lmops.rolled_back", f"{now} to v{target}: {reason.strip()}"[:4900])
+    _move_champion(client, name, target, "rollback", reason.strip())
+    return target
+
+
+# --------------------------------------------------------------------------- the gate
+@dataclass(frozen=True)
+class GateDecision:
+    promoted: bool
+    reason: str
+    challenger: str
+    champion: str | None
+    challenger_bpb: float
+    champion_bpb: float | None
+    checks: dict[str, bool] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _finite_logits(model: Any, tokenizer: Any, prompts: tuple[str, ...]) -> bool:
+    import torch
+
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(" ".join(prompts))[: model.cfg.block_size] or [tokenizer.eos_id]
+    with torch.inference_mode():
+        logits, _ = model(torch.tensor([ids], dtype=torch.long, device=device))  # (1, T, V)
+    return bool(torch.isfinite(logits).all().item())
+
+
+def behaviour_checks(model: Any, tokenizer: Any, prompts: tuple[str, ...], seed: int, metrics: dict) -> dict[str, bool]:
+    """Cheap sanity checks a challenger must pass: text comes out, a seed pins it, numbers are finite."""
+    from lmcore.generate import SamplingParams, generate_text
+
+    prompts = prompts or ("\n",)
+    finite_numbers = all(math.isfinite(float(metrics.get(k, float("nan")))) for k in ("val_loss", "bits_per_byte"))
+    if not _finite_logits(model, tokenizer, prompts):  # sampling from NaN logits would just crash
+        return {"non_empty_text": False, "deterministic_under_seed": False, "finite_logits": False,
+                "finite_loss": finite_numbers}
+    sp = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=1.0, seed=seed, stop_at_eos=False)
+    first = [generate_text(model, tokenizer, p, sp) for p in prompts]
+    second = [generate_text(model, tokenizer, p, sp) for p in prompts]
+    return {
+        "non_empty_text": any(s.strip() for s in first),
+        "deterministic_under_seed": first == second,
+        "finite_logits": True,
+        "finite_loss": finite_numbers,
+    }
+
+
+def prompt_completions(model: Any, tokenizer: Any, eval_params: Any) -> list[dict]:
+    """Seeded completions of the fixed prompt set (``params.eval.prompts``), the same for every version."""
+    from lmcore.generate import SamplingParams, generate_text
+
+    sp = SamplingParams(max_new_tokens=eval_params.sample_max_new_tokens, temperature=eval_params.temperature,
+                        top_k=eval_params.top_k, top_p=eval_params.top_p, seed=eval_params.seed)
+    return [{"prompt": p, "completion": generate_text(model, tokenizer, p, sp)} for p in eval_params.prompts]
+
+
+def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, device: str) -> tuple[dict, list, Any]:
+    from lmcore.checkpoint import load_model
+    from lmcore.evaluate import evaluate_model
+
+    folder, _ = fetch_model_dir(f"models:/{name}/{version}")
+    model, tokenizer, _ = load_model(folder, device=device)
+    if not _finite_logits(model, tokenizer, tuple(params.eval.prompts) or ("\n",)):
+        nan = float("nan")
+        return {"val_loss": nan, "bits_per_byte": nan, "perplexity": nan, "accuracy": 0.0}, [], (model, tokenizer)
+    metrics = evaluate_model(model, tokenizer, Path(data_dir), params.eval, device)
+    completions = prompt_completions(model, tokenizer, params.eval)
+    return metrics, completions, (model, tokenizer)
+
+
+def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
+         parent_run_id: str | None = None) -> GateDecision:
+    """Evaluate challenger and champion on the same current validation set and decide.
+
+    The challenger becomes ``champion`` when it passes the behaviour checks and there is no
+    champion or it beats the champion's bits per byte by at least ``params.gate.min_improvement``.
+    The decision is written to the version's tags/description and logged as a ``gate`` run with
+    a side-by-side comparison artifact. A failed gate never moves ``champion``.
+    """
+    from lmcore.reports import comparison_markdown, comparison_table
+    from lmcore.tracking import RunTracker, get_client
+
+    client = get_client()
+    challenger_version = str(challenger_version)
+    _require_version(client, name, challenger_version)
+    device = resolve_device(params.train.device)
+    champion = resolve_alias(name, CHAMPION)
+
+    ch_metrics, ch_samples, (model, tok) = _evaluate_version(name, challenger_version, data_dir, params, device)
+    checks = behaviour_checks(model, tok, tuple(params.eval.prompts), params.eval.seed, ch_metrics)
+    del model, tok
+    champ_metrics: dict | None = None
+    champ_samples: list = []
+    champ_note = ""
+    if champion is not None and champion != challenger_version:
+        try:
+            champ_metrics, champ_samples, _ = _evaluate_version(name, champion, data_dir, params, device)
+        except LmopsError as e:  # an unreadable champion must not block a good challenger
+            champ_note = f"; champion v{champion} could not be evaluated ({e})"
+    ch_bpb = float(ch_metrics["bits_per_byte"])
+    champ_bpb = float(champ_metrics["bits_per_byte"]) if champ_metrics else None
+    min_imp = float(params.gate.min_improvement)
+
+    failed = [k for k, ok in checks.items() if not ok]
+    if failed:
+        promoted, reason = False, f"failed behaviour checks: {', '.join(failed)}"
+    elif champion == challenger_version:
+        promoted, reason = True, f"v{challenger_version} is already the champion"
+    elif champ_bpb is None:
+        promoted, reason = True, f"no comparable champion; challenger bpb {ch_bpb:.4f}{champ_note}"
+    elif champ_bpb - ch_bpb >= min_imp:
+        promoted, reason = True, (f"challenger bpb {ch_bpb:.4f} beats champion v{champion} {champ_bpb:.4f} "
+                                  f"by {champ_bpb - ch_bpb:.4f} >= {min_imp}")
+    else:
+        promoted, reason = False, (f"challenger bpb {ch_bpb:.4f} does not beat champion v{champion} {champ_bpb:.4f} "
+                                   f"by >= {min_imp} (improvement {champ_bpb - ch_bpb:.4f})")
+    decision = GateDecision(promoted=promoted, reason=reason, challenger=challenger_version,
+                            champion=champion,
+                            challenger_bpb=ch_bpb, champion_bpb=champ_bpb, checks=checks)
+
+    # The record first (a gate run + version tags), then the only alias move.
+    run_tags = {"lmops.kind": "gate", "lmops.model_name": name, "lmops.challenger": challenger_version,
+                "lmops.champion": champion or "none", "lmops.gate.promoted": str(promoted).lower()}
+    tracker = RunTracker.start(params.registry.experiment, f"gate-v{challenger_version}",
+                               {"gate.min_improvement": min_imp, "model_name": name}, run_tags,
+                               parent_run_id=parent_run_id, system_metrics=False)
+    try:
+        summary = {"challenger_bpb": ch_bpb, "challenger_val_loss": ch_metrics.get("val_loss"),
+                   "challenger_accuracy": ch_metrics.get("accuracy"), "promoted": float(promoted)}
+        if champ_metrics:
+            summary.update({"champion_bpb": champ_bpb, "champion_val_loss": champ_metrics.get("val_loss"),
+                            "champion_accuracy": champ_metrics.get("accuracy")})
+        tracker.log_summary({k: v for k, v in summary.items() if v is not None})
+        tracker.log_dict(decision.to_dict(), "gate/decision.json")
+        tracker.log_text(comparison_markdown(decision, ch_metrics, champ_metrics, ch_samples, champ_samples),
+                         "gate/comparison.md")
+        tracker.log_table(comparison_table(challenger_version, champion, ch_samples, champ_samples),
+                          "gate/completions.json")
+    finally:
+        tracker.finish()
+    for k, v in {"lmops.gate.decision": "promoted" if promoted else "rejected", "lmops.gate.reason": reason[:4900],
+                 "lmops.gate.challenger_bpb": f"{ch_bpb:.6f}",
+                 "lmops.gate.champion_bpb": "none" if champ_bpb is None else f"{champ_bpb:.6f}",
+                 "lmops.gate.champion_version": champion or "none", "lmops.gate.run_id": tracker.run_id,
+                 "lmops.gate.checks": json.dumps(checks)}.items():
+        client.set_model_version_tag(name, challenger_version, k, v)
+    client.update_model_version(name, challenger_version, description=(
+        f"Gate {'PASSED' if promoted else 'FAILED'}: {reason}. Checks: "
+        + ", ".join(f"{k}={'ok' if ok else 'FAIL'}" for k, ok in checks.items())))
+    if promoted and champion != challenger_version:
+        _move_champion(client, name, challenger_version, "gate", reason)
+    return decision
