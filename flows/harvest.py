@@ -13,13 +13,11 @@ from lmcore.config import load_params
 @task(name="harvest-feedback")
 def harvest_task(params_path: str | None) -> dict[str, Any]:
     """Claim new feedback rows, validate them (expectations/feedback.json), version a shard."""
-    from dataclasses import asdict
 
     from lmcore.harvest import harvest
-
     from lmcore.settings import get_settings
 
-    return asdict(harvest(get_settings(), load_params(params_path)))
+    return harvest(get_settings(), load_params(params_path)).to_dict()
 
 
 @flow(name="harvest", log_prints=True)

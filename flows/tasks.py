@@ -2,15 +2,14 @@
 
 Tasks pass paths, ids and content hashes, never large objects. The expensive steps
 (prepare, train, evaluate) are cached on the same content hashes DVC uses: the dataset
-version (DVC's hash of the data) plus the hash of the params slices the step reads. A
-cache key is only honoured while the output folder it names still exists, so deleting the
-lmops home never yields a cached path to nothing.
+version (DVC's hash of the data) plus the hash of the params slices the step reads. The flow
+re-runs a cached step whose output folder has since been deleted (see
+``flows.training.run_cached``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import uuid
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,19 +54,12 @@ def train_dir(version: str, params: Params) -> Path:
     return get_settings().runs_dir / "train" / train_key(version, params)
 
 
-def _cached_while(path: Path, key: str) -> str:
-    """The cache key while ``path`` exists; a fresh one (a miss) once it is gone."""
-    return key if path.exists() else f"{key}-missing-{uuid.uuid4().hex}"
-
-
 def _prepare_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    out = prepared_dir(p["version"], p["params"])
-    return _cached_while(out / "meta.json", f"prepare-{out.name}")
+    return f"prepare-{prepare_key(p['version'], p['params'])}"
 
 
 def _train_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    out = train_dir(p["version"], p["params"])
-    return _cached_while(out / "model" / "config.json", f"train-{out.name}")
+    return f"train-{train_key(p['dataset']['version'], p['params'])}"
 
 
 @task(name="ingest")
@@ -141,8 +133,7 @@ def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: 
 
 
 def _evaluate_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    out = Path(p["trained"]["out_dir"]) / "eval.json"
-    return _cached_while(out, f"evaluate-{Path(p['trained']['out_dir']).name}-{p['params'].slice_hash('eval')}")
+    return f"evaluate-{p['trained']['run_id']}-{p['params'].slice_hash('eval')}"
 
 
 @task(name="evaluate", cache_policy=_serializable(_evaluate_cache_key), **CACHED)

@@ -7,6 +7,8 @@ register the same model twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -31,6 +33,14 @@ def _cached(state) -> bool:
     return state.name == "Cached"
 
 
+def run_cached(task, output_exists: Callable[[Any], bool], *args: Any):
+    """Run a cached task; if the cache hit points at output that is gone, run it again for real."""
+    state = task(*args, return_state=True)
+    if _cached(state) and not output_exists(state.result()):
+        state = task.with_options(refresh_cache=True)(*args, return_state=True)
+    return state
+
+
 @flow(name="training", log_prints=True)
 def training_flow(
     sources: list[str] | None = None,
@@ -46,7 +56,7 @@ def training_flow(
     data = ingest_task(list(sources or params.data.sources), params)
     version = data["version"]
 
-    prepared_state = prepare_task(version, params, return_state=True)
+    prepared_state = run_cached(prepare_task, lambda d: (Path(d) / "meta.json").is_file(), version, params)
     prepared = prepared_state.result()
 
     lineage = lineage_tags(
@@ -56,9 +66,13 @@ def training_flow(
         flow_run_id=str(flow_run.get_id() or ""),
         device=str(pick_device(params.train.device)),
     )
-    trained_state = train_task(prepared, data, params, lineage, return_state=True)
+    trained_state = run_cached(
+        train_task, lambda t: (Path(t["model_dir"]) / "config.json").is_file(), prepared, data, params, lineage
+    )
     trained = trained_state.result()
-    eval_state = evaluate_task(trained, prepared, params, lineage, return_state=True)
+    eval_state = run_cached(
+        evaluate_task, lambda e: (Path(trained["out_dir"]) / "eval.json").is_file(), trained, prepared, params, lineage
+    )
     evaluated = eval_state.result()
     metrics = evaluated["metrics"]
 
