@@ -1,0 +1,74 @@
+"""Text normalisation before validation, so the same text from two places is one record.
+
+The record id is the sha256 of the *cleaned* text: NFC, ``\\r\\n``/``\\r`` -> ``\\n``, trailing
+whitespace stripped per line and at the end. Each step is switchable in ``params.yaml``
+(``data.normalize_nfc``, ``data.normalize_newlines``, ``data.strip_trailing_whitespace``).
+Undecodable input is never repaired silently: connectors decode bytes with ``errors="replace"``
+and cleaning turns lone surrogates (e.g. a JSON ``"\\ud800"``) into U+FFFD, so every text is
+valid Unicode (storable in Arrow/Parquet) and the UTF-8 expectation quarantines it by that mark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Callable
+from typing import Any
+
+from lmcore.config import DataParams
+
+_TRAILING_WS = re.compile(r"[ \t\f\v]+(?=\n)")
+_END_WS = " \t\n\r\f\v"  # explicit, so the Python and the Arrow paths strip the very same characters
+
+
+def make_cleaner(params: DataParams) -> Callable[[str], str]:
+    """One function per params, applied to every text (fast paths for ASCII and clean lines)."""
+    nfc, newlines, strip = params.normalize_nfc, params.normalize_newlines, params.strip_trailing_whitespace
+
+    def clean(text: str) -> str:
+        if not text.isascii():
+            text = valid_unicode(text)
+        if nfc and not text.isascii():
+            text = unicodedata.normalize("NFC", text)
+        if newlines and "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if strip:
+            text = text.rstrip(_END_WS)
+            if " \n" in text or "\t\n" in text or "\f\n" in text or "\v\n" in text:
+                text = _TRAILING_WS.sub("", text)
+        return text
+
+    return clean
+
+
+def clean_array(arr: Any, params: DataParams) -> Any:
+    """The same cleaning, vectorised on an Arrow string array (C++ kernels; the fast path).
+
+    Returns None when a non-ASCII text needs NFC: Arrow's ``utf8_normalize`` does not compose
+    (``e`` + U+0301 stays two code points), so such chunks take the Python path.
+    """
+    import pyarrow.compute as pc
+
+    if params.normalize_nfc and not pc.all(pc.string_is_ascii(arr)).as_py():
+        return None
+    if params.normalize_newlines:
+        arr = pc.replace_substring(pc.replace_substring(arr, "\r\n", "\n"), "\r", "\n")
+    if params.strip_trailing_whitespace:
+        arr = pc.utf8_rtrim(arr, characters=_END_WS)
+        arr = pc.replace_substring_regex(arr, "[ \t\f\v]+\n", "\n")
+    return arr
+
+
+def valid_unicode(text: str) -> str:
+    """Lone surrogates -> U+FFFD (they cannot be encoded as UTF-8, hence not stored by Arrow)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def record_id(text: str) -> str:
+    """sha256 hex of the cleaned text: the same text is the same record wherever it came from."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
