@@ -1,0 +1,198 @@
+"""Load benchmark of `lmops serve`: throughput and latency at concurrency 1 and 16, the dynamic
+batching speedup (same server with max_batch=1 as the reference), and a 5,000-POST feedback
+burst at concurrency 32 whose rows are counted in the DB afterwards (feedback_lost must be 0).
+
+Model: random weights, 4 layers x 4 heads x d_model 128, block 128, byte-level tokenizer.
+Servers are real `lmops serve` subprocesses on 127.0.0.1; every loop is bounded.
+Usage: python bench/serve_load.py [--seconds 8] [--tokens 32] [--feedback 5000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model(folder: Path) -> Path:
+    import torch
+
+    from lmcore.checkpoint import save_model
+    from lmcore.model import ModelConfig, Transformer
+    from lmcore.tokenizer import BYTE_VOCAB, Tokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=BYTE_VOCAB, n_layer=4, n_head=4, n_kv_head=4, d_model=128, block_size=128)
+    return save_model(folder, Transformer(cfg), Tokenizer.train([], "byte"), {})
+
+
+class Server:
+    def __init__(self, model: Path, home: Path, max_batch: int):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cmd = [str(Path(sys.executable).with_name("lmops")), "serve", "--model", str(model), "--port",
+               str(self.port), "-S", f"serve.max_batch={max_batch}", "-S", "serve.poll_interval_s=0",
+               "-S", "serve.max_concurrent=64"]
+        env = {**os.environ, "LMOPS_HOME": str(home), "LMOPS_WORKSPACE": str(ROOT)}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit("server did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def load(base: str, concurrency: int, seconds: float, tokens: int) -> dict:
+    """``concurrency`` clients generating fixed-length completions for ``seconds`` (bounded)."""
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        with httpx.Client(timeout=120) as c:
+            for i in range(100_000):
+                if time.monotonic() >= stop_at:
+                    return
+                t = time.perf_counter()
+                r = c.post(base + "/v1/generate", json={"prompt": f"client {k} request {i}: ",
+                                                        "max_new_tokens": tokens, "ignore_eos": True,
+                                                        "temperature": 0.8, "seed": i})
+                dt = time.perf_counter() - t
+                with lock:
+                    if r.status_code == 200:
+                        lat.append(dt)
+                    else:
+                        errors[0] += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    n = len(lat)
+    return {"requests": n, "errors": errors[0], "rps": round(n / wall, 2), "tokens_per_s": round(n * tokens / wall, 1),
+            "p50_ms": round(1000 * statistics.median(lat), 1) if n else None,
+            "p99_ms": round(1000 * lat[min(n - 1, int(0.99 * n))], 1) if n else None}
+
+
+def feedback_burst(base: str, total: int, concurrency: int) -> dict:
+    gids = [httpx.post(base + "/v1/generate", json={"prompt": f"fb{i}", "max_new_tokens": 2}, timeout=60).json()
+            ["generation_id"] for i in range(8)]
+    acked: list[int] = []
+    errors = [0]
+    lock = threading.Lock()
+    counter = iter(range(total))
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                r = c.post(base + "/v1/feedback", json={"generation_id": gids[i % 8], "rating": 1 if i % 3 else -1})
+                with lock:
+                    if r.status_code == 200:
+                        acked.append(r.json()["feedback_id"])
+                    else:
+                        errors[0] += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"posts": total, "acked": len(acked), "errors": errors[0], "posts_per_s": round(total / wall, 1),
+            "wall_s": round(wall, 2), "ids": acked}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=8.0, help="duration of each load phase")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens per completion (fixed: ignore_eos)")
+    ap.add_argument("--feedback", type=int, default=5000, help="feedback POSTs in the burst")
+    ap.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("LMOPS_DECODE_THREADS", "1")
+    out: dict = {"model": "random 4x4x128, block 128, byte-level", "tokens_per_request": args.tokens}
+    with tempfile.TemporaryDirectory(prefix="lmops-bench-serve-") as tmp:
+        tmp = Path(tmp)
+        model = make_model(tmp / "model")
+        ref = Server(model, tmp / "home-unbatched", max_batch=1)
+        try:
+            load(ref.base, 2, 1.0, args.tokens)  # warm-up
+            out["unbatched_c16"] = load(ref.base, 16, args.seconds, args.tokens)
+        finally:
+            ref.stop()
+        srv = Server(model, tmp / "home-batched", max_batch=16)
+        try:
+            load(srv.base, 2, 1.0, args.tokens)
+            out["batched_c1"] = load(srv.base, 1, args.seconds, args.tokens)
+            out["batched_c16"] = load(srv.base, 16, args.seconds, args.tokens)
+            fb = feedback_burst(srv.base, args.feedback, 32)
+        finally:
+            srv.stop()
+        with sqlite3.connect(tmp / "home-batched" / "feedback.db") as db:
+            stored = {r[0] for r in db.execute("SELECT seq FROM feedback")}
+        ids = fb.pop("ids")
+        fb["rows_in_db"] = len(stored)
+        out["feedback"] = fb
+        out["feedback_lost"] = len(set(ids) - stored)
+    out["batching_speedup"] = round(out["batched_c16"]["rps"] / max(out["unbatched_c16"]["rps"], 1e-9), 2)
+    out["throughput_c16_over_c1"] = round(out["batched_c16"]["rps"] / max(out["batched_c1"]["rps"], 1e-9), 2)
+    for name in ("batched_c1", "batched_c16", "unbatched_c16"):
+        r = out[name]
+        print(f"{name:14s} {r['rps']:8.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_ms']} ms  "
+              f"p99 {r['p99_ms']} ms  errors {r['errors']}")
+    print(f"batching_speedup (batched / unbatched at c16): {out['batching_speedup']}x  (target >= 3)")
+    f = out["feedback"]
+    print(f"feedback burst: {f['posts']} POSTs at c32 in {f['wall_s']} s ({f['posts_per_s']}/s), "
+          f"acked {f['acked']}, rows in DB {f['rows_in_db']}, feedback_lost {out['feedback_lost']}")
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

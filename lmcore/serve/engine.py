@@ -1,0 +1,438 @@
+"""The model holder: dynamic batching over one decode loop, and atomic hot swap of versions.
+
+Each loaded model version gets a :class:`Batcher`: one background thread that owns the model.
+Every step it admits queued requests into free rows (prefilling each prompt on its own), then
+decodes *all* active rows with one forward pass over a slot-based KV cache in which every row
+has its own length. Requests that arrive while others are decoding join at the next step, so
+concurrent requests share forward passes and throughput grows with load.
+
+Hot swap: a reload loads the new version beside the old one and replaces the pointer under a
+lock. Requests already admitted keep their batcher (the old model) until they finish; the old
+batcher then stops and its memory is freed. A version that fails to load changes nothing but
+``last_reload_error``.
+
+Shapes: B active rows, S slots, L layers, Hkv kv-heads, Tm cache length, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmcore.errors import LmopsError
+from lmcore.generate import SamplingParams, pick_next
+from lmcore.model import Transformer, apply_rope
+from lmcore.tokenizer import Tokenizer
+
+log = logging.getLogger("lmops.serve")
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    version: str
+    name: str
+    source: str
+    info: dict = field(default_factory=dict)
+    loaded_at: float = field(default_factory=time.time)
+
+
+def _weights_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def load_version(source: str) -> LoadedModel:
+    """``models:/<name>@<alias>`` (through ``lmcore.registry``) or a local model folder -> a LoadedModel."""
+    from lmcore.checkpoint import load_model
+
+    info: dict[str, Any] = {}
+    if source.startswith("models:/"):
+        try:
+            from lmcore.registry import fetch_model_dir
+        except ImportError:
+            raise LmopsError("model registry support (lmcore.registry) is not installed") from None
+        folder, info = fetch_model_dir(source)
+        folder = Path(folder)
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise LmopsError(f"model folder not found: {source}")
+    model, tokenizer, meta = load_model(folder)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    version = str(info.get("version") or meta.get("version") or f"local-{_weights_digest(folder)}")
+    name = str(info.get("name") or meta.get("name") or folder.name)
+    return LoadedModel(model=model, tokenizer=tokenizer, version=version, name=name, source=source, info=info)
+
+
+# -- one generation request ---------------------------------------------------------------
+@dataclass
+class Row:
+    """One request's state inside a batcher, and the channel back to its asyncio caller."""
+
+    prompt_ids: list[int]
+    sp: SamplingParams
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    gen: torch.Generator | None = None
+    slot: int = -1
+    pos: int = 0  # tokens in this row's cache
+    last: int = 0  # last sampled token (input of the next step)
+    n_new: int = 0
+    cancelled: bool = False
+    queued_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    def emit(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, event)
+        except RuntimeError:  # the caller's loop is gone (client left, server stopping)
+            self.cancelled = True
+
+
+class SlotCache:
+    """Keys/values for S rows, each with its own length: (L, S, Hkv, Tm, D)."""
+
+    def __init__(self, model: Transformer, slots: int, max_len: int):
+        cfg, p = model.cfg, model.embed.weight
+        shape = (cfg.n_layer, slots, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.max_len = max_len
+
+
+@torch.inference_mode()
+def decode_step(model: Transformer, cache: SlotCache, tokens: torch.Tensor, slots: torch.Tensor,
+                pos: torch.Tensor) -> torch.Tensor:
+    """One new token for each of B rows at its own position.
+
+    tokens, slots, pos: (B,) -> logits (B, V). Writes each row's k/v at ``pos`` of its slot.
+    Uses the model's own modules, so it computes what ``Transformer.forward`` with a cache does.
+    """
+    cfg = model.cfg
+    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    B = tokens.shape[0]
+    T_max = int(pos.max().item()) + 1
+    cos_t, sin_t = model._rope(0, T_max)  # (Tm, D), extended if a row decodes past block_size
+    cos = cos_t[pos][:, None, None, :]  # (B, 1, 1, D)
+    sin = sin_t[pos][:, None, None, :]
+    keep = torch.arange(T_max, device=tokens.device)[None, :] <= pos[:, None]  # (B, Tm)
+    mask = keep[:, None, None, :]  # (B, 1, 1, Tm)
+    x = model.embed(tokens[:, None])  # (B, 1, C)
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        h = block.attn_norm(x)
+        q, k, v = attn.qkv(h).split((H * D, Hkv * D, Hkv * D), dim=-1)
+        q = apply_rope(q.view(B, 1, H, D).transpose(1, 2), cos, sin)  # (B, H, 1, D)
+        k = apply_rope(k.view(B, 1, Hkv, D).transpose(1, 2), cos, sin)  # (B, Hkv, 1, D)
+        v = v.view(B, 1, Hkv, D).transpose(1, 2)
+        cache.k[i, slots, :, pos] = k[:, :, 0]  # (B, Hkv, D)
+        cache.v[i, slots, :, pos] = v[:, :, 0]
+        keys = cache.k[i, slots, :, :T_max]  # (B, Hkv, Tm, D)
+        vals = cache.v[i, slots, :, :T_max]
+        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, 1, D)
+        x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, H * D))
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.lm_head(model.norm(x))[:, 0, :]  # (B, V)
+
+
+class Batcher:
+    """The decode loop of one model version: admit, prefill, decode all rows together."""
+
+    def __init__(self, lm: LoadedModel, max_batch: int, max_new_tokens: int, batch_window_ms: float,
+                 on_tokens=None, on_batch=None):
+        self.lm = lm
+        self.max_batch = max_batch
+        self.window = batch_window_ms / 1000.0
+        self.max_len = lm.model.cfg.block_size + max_new_tokens
+        self.cache = SlotCache(lm.model, max_batch, self.max_len)
+        self.pending: queue.Queue[Row] = queue.Queue()
+        self.active: list[Row] = []
+        self.free = list(range(max_batch))
+        self.on_tokens = on_tokens or (lambda n: None)
+        self.on_batch = on_batch or (lambda n: None)
+        self._retired = threading.Event()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"decode-{lm.version}", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop ----------------------------------------------------------
+    def submit(self, row: Row) -> None:
+        if self._retired.is_set():
+            raise LmopsError("model version is being replaced; retry")
+        block = self.lm.model.cfg.block_size
+        row.prompt_ids = row.prompt_ids[-block:] or [self.lm.tokenizer.eos_id]
+        if row.sp.seed is not None and row.sp.temperature > 0:
+            row.gen = torch.Generator(device=self.lm.model.embed.weight.device)
+            row.gen.manual_seed(row.sp.seed)
+        self.pending.put(row)
+
+    def retire(self) -> None:
+        """Stop taking requests; the thread ends once its admitted rows are finished."""
+        self._retired.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._retired.set()
+        self._stopped.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def load(self) -> int:
+        return len(self.active) + self.pending.qsize()
+
+    # -- the decode thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        from lmcore.generate import decode_threads
+
+        with decode_threads(self.lm.model.embed.weight.device):
+            self._loop()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                if not self.active:
+                    if self._retired.is_set() and self.pending.empty():
+                        break
+                    try:
+                        first = self.pending.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    if self.window > 0 and self.max_batch > 1:
+                        time.sleep(self.window)  # let concurrent arrivals share the first steps
+                    self._admit(first)
+                self._admit_pending()
+                if self.active:
+                    self._step()
+        except Exception as e:  # never leave callers waiting forever
+            log.exception("decode loop for version %s crashed", self.lm.version)
+            for row in self.active + self._drain():
+                row.emit(("error", f"internal error in the decode loop: {e}"))
+        finally:
+            for row in self._drain():
+                row.emit(("error", "server is shutting down"))
+            del self.cache
+
+    def _drain(self) -> list[Row]:
+        out = []
+        while True:
+            try:
+                out.append(self.pending.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _admit_pending(self) -> None:
+        while self.free:
+            try:
+                row = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            self._admit(row)
+
+    @torch.inference_mode()
+    def _admit(self, row: Row) -> None:
+        """Prefill one prompt into a free slot and sample its first token."""
+        if row.cancelled:
+            return
+        if not self.free:  # cannot happen with a correct caller; keep the row for later
+            self.pending.put(row)
+            return
+        model = self.lm.model
+        ids = row.prompt_ids
+        T = len(ids)
+        tmp = model.new_cache(1, T)
+        x = torch.tensor([ids], dtype=torch.long, device=model.embed.weight.device)
+        logits, _ = model(x, cache=tmp, last_only=True)  # (1, 1, V)
+        row.slot = self.free.pop()
+        self.cache.k[:, row.slot, :, :T] = tmp.k[:, 0]
+        self.cache.v[:, row.slot, :, :T] = tmp.v[:, 0]
+        row.pos = T
+        self.active.append(row)
+        self._accept(row, logits[:, -1, :])
+
+    def _accept(self, row: Row, logits: torch.Tensor) -> None:
+        """Sample the next token of one row from logits (1, V), emit it, retire the row if done."""
+        nxt, prob = pick_next(logits, row.sp, row.gen)
+        token = int(nxt.item())
+        eos = self.lm.tokenizer.eos_id
+        if row.first_token_at is None:
+            row.first_token_at = time.perf_counter()
+        done_reason = None
+        if row.sp.stop_at_eos and token == eos:
+            done_reason = "eos"
+        else:
+            row.n_new += 1
+            row.last = token
+            row.emit(("token", token, float(prob.item())))
+            if row.n_new >= row.sp.max_new_tokens or row.pos + 1 >= self.max_len:
+                done_reason = "length"
+        if done_reason is None and time.monotonic() > row.deadline:
+            done_reason = "timeout"
+        if done_reason is None and row.cancelled:
+            done_reason = "cancelled"
+        if done_reason is not None:
+            self._finish(row, done_reason)
+
+    def _finish(self, row: Row, reason: str) -> None:
+        self.active.remove(row)
+        self.free.append(row.slot)
+        row.emit(("done", reason))
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        rows = list(self.active)
+        device = self.lm.model.embed.weight.device
+        tokens = torch.tensor([r.last for r in rows], dtype=torch.long, device=device)
+        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=device)
+        pos = torch.tensor([r.pos for r in rows], dtype=torch.long, device=device)
+        logits = decode_step(self.lm.model, self.cache, tokens, slots, pos)  # (B, V)
+        self.on_batch(len(rows))
+        self.on_tokens(len(rows))
+        for i, row in enumerate(rows):
+            row.pos += 1
+            self._accept(row, logits[i : i + 1])
+
+
+class Engine:
+    """The model currently served, plus reload (hot swap) and alias polling."""
+
+    def __init__(self, source: str, *, max_batch: int = 16, max_new_tokens: int = 256,
+                 batch_window_ms: float = 5.0, on_tokens=None, on_batch=None):
+        self.source = source
+        self.max_batch, self.max_new_tokens, self.batch_window_ms = max_batch, max_new_tokens, batch_window_ms
+        self.on_tokens, self.on_batch = on_tokens, on_batch
+        self.current: Batcher | None = None
+        self.retired: list[Batcher] = []
+        self.last_reload_error: str | None = None
+        self.last_reload_at: float | None = None
+        self.loading = False
+        self.swaps = 0
+        self._swap_lock = threading.Lock()  # pointer swap
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.on_swap = None  # callback(old_version, new_version)
+
+    @property
+    def ready(self) -> bool:
+        return self.current is not None
+
+    @property
+    def version(self) -> str | None:
+        return self.current.lm.version if self.current else None
+
+    def reload(self, source: str | None = None) -> dict:
+        """Load ``source`` (default: the served URI) beside the current model, then swap atomically.
+
+        Returns ``{"ok", "version", "previous", "swapped", "error"}``; never raises for a bad version.
+        """
+        with self._reload_lock:
+            source = source or self.source
+            previous = self.version
+            self.loading = True
+            try:
+                lm = load_version(source)
+            except Exception as e:  # keep serving the old model
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self.last_reload_error = f"{source}: {msg}"
+                self.last_reload_at = time.time()
+                log.error("reload of %s failed, still serving %s: %s", source, previous, msg)
+                return {"ok": False, "version": previous, "previous": previous, "swapped": False,
+                        "error": self.last_reload_error}
+            finally:
+                self.loading = False
+            self.last_reload_at = time.time()
+            self.last_reload_error = None
+            if previous is not None and lm.version == previous and self.source == source:
+                return {"ok": True, "version": previous, "previous": previous, "swapped": False, "error": None}
+            batcher = Batcher(lm, self.max_batch, self.max_new_tokens, self.batch_window_ms,
+                              self.on_tokens, self.on_batch)
+            with self._swap_lock:
+                old, self.current = self.current, batcher
+                self.source = source
+            if old is not None:
+                old.retire()
+                self.retired = [b for b in self.retired if b.alive] + [old]
+            self.swaps += 1
+            log.info("now serving %s version %s (was %s)", lm.name, lm.version, previous)
+            if self.on_swap:
+                self.on_swap(previous, lm.version)
+            return {"ok": True, "version": lm.version, "previous": previous, "swapped": True, "error": None}
+
+    def submit(self, row: Row, prompt: str | None = None) -> LoadedModel:
+        """Hand a row to the current batcher; returns the model version it will run on.
+
+        With ``prompt``, it is encoded by that same version's tokenizer (a swap cannot slip
+        between encoding and admission).
+        """
+        with self._swap_lock:
+            batcher = self.current
+            if batcher is None:
+                raise LmopsError("no model loaded yet")
+            if prompt is not None:
+                row.prompt_ids = batcher.lm.tokenizer.encode(prompt)
+            batcher.submit(row)
+        return batcher.lm
+
+    def start_polling(self, interval_s: float) -> None:
+        """Poll the registry alias every ``interval_s`` and reload when it points elsewhere."""
+        if interval_s <= 0 or not self.source.startswith("models:/") or "@" not in self.source:
+            return
+        self._poller = threading.Thread(target=self._poll, args=(interval_s,), name="alias-poller", daemon=True)
+        self._poller.start()
+
+    def _poll(self, interval_s: float) -> None:
+        name, _, alias = self.source[len("models:/"):].partition("@")
+        while not self._stop.wait(interval_s):
+            try:
+                from lmcore.registry import resolve_alias
+
+                target = resolve_alias(name, alias)
+            except Exception as e:
+                log.warning("polling %s failed: %s", self.source, str(e).splitlines()[0] if str(e) else e)
+                continue
+            if target is not None and str(target) != self.version:
+                log.info("alias %s@%s moved to version %s: reloading", name, alias, target)
+                self.reload()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for b in [self.current, *self.retired]:
+            if b is not None:
+                b.stop()
+
+    def health(self) -> dict:
+        lm = self.current.lm if self.current else None
+        return {
+            "status": "ok" if lm else "loading",
+            "ready": lm is not None,
+            "model_name": lm.name if lm else None,
+            "model_version": lm.version if lm else None,
+            "model_source": self.source,
+            "loaded_at": lm.loaded_at if lm else None,
+            "loading": self.loading,
+            "swaps": self.swaps,
+            "retired_draining": sum(1 for b in self.retired if b.alive),
+            "last_reload_error": self.last_reload_error,
+            "last_reload_at": self.last_reload_at,
+            "active_rows": self.current.load() if self.current else 0,
+        }
+
