@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 METRIC_KEYS = ("val_loss", "perplexity", "bits_per_byte", "accuracy")
+
+
+@contextmanager
+def stage(index: int, total: int, name: str) -> Iterator[dict[str, str]]:
+    """Announce a step on stderr (the terminal) and in the flow run's log (the Prefect UI).
+
+    The caller may set ``note["done"]`` to say what the step produced.
+    """
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    sys.stderr.write(f"[{index}/{total}] {name} ...\n")
+    sys.stderr.flush()
+    note: dict[str, str] = {}
+    t0 = time.monotonic()
+    yield note
+    line = f"[{index}/{total}] {name}: {note.get('done', 'done')} ({time.monotonic() - t0:.1f} s)"
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    logger.info(line)
 
 
 def _fmt(v: Any) -> str:

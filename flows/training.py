@@ -14,7 +14,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.reporting import publish_summary
+from flows.reporting import publish_summary, stage
 from flows.tasks import (
     deploy_task,
     evaluate_task,
@@ -53,11 +53,17 @@ def training_flow(
 
     params = load_params(params_path, overrides)
     configure_mlflow()
-    data = ingest_task(list(sources or params.data.sources), params)
-    version = data["version"]
+    steps = 7
 
-    prepared_state = run_cached(prepare_task, lambda d: (Path(d) / "meta.json").is_file(), version, params)
-    prepared = prepared_state.result()
+    with stage(1, steps, "ingest + validate + version") as note:
+        data = ingest_task(list(sources or params.data.sources), params)
+        version = data["version"]
+        note["done"] = f"dataset {version}: {data['accepted']} accepted, {data['quarantined']} quarantined"
+
+    with stage(2, steps, "prepare (tokenizer, split, memmap)") as note:
+        prepared_state = run_cached(prepare_task, lambda d: (Path(d) / "meta.json").is_file(), version, params)
+        prepared = prepared_state.result()
+        note["done"] = "cached" if _cached(prepared_state) else prepared
 
     lineage = lineage_tags(
         dataset_version=version,
@@ -66,20 +72,32 @@ def training_flow(
         flow_run_id=str(flow_run.get_id() or ""),
         device=str(pick_device(params.train.device)),
     )
-    trained_state = run_cached(
-        train_task, lambda t: (Path(t["model_dir"]) / "config.json").is_file(), prepared, data, params, lineage
-    )
-    trained = trained_state.result()
-    eval_state = run_cached(
-        evaluate_task, lambda e: (Path(trained["out_dir"]) / "eval.json").is_file(), trained, prepared, params, lineage
-    )
-    evaluated = eval_state.result()
-    metrics = evaluated["metrics"]
+    with stage(3, steps, "train") as note:
+        trained_state = run_cached(
+            train_task, lambda t: (Path(t["model_dir"]) / "config.json").is_file(), prepared, data, params, lineage
+        )
+        trained = trained_state.result()
+        note["done"] = "cached, no training work" if _cached(trained_state) else f"{trained['steps']} steps"
+
+    with stage(4, steps, "evaluate + track") as note:
+        eval_state = run_cached(
+            evaluate_task, lambda e: (Path(trained["out_dir"]) / "eval.json").is_file(),
+            trained, prepared, params, lineage,
+        )
+        evaluated = eval_state.result()
+        metrics = evaluated["metrics"]
+        note["done"] = f"bits/byte {metrics.get('bits_per_byte', float('nan')):.4f}"
 
     with file_lock(get_settings().home / "locks" / "model-registry.lock"):
-        model_version = register_task(trained, evaluated["model_uri"], params, lineage)
-        decision = gate_task(model_version, prepared, params)
-    deployed = deploy_task(decision, params)
+        with stage(5, steps, "register") as note:
+            model_version = register_task(trained, evaluated["model_uri"], params, lineage)
+            note["done"] = f"{params.registry.model_name} v{model_version}"
+        with stage(6, steps, "gate (challenger vs champion)") as note:
+            decision = gate_task(model_version, prepared, params)
+            note["done"] = ("promoted" if decision["promoted"] else "kept champion") + f": {decision['reason']}"
+    with stage(7, steps, "deploy") as note:
+        deployed = deploy_task(decision, params)
+        note["done"] = deployed
 
     summary = {
         "dataset": data,

@@ -86,7 +86,11 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
-    """Model (eval mode), tokenizer and metadata from a model folder; one-line error if broken."""
+    """Model (eval mode), tokenizer and metadata from a model folder; one-line error if broken.
+
+    A folder whose config says ``"quantization": "int8-dynamic"`` loads as an int8 model on CPU
+    whatever ``device`` says (the dynamic int8 kernels are CPU kernels).
+    """
     folder = Path(folder)
     meta = read_meta(folder)
     cfg = ModelConfig.from_dict(meta["model"])
@@ -98,6 +102,12 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
         state = load_file(str(folder / WEIGHTS))
     except Exception as e:
         raise LmopsError(f"cannot read weights {folder / WEIGHTS}: {str(e).splitlines()[0]}") from None
+    if meta.get("quantization"):  # int8 variant (lmops optimize quantize): CPU-only kernels
+        if meta["quantization"] != "int8-dynamic":
+            raise LmopsError(f"model in {folder} uses unknown quantization {meta['quantization']!r}")
+        from lmcore.optimize.quantize import load_quantized
+
+        return load_quantized(cfg, state), tokenizer, meta
     if cfg.tie_embeddings:
         state.setdefault("lm_head.weight", state.get("embed.weight"))
     try:

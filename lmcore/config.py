@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,11 +33,18 @@ class DataParams:
     normalize_newlines: bool = True
     strip_trailing_whitespace: bool = True
     stdlib_max_records: int = 4000
+    record_chars: int = 2000
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    chunk_rows: int = 250_000
+    git_commit: bool = False
 
     def check(self) -> None:
         _require(0 <= self.min_chars <= self.max_chars, "data.min_chars must be between 0 and data.max_chars")
         _require(0.0 <= self.max_failure_rate <= 1.0, "data.max_failure_rate must be within [0, 1]")
         _require(self.stdlib_max_records >= 0, "data.stdlib_max_records must be >= 0")
+        _require(self.record_chars > 0, "data.record_chars must be > 0")
+        _require(self.chunk_rows > 0, "data.chunk_rows must be > 0")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,12 @@ class TrainParams:
     checkpoint_interval: int = 100
     compile: bool = False
     dtype: str = "auto"
+    log_interval: int = 10
+    lr_schedule: str = "cosine"
+    cooldown_frac: float = 0.5
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    zero_init_residual: bool = False
 
     def check(self) -> None:
         _require(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
@@ -116,6 +130,14 @@ class TrainParams:
         _require(self.dtype in ("auto", "float32", "bfloat16"), "train.dtype must be auto, float32 or bfloat16")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "train.device must be auto, cpu, cuda or cuda:N")
+        _require(self.log_interval > 0, "train.log_interval must be > 0")
+        _require(self.eval_interval >= 0 and self.checkpoint_interval >= 0,
+                 "train.eval_interval and train.checkpoint_interval must be >= 0 (0 = only at the end)")
+        _require(self.lr_schedule in ("cosine", "linear", "wsd", "constant"),
+                 "train.lr_schedule must be cosine, linear, wsd or constant")
+        _require(0.0 <= self.cooldown_frac <= 1.0, "train.cooldown_frac must be within [0, 1]")
+        _require(self.muon_lr > 0 and 0 <= self.muon_momentum < 1,
+                 "train.muon_lr must be > 0 and train.muon_momentum within [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -156,12 +178,30 @@ class ServeParams:
     max_concurrent: int = 16
     batch_window_ms: float = 5.0
     poll_interval_s: float = 30.0
+    max_batch: int = 16
+    alias: str = "champion"
+
+    def check(self) -> None:
+        _require(0 < self.port < 65536, "serve.port must be within [1, 65535]")
+        for name in ("max_prompt_chars", "max_new_tokens", "max_concurrent", "max_batch"):
+            _require(getattr(self, name) > 0, f"serve.{name} must be > 0")
+        _require(self.request_timeout_s > 0, "serve.request_timeout_s must be > 0")
+        _require(self.batch_window_ms >= 0, "serve.batch_window_ms must be >= 0 (0 = no waiting)")
+        _require(self.poll_interval_s >= 0, "serve.poll_interval_s must be >= 0 (0 = no polling)")
 
 
 @dataclass(frozen=True)
 class FeedbackParams:
     min_new_records: int = 50
     holdout_fraction: float = 0.2
+    max_correction_chars: int = 8000
+    max_comment_chars: int = 2000
+
+    def check(self) -> None:
+        _require(self.min_new_records >= 0, "feedback.min_new_records must be >= 0")
+        _require(0.0 <= self.holdout_fraction < 1.0, "feedback.holdout_fraction must be within [0, 1)")
+        _require(self.max_correction_chars > 0 and self.max_comment_chars > 0,
+                 "feedback.max_correction_chars and feedback.max_comment_chars must be > 0")
 
 
 @dataclass(frozen=True)
@@ -176,7 +216,18 @@ class OptimizeParams:
     trials: int = 20
     minutes: float = 0.0
     trial_max_steps: int = 150
+    trial_eval_interval: int = 0  # 0 = trial_max_steps // 5: how often the pruner sees val_loss
+    startup_trials: int = 5  # trials the MedianPruner lets finish before it prunes
+    seed: int = 1337  # TPE sampler seed (offset by the trials a resumed study already holds)
+    storage: str = ""  # Optuna RDB URL; "" = sqlite:///<lmops home>/optuna.db
     search_space: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        _require(self.trials > 0, "optimize.trials must be > 0")
+        _require(self.minutes >= 0, "optimize.minutes must be >= 0 (0 = no limit)")
+        _require(self.trial_max_steps > 0, "optimize.trial_max_steps must be > 0")
+        _require(self.trial_eval_interval >= 0, "optimize.trial_eval_interval must be >= 0")
+        _require(self.startup_trials >= 0, "optimize.startup_trials must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -295,9 +346,15 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
     return from_dict(Params, raw)
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``, values parsed as YAML scalars."""
     key, sep, value = text.partition("=")
     if not sep:
         raise LmopsError(f"override '{text}' must look like section.key=value")
-    return key.strip(), yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str) and _FLOAT_RE.fullmatch(parsed.strip()):  # YAML 1.1 reads "1e-3" as a string
+        parsed = float(parsed)
+    return key.strip(), parsed

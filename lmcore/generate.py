@@ -1,13 +1,23 @@
-"""Sampling from a model with its KV cache: greedy, temperature, top-k, top-p, seeded, streaming.
+"""Sampling from a model with its KV cache: greedy, temperature, top-k, top-p, seeded, streaming, batched.
 
 The prompt is prefilled in one forward pass; each new token then costs one single-token
-forward pass over the cache. Seeds drive a local ``torch.Generator``, so generation never
-touches global RNG state and the same seed gives the same text.
+forward pass over the preallocated cache. Seeds drive a local ``torch.Generator`` per
+sequence, so generation never touches global RNG state, the same seed gives the same text,
+and a row of a batch samples exactly as it would alone.
+
+Speed notes (CPU): a decode step is a few hundred tiny ops, so per-op overhead rules.
+Intra-op threads cost more than they give there (and collapse when the CPU is shared:
+2 threads were 8-13x slower than 1 on a busy 2-core box), so decoding runs on
+``LMOPS_DECODE_THREADS`` threads (default 1; 0 = leave torch's setting) via
+:func:`decode_threads`. Greedy picks skip the full softmax's extra ops.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,23 +36,54 @@ class SamplingParams:
     stop_at_eos: bool = True
 
 
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_saved = 0
+
+
+@contextmanager
+def decode_threads(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run CPU decoding on ``LMOPS_DECODE_THREADS`` intra-op threads (default 1), restoring on exit.
+
+    Reference-counted, so overlapping generations in several threads restore the original
+    setting only when the last one leaves.
+    """
+    global _threads_users, _threads_saved
+    want = int(os.environ.get("LMOPS_DECODE_THREADS", "1") or 0)
+    if want <= 0 or torch.device(device).type != "cpu":
+        yield
+        return
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            if _threads_saved != want:
+                torch.set_num_threads(want)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0 and torch.get_num_threads() != _threads_saved:
+                torch.set_num_threads(_threads_saved)
+
+
 def pick_next(
     logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, V) -> next ids (B,) and their probabilities (B,) under the sampling distribution."""
     logits = logits.float()
-    if sp.temperature <= 0:
-        probs = torch.softmax(logits, dim=-1)
-        ids = logits.argmax(dim=-1)
-        return ids, probs.gather(-1, ids[:, None])[:, 0]
+    if sp.temperature <= 0:  # greedy: the max of the softmax is the softmax of the max
+        probs, ids = torch.softmax(logits, dim=-1).max(dim=-1)
+        return ids, probs
     logits = logits / sp.temperature
     if sp.top_k and sp.top_k < logits.size(-1):
         kth = torch.topk(logits, sp.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sp.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > sp.top_p  # keep the token that crosses top_p
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > sp.top_p  # keep the token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
@@ -50,27 +91,126 @@ def pick_next(
     return ids, probs.gather(-1, ids[:, None])[:, 0]
 
 
+def _generator(sp: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if sp.seed is None or sp.temperature <= 0:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(sp.seed)
+    return gen
+
+
+def _prompt(model: Transformer, prompt_ids: list[int], eos_id: int | None) -> list[int]:
+    """The last block_size prompt tokens; an empty prompt starts from EOS (the document separator)."""
+    return list(prompt_ids[-model.cfg.block_size :]) or [eos_id if eos_id is not None else 0]
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Transformer, prompt_ids: list[int], sp: SamplingParams, eos_id: int | None = None
 ) -> Iterator[tuple[int, float]]:
-    """Yield (token id, probability) for each new token of one sequence."""
+    """Yield (token id, probability) for each new token of one sequence.
+
+    Generation may run past ``block_size``: the cache is sized for prompt + new tokens and the
+    RoPE table grows as needed.
+    """
     device = model.embed.weight.device
-    gen = None
-    if sp.seed is not None and sp.temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(sp.seed)
-    ids = prompt_ids[-model.cfg.block_size :] or ([eos_id] if eos_id is not None else [0])
+    gen = _generator(sp, device)
+    ids = _prompt(model, prompt_ids, eos_id)
     cache = model.new_cache(1, len(ids) + sp.max_new_tokens)
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    for _ in range(sp.max_new_tokens):
-        logits, _ = model(x, cache=cache, last_only=True)  # (1, 1, V)
-        nxt, prob = pick_next(logits[:, -1, :], sp, gen)
-        token = int(nxt.item())
-        if sp.stop_at_eos and eos_id is not None and token == eos_id:
-            return
-        yield token, float(prob.item())
-        x = nxt.view(1, 1)
+    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T) prefill, then (1, 1) per step
+    stop = eos_id if (sp.stop_at_eos and eos_id is not None) else None
+    with decode_threads(device):
+        for _ in range(sp.max_new_tokens):
+            logits, _ = model(x, cache=cache, last_only=True)  # (1, 1, V)
+            nxt, prob = pick_next(logits[:, -1, :], sp, gen)
+            token = int(nxt)
+            if token == stop:
+                return
+            yield token, float(prob)
+            x = nxt.view(1, 1)
+
+
+class BatchDecoder:
+    """Step-wise decoding of several sequences with one forward pass per step.
+
+    Rows are left-padded so that all prompts end in the same cache slot (the cache's ``pad``
+    masks the padding; RoPE only sees position differences, so each row's logits are those
+    it would get alone). Each row has its own SamplingParams and seeded generator; a row is
+    done at EOS or at its ``max_new_tokens``. Use :meth:`step` until :attr:`done`.
+    """
+
+    def __init__(
+        self, model: Transformer, prompts_ids: list[list[int]], sp: SamplingParams | list[SamplingParams],
+        eos_id: int | None = None,
+    ):
+        if not prompts_ids:
+            raise ValueError("BatchDecoder needs at least one prompt")
+        self.model = model
+        self.device = model.embed.weight.device
+        self.sps = list(sp) if isinstance(sp, list | tuple) else [sp] * len(prompts_ids)
+        if len(self.sps) != len(prompts_ids):
+            raise ValueError("one SamplingParams per prompt, or one for all")
+        prompts = [_prompt(model, p, eos_id) for p in prompts_ids]
+        self.eos_id = eos_id
+        self.gens = [_generator(s, self.device) for s in self.sps]
+        self.outputs: list[list[tuple[int, float]]] = [[] for _ in prompts]
+        self.finished = [s.max_new_tokens <= 0 for s in self.sps]
+        width = max(len(p) for p in prompts)
+        pad = [width - len(p) for p in prompts]
+        B = len(prompts)
+        self.cache = model.new_cache(B, width + max(s.max_new_tokens for s in self.sps))
+        self.cache.pad = torch.tensor(pad, dtype=torch.long, device=self.device)
+        fill = eos_id if eos_id is not None else 0
+        self._next = torch.tensor([[fill] * p + ids for p, ids in zip(pad, prompts, strict=True)],
+                                  dtype=torch.long, device=self.device)  # (B, width): prefill input
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int, float]]:
+        """One forward pass for every row; returns the (row, token, probability) emitted by this step."""
+        if self.done:
+            return []
+        with decode_threads(self.device):
+            logits, _ = self.model(self._next, cache=self.cache, last_only=True)  # (B, 1, V)
+            logits = logits[:, -1, :]  # (B, V)
+            B = logits.size(0)
+            greedy = [r for r in range(B) if self.sps[r].temperature <= 0]
+            ids = torch.empty(B, dtype=torch.long, device=self.device)
+            probs = torch.empty(B, dtype=torch.float32, device=self.device)
+            if len(greedy) == B:  # all greedy: one pick for the whole batch
+                ids, probs = pick_next(logits, self.sps[0], None)
+            else:
+                for r in range(B):
+                    ids[r : r + 1], probs[r : r + 1] = pick_next(logits[r : r + 1], self.sps[r], self.gens[r])
+        emitted = []
+        for r, (tok, p) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True)):
+            if self.finished[r]:
+                continue
+            if self.sps[r].stop_at_eos and self.eos_id is not None and tok == self.eos_id:
+                self.finished[r] = True
+                continue
+            self.outputs[r].append((tok, p))
+            emitted.append((r, tok, p))
+            if len(self.outputs[r]) >= self.sps[r].max_new_tokens:
+                self.finished[r] = True
+        self._next = ids.view(B, 1)
+        return emitted
+
+
+def generate_batch(
+    model: Transformer, prompts_ids: list[list[int]], sp: SamplingParams | list[SamplingParams],
+    eos_id: int | None = None,
+) -> list[list[tuple[int, float]]]:
+    """(token id, probability) lists, one per prompt, computed with one forward pass per step for all rows."""
+    if not prompts_ids:
+        return []
+    dec = BatchDecoder(model, prompts_ids, sp, eos_id)
+    while not dec.done:
+        dec.step()
+    return dec.outputs
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, sp: SamplingParams) -> Iterator[str]:

@@ -68,24 +68,50 @@ def rope_cache(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos/sin: (T, D)."""
+    """Rotate x (..., D) by angles whose cos/sin broadcast against it, e.g. x (B, T, H, D), cos (T, 1, D)."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)  # x*cos + rotate_half(x)*sin
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, Hkv, max_len, D) each."""
+    """Preallocated keys/values for every layer: ``kv`` is (n_layer, B, 2*Hkv, max_len, D), keys first.
+
+    ``k``/``v`` are views (n_layer, B, Hkv, max_len, D) of its two halves, so code that moves a
+    row's cache (e.g. a serving engine's slots) can copy keys and values in one go through ``kv``.
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        Hkv = cfg.n_kv_head
+        self.kv = torch.zeros((cfg.n_layer, batch_size, 2 * Hkv, max_len, cfg.head_dim), device=device, dtype=dtype)
+        self.k, self.v = self.kv[:, :, :Hkv], self.kv[:, :, Hkv:]
         self.max_len = max_len
-        self.pos = 0  # tokens already in the cache
+        self.pos = 0  # tokens already in the cache (the same slot index for every row)
+        self.pad: torch.Tensor | None = None  # (B,) left-padding slots per row; those keys are never attended
+        self.mask: tuple[torch.Tensor | None, bool] | None = None  # (mask, is_causal) of the running forward
 
     def reset(self) -> None:
         self.pos = 0
+
+    def step_mask(self, T: int, B: int) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for the next T tokens of B rows: mask (T, pos+T) or (B, 1, T, pos+T), True = attend.
+
+        Query i sits in slot pos + i and sees slots <= pos + i. Left-padded rows (``pad``) are aligned
+        on the right: RoPE only sees position differences, so shifting a row by its padding leaves its
+        logits unchanged; its first ``pad[b]`` slots are masked out.
+        """
+        start = self.pos
+        if self.pad is None:
+            if start == 0:
+                return None, T > 1
+            if T == 1:  # a single query sees every cached key
+                return None, False
+            return torch.ones(T, start + T, dtype=torch.bool, device=self.kv.device).tril(diagonal=start), False
+        slots = torch.arange(start + T, device=self.kv.device)  # (S,)
+        query = (start + torch.arange(T, device=self.kv.device))[:, None]  # (T, 1) slot of each query
+        keep = slots[None, None, :] >= self.pad[:B, None, None].to(self.kv.device)  # (B, 1, S) real tokens
+        # (B, T, S); a padding query sees itself, so no row is fully masked (that would give NaN)
+        mask = (slots[None, :] <= query) & (keep | (slots[None, :] == query))
+        return mask[:, None], False  # (B, 1, T, S)
 
 
 class RMSNorm(nn.Module):
@@ -108,26 +134,22 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B, T, C), cos/sin (T, D) for this chunk's positions -> (B, T, C)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # split, not slicing: its backward is one cat instead of a zero-filled gradient per slice
+        qk, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split((H + Hkv, Hkv), dim=2)
+        q, k = apply_rope(qk, cos[:, None], sin[:, None]).split((H, Hkv), dim=2)  # q and k rotated in one go
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x2
 
-        mask, causal, start = None, T > 1, 0
+        mask, causal = None, T > 1
         if cache is not None:
             start = cache.pos
-            cache.k[layer, :B, :, start : start + T] = k
-            cache.v[layer, :B, :, start : start + T] = v
-            k = cache.k[layer, :B, :, : start + T]  # (B, Hkv, start+T, D)
-            v = cache.v[layer, :B, :, : start + T]
-            if start > 0 and T > 1:  # a chunk after a prefix: query i sees keys <= start + i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                causal = False
-            elif start > 0:
-                causal = False
+            ck, cv = cache.k[layer, :B], cache.v[layer, :B]  # (B, Hkv, max_len, D)
+            ck[:, :, start : start + T] = k
+            cv[:, :, start : start + T] = v
+            k, v = ck[:, :, : start + T], cv[:, :, : start + T]  # (B, Hkv, start+T, D)
+            mask, causal = cache.mask or cache.step_mask(T, B)  # built once per forward by Transformer.forward
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != H,
@@ -157,6 +179,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache=None, layer=0):
+        if self.drop.p == 0.0:  # skip two no-op module calls: per-step overhead matters when decoding
+            x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+            return x + self.mlp(self.mlp_norm(x))
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
@@ -166,7 +191,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -191,7 +216,7 @@ class Transformer(nn.Module):
     def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start + T > self.rope_cos.shape[0]:  # decoding past block_size: extend the table
             cos, sin = rope_cache(self.cfg, 2 * (start + T), device=self.rope_cos.device)
-            self.rope_cos, self.rope_sin = cos, sin
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
 
     def forward(
@@ -209,14 +234,16 @@ class Transformer(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache full: {start} + {T} > {cache.max_len}")
         cos, sin = self._rope(start, T)
+        if cache is not None:
+            cache.mask = cache.step_mask(T, B)
         x = self.drop(self.embed(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
-            cache.pos = start + T
-        x = self.norm(x)
+            cache.pos, cache.mask = start + T, None
         if last_only:
             x = x[:, -1:, :]
+        x = self.norm(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

@@ -22,6 +22,7 @@ BYTE_VOCAB = 257  # 256 byte symbols + EOS
 class Tokenizer:
     def __init__(self, tok: _HFTokenizer):
         self._tok = tok
+        tok.encode_special_tokens = True  # user text "<|endoftext|>" stays text, never becomes the EOS id
         eos = tok.token_to_id(EOS)
         if eos is None:
             raise LmopsError(f"tokenizer has no {EOS} token")

@@ -100,8 +100,16 @@ def configure_mlflow(settings: Settings | None = None) -> str:
 
         # Alembic chatter on first sqlite use is noise for a CLI user.
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        # mlflow mirrors these into os.environ; restore them so the user's variables (read by
+        # Settings) stay the only source of truth when the lmops home changes in one process.
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         _configured["uri"] = uri
         _configured["artifacts"] = "" if _is_remote(uri) else settings.mlflow_artifacts.as_uri()
     return uri

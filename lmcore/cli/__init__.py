@@ -33,6 +33,7 @@ def _root(
         import os
 
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
         os.environ["LMOPS_VERBOSE"] = "1"
 
 

@@ -1,0 +1,76 @@
+"""Batch-1 greedy generation speed: lmcore vs ``transformers`` ``generate`` with its KV cache.
+
+Both sides hold the same weights (converted with ``lmcore.hf``), get the same 32-character
+tinyshakespeare prompt (char-level vocab 65) and produce exactly 500 new tokens greedily
+(``do_sample=False, max_new_tokens=min_new_tokens=500`` for the reference, no EOS for
+lmcore), under ``torch.inference_mode``. Runs alternate; medians are reported. The greedy
+outputs of both sides are compared too (``same_tokens``: the first 500 tokens agree).
+
+Threads: both sides start from ``--threads`` (default: torch's). lmcore decodes on
+``LMOPS_DECODE_THREADS`` threads (default 1, see ``lmcore.generate``); set it to 0 to make
+lmcore use ``--threads`` too, or pass ``--threads 1`` for a strictly single-threaded match.
+
+    python bench/generate.py [--json] [--threads N] [--sizes small,large] [--repeats 3] [--new-tokens 500]
+"""
+
+from __future__ import annotations
+
+import torch
+from _common import SIZES, char_corpus, emit, interleaved, model_pair, parser, setup
+
+PROMPT_CHARS = 32
+
+
+def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int) -> dict:
+    """Median tokens/s of both sides at one size, and how many leading tokens they agree on."""
+    from lmcore.generate import SamplingParams, generate_tokens
+
+    ours, ref = model_pair(size, vocab, block_size=len(prompt) + n)
+    ours.eval()
+    ref.eval()
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    sp = SamplingParams(max_new_tokens=n, temperature=0.0)
+    x = torch.tensor([prompt])
+    out: dict[str, list[int]] = {}
+
+    def run_ours() -> None:
+        out["lmops"] = [t for t, _ in generate_tokens(ours, prompt, sp, eos_id=None)]
+
+    def run_ref() -> None:
+        with torch.inference_mode():
+            y = ref.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, use_cache=True)
+        out["reference"] = y[0, len(prompt) :].tolist()
+
+    run_ours()  # warm up both
+    run_ref()
+    sec = interleaved({"lmops": run_ours, "reference": run_ref}, repeats)
+    lm, rf = n / sec["lmops"], n / sec["reference"]
+    agree = next((i for i, (a, b) in enumerate(zip(out["lmops"], out["reference"], strict=True)) if a != b), n)
+    return {"lmops_tokens_per_s": round(lm, 1), "reference_tokens_per_s": round(rf, 1), "ratio": round(lm / rf, 3),
+            "same_tokens": agree}
+
+
+def main() -> None:
+    import os
+
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=500, help="tokens generated per run")
+    args = p.parse_args()
+    setup(args)
+    from _common import quiet_transformers
+
+    quiet_transformers()
+    data, vocab = char_corpus()
+    prompt = data[:PROMPT_CHARS].tolist()
+    result = {"sizes": {}, "vocab": vocab, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_CHARS,
+              "threads": torch.get_num_threads(),
+              "lmops_decode_threads": int(os.environ.get("LMOPS_DECODE_THREADS", "1") or 0) or "torch default"}
+    for name in args.sizes.split(","):
+        result["sizes"][name] = measure(SIZES[name], vocab, prompt, args.new_tokens, args.repeats or 3)
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Training throughput (forward + backward + AdamW step), lmcore vs transformers' LlamaForCausalLM.
+
+Same layers, heads, width, intermediate size (Llama rule: 384 / 1024), tied embeddings,
+vocab (65: char-level tinyshakespeare), batch and sequence, same initial weights and the
+same batches. lmops trains with its real optimizer (``lmcore.optim.build_optimizers`` with
+the default ``TrainParams``: AdamW, decay on matrices only); the reference with a plain
+``torch.optim.AdamW`` and ``F.cross_entropy`` on its logits. Each side runs several optimizer
+steps per round, rounds alternate (ABBA...), medians are reported, plus lmcore's MFU
+against the fp32 matmul peak (best of 1536^2 matmuls, measured before, between and after
+the sizes, since load on a shared machine drifts).
+
+    python bench/train_throughput.py [--json] [--threads N] [--sizes small,large] [--repeats R] [--compile]
+
+``--compile`` times lmops under ``torch.compile`` (``train.compile: true``) and reports the
+one-off compile time as ``compile_s``; off by default because compiling takes minutes on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from _common import (
+    SIZES,
+    char_corpus,
+    emit,
+    flops_per_token,
+    interleaved,
+    matmul_gflops,
+    model_pair,
+    parser,
+    setup,
+    timed,
+)
+
+# (optimizer steps per round, rounds) per size: keeps the default run within ~3 minutes on 2 cores.
+PLAN = {"small": (10, 7), "large": (2, 5)}
+
+
+def batches(data: torch.Tensor, batch: int, seq: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - seq - 1, (n, batch), generator=g)
+    return [(torch.stack([data[i : i + seq] for i in row]), torch.stack([data[i + 1 : i + 1 + seq] for i in row]))
+            for row in starts]
+
+
+def lmops_optimizers(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
+    """What ``lmops train`` uses with default params (falls back to plain AdamW if optim is absent)."""
+    try:
+        from lmcore.config import TrainParams
+        from lmcore.optim import build_optimizers
+    except ImportError:
+        return [torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)]
+    return build_optimizers(model, TrainParams(optimizer="adamw"))
+
+
+def measure(name: str, vocab: int, data: torch.Tensor, rounds: int, compile: bool = False) -> dict:
+    size = SIZES[name]
+    steps, default_rounds = PLAN[name]
+    ours, ref = model_pair(size, vocab, size["seq"])
+    ours.train()
+    ref.train()
+    opts_ours = lmops_optimizers(ours)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-4, weight_decay=0.1)
+    data_batches = batches(data, size["batch"], size["seq"], steps)
+    fwd = torch.compile(ours) if compile else ours
+
+    def step_ours(x: torch.Tensor, y: torch.Tensor) -> None:
+        _, loss = fwd(x, y)
+        loss.backward()
+        for opt in opts_ours:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def step_ref(x: torch.Tensor, y: torch.Tensor) -> None:
+        logits = ref(input_ids=x).logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+
+    compile_s = timed(lambda: step_ours(*data_batches[0]))  # warm up (and compile) before timing
+    step_ref(*data_batches[0])
+    sec = interleaved({
+        "lmops": lambda: [step_ours(x, y) for x, y in data_batches],
+        "reference": lambda: [step_ref(x, y) for x, y in data_batches],
+    }, rounds or default_rounds)
+    tokens = steps * size["batch"] * size["seq"]
+    lm, rf = tokens / sec["lmops"], tokens / sec["reference"]
+    return {"lmops_tokens_per_s": round(lm, 1), "reference_tokens_per_s": round(rf, 1), "ratio": round(lm / rf, 3),
+            "gflops_per_s": round(lm * flops_per_token(ours.cfg, size["seq"]) / 1e9, 1),
+            **({"compile_s": round(compile_s, 1)} if compile else {})}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--compile", action="store_true", help="time lmops under torch.compile")
+    args = p.parse_args()
+    setup(args)
+    from _common import quiet_transformers
+
+    quiet_transformers()
+    data, vocab = char_corpus()
+    result: dict = {"sizes": {}}
+    peak = 0.0
+    for name in args.sizes.split(","):  # the peak is re-measured around each size: load on a shared box drifts
+        peak = max(peak, matmul_gflops())
+        result["sizes"][name] = measure(name, vocab, data, args.repeats, args.compile)
+    peak = max(peak, matmul_gflops())
+    for r in result["sizes"].values():
+        r["mfu"] = round(r["gflops_per_s"] / peak, 3)
+        r["reference_mfu"] = round(r["mfu"] / r["ratio"], 3)
+    result.update({"matmul_gflops": round(peak, 1), "threads": torch.get_num_threads(), "vocab": vocab,
+                   "compile": args.compile,
+                   "flops_per_token": "6*N_matmul + 12*L*C*T (PaLM/nanoGPT; causal attention counted in full)"})
+    emit(result, args.json)
+
+
+if __name__ == "__main__":
+    main()

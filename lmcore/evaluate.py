@@ -1,0 +1,123 @@
+"""Score a model on a prepared validation split: loss, perplexity, bits per byte, accuracy, samples.
+
+The windows are contiguous and non-overlapping from the start of the val split (all of it,
+or the first ``max_batches * batch_size`` windows), so a champion and a challenger always
+see the same tokens. Bits per byte divide total nats by the UTF-8 bytes the scored target
+tokens stand for, so models with different tokenizers compare fairly; when the model's
+tokenizer differs from the data's, the validation text is re-tokenized with the model's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmcore.errors import LmopsError
+
+
+def _val_ids(tokenizer, data_dir: Path) -> np.ndarray:
+    """Val token ids under *this* tokenizer: the prepared file, or the val text re-encoded."""
+    from lmcore.prepare import load_prepared, tokenizer_hash
+
+    data = load_prepared(data_dir)
+    if data.meta.get("tokenizer_hash") == tokenizer_hash(tokenizer):
+        return np.asarray(data.tokens("val"))
+    docs_path = data.dir / "val_docs.jsonl"
+    if not docs_path.is_file():
+        raise LmopsError(f"model tokenizer differs from the one in {data.dir} and it has no val_docs.jsonl")
+    ids: list[int] = []
+    with open(docs_path, encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f if line.strip()]
+    for doc_ids in tokenizer.encode_batch(docs):
+        ids.extend(doc_ids)
+        ids.append(tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int64)
+
+
+@torch.no_grad()
+def score_tokens(model: torch.nn.Module, ids: np.ndarray, byte_len: np.ndarray, block: int, batch_size: int,
+                 max_batches: int, device: torch.device) -> dict:
+    """Total nats, correct top-1 predictions, tokens and bytes over contiguous windows of ``ids``."""
+    n_windows = math.ceil((len(ids) - 1) / block)
+    if max_batches > 0:
+        n_windows = min(n_windows, max_batches * batch_size)
+    nats, correct, count, nbytes = 0.0, 0, 0, 0
+    for w0 in range(0, n_windows, batch_size):
+        ws = range(w0, min(w0 + batch_size, n_windows))
+        full = [w for w in ws if (w + 1) * block + 1 <= len(ids)]
+        groups = [full] + [[w] for w in ws if w not in full]  # the one short tail window runs alone
+        for g in groups:
+            if not g:
+                continue
+            T = min(block, len(ids) - 1 - g[0] * block)
+            win = np.stack([ids[w * block : w * block + T + 1] for w in g]).astype(np.int64)  # (b, T+1)
+            x = torch.from_numpy(win[:, :-1]).to(device)  # (b, T)
+            y = torch.from_numpy(win[:, 1:]).to(device)
+            logits, _ = model(x)  # (b, T, V)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            nats -= float(logp.gather(-1, y[..., None]).sum())
+            correct += int((logits.argmax(-1) == y).sum())
+            count += y.numel()
+            nbytes += int(byte_len[win[:, 1:]].sum())
+    return {"nats": nats, "correct": correct, "tokens": count, "bytes": nbytes}
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, device: str | torch.device = "auto"
+                   ) -> dict:
+    """Metrics of an in-memory model (eval ``params`` = ``EvalParams``) on ``data_dir``'s val split."""
+    from lmcore.device import pick_device
+    from lmcore.generate import SamplingParams, generate_text
+    from lmcore.prepare import token_byte_lengths
+
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    net = getattr(model, "module", model)
+    net = getattr(net, "_orig_mod", net)
+    was_training = net.training
+    net.to(dev).eval()
+    ids = _val_ids(tokenizer, Path(data_dir))
+    if len(ids) < 2:
+        raise LmopsError(f"validation split in {data_dir} has fewer than 2 tokens: nothing to evaluate")
+    if int(ids.max()) >= net.cfg.vocab_size:
+        raise LmopsError(f"validation tokens in {data_dir} exceed the model vocabulary ({net.cfg.vocab_size})")
+    byte_len = token_byte_lengths(tokenizer)
+    s = score_tokens(net, ids, byte_len, net.cfg.block_size, params.batch_size, params.max_batches, dev)
+    val_loss = s["nats"] / s["tokens"]
+    prompts = list(params.prompts) or [""]
+    samples = []
+    for i in range(params.n_samples):
+        prompt = prompts[i % len(prompts)]
+        sp = SamplingParams(max_new_tokens=params.sample_max_new_tokens, temperature=params.temperature,
+                            top_k=params.top_k, top_p=params.top_p, seed=params.seed + i)
+        samples.append({"prompt": prompt, "completion": generate_text(net, tokenizer, prompt, sp)})
+    net.train(was_training)
+    return {
+        "val_loss": val_loss,
+        "perplexity": math.exp(min(val_loss, 700.0)),
+        "bits_per_byte": s["nats"] / (math.log(2) * max(s["bytes"], 1)),
+        "accuracy": s["correct"] / s["tokens"],
+        "tokens": s["tokens"],
+        "bytes": s["bytes"],
+        "samples": samples,
+    }
+
+
+def evaluate(model_dir: Path, data_dir: Path, params, out_path: Path | None = None, device: str = "auto") -> dict:
+    """Load a model folder and score it on ``data_dir``; the metrics JSON goes to ``out_path`` if given."""
+    from lmcore.checkpoint import load_model
+    from lmcore.device import pick_device
+
+    dev = pick_device(device)
+    model, tokenizer, meta = load_model(model_dir, dev)
+    metrics = evaluate_model(model, tokenizer, data_dir, params, dev)
+    metrics.update(model_dir=str(model_dir), data_dir=str(data_dir), dataset_version=meta.get("dataset_version"))
+    if out_path is not None:
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(f".{out_path.name}.tmp")
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(out_path)
+    return metrics

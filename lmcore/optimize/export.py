@@ -1,0 +1,93 @@
+"""Export a registered version (default: the champion) or a model folder to Hugging Face format.
+
+Why here and not only in ``lmcore.hf``: users think in registry versions, not folders. This
+resolves ``--version``/``--model`` to a local model folder, refuses int8 variants (HF Llama
+has no such weights; export their fp32 source), and delegates the format to
+``lmcore.hf.export_hf``. :func:`verify_hf` replays a greedy continuation through
+``transformers`` to prove the export loads and matches lmops token for token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmcore.errors import LmopsError
+
+FORMATS = ("hf",)
+
+
+def resolve_source(name: str, version: str | None = None, model_dir: str | Path | None = None,
+                   default_alias: str = "champion") -> tuple[Path, dict[str, Any]]:
+    """A local model folder for ``--model DIR`` or a registry version/alias (default: the champion)."""
+    from lmcore.checkpoint import read_meta
+
+    if model_dir is not None and version is not None:
+        raise LmopsError("give either --version or --model, not both")
+    if model_dir is not None:
+        folder = Path(model_dir)
+        if not folder.is_dir():
+            raise LmopsError(f"model folder not found: {folder}")
+        read_meta(folder)
+        return folder, {"name": None, "version": None, "aliases": [], "run_id": None}
+    from lmcore.registry import fetch_model_dir
+
+    v = str(version) if version is not None else None
+    if v is None:
+        uri = f"models:/{name}@{default_alias}"
+    elif v.isdigit():
+        uri = f"models:/{name}/{v}"
+    else:  # an alias such as "challenger"
+        uri = f"models:/{name}@{v}"
+    return fetch_model_dir(uri)
+
+
+def export_model(out_dir: str | Path, *, fmt: str = "hf", name: str, version: str | None = None,
+                 model_dir: str | Path | None = None, force: bool = False) -> dict[str, Any]:
+    """Export and return ``{"out_dir", "format", "version", "source"}``; nothing written on error."""
+    from lmcore.checkpoint import read_meta
+    from lmcore.hf import export_hf
+
+    if fmt not in FORMATS:
+        raise LmopsError(f"unknown export format '{fmt}' (supported: {', '.join(FORMATS)})")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LmopsError(f"output path exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()) and not force:  # checked before any download
+        raise LmopsError(f"output folder is not empty: {out} (use --force to overwrite)")
+    src, info = resolve_source(name, version, model_dir)
+    meta = read_meta(src)
+    if meta.get("quantization"):
+        origin = meta.get("quantized_from")
+        hint = f" (export its source, version {origin})" if origin else ""
+        raise LmopsError(f"model {info.get('version') or src} is {meta['quantization']} quantized; the HF format "
+                         f"holds float weights{hint}")
+    export_hf(src, out, force=force)
+    return {"out_dir": str(out), "format": fmt, "name": info.get("name"), "version": info.get("version"),
+            "source": str(src)}
+
+
+def verify_hf(hf_dir: str | Path, model_dir: str | Path, prompt: str = "\n", new_tokens: int = 16) -> dict[str, Any]:
+    """Greedy continuation by ``transformers`` from ``hf_dir`` vs lmops from ``model_dir``: equal ids?"""
+    import torch
+
+    from lmcore.checkpoint import load_model
+    from lmcore.generate import SamplingParams, generate_tokens
+
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise LmopsError("verifying an HF export needs `transformers` (pip install transformers)") from None
+    model, tok, _ = load_model(model_dir, "cpu")
+    ids = tok.encode(prompt) or [tok.eos_id]
+    sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
+    ours = [t for t, _ in generate_tokens(model, ids, sp, tok.eos_id)]
+    hf_tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), torch_dtype=torch.float32).eval()
+    hf_ids = hf_tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_id]
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([hf_ids]), max_new_tokens=new_tokens, do_sample=False,
+                                min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=tok.eos_id)
+    theirs = out[0, len(hf_ids):].tolist()
+    return {"match": ours == theirs and hf_ids == ids, "lmops": ours, "transformers": theirs,
+            "lmops_text": tok.decode(ours), "transformers_text": hf_tok.decode(theirs, skip_special_tokens=True)}

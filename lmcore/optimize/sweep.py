@@ -1,0 +1,379 @@
+"""Hyper-parameter search: Optuna TPE + median pruning over short training runs, tracked in MLflow.
+
+Why this shape: each trial is an ordinary ``lmcore.train.train`` run with ``max_steps =
+optimize.trial_max_steps``; its periodic ``val_loss`` feeds the ``MedianPruner`` through
+``on_metrics``, which raises ``optuna.TrialPruned`` to stop a hopeless trial early. The
+study lives in an RDB (SQLite under the lmops home by default, any SQLAlchemy URL for
+several workers), so a sweep can be resumed by name and run by several processes at once.
+
+MLflow layout: one parent run per ``run_sweep`` call (tag ``lmops.study``), one nested run
+per trial (tag ``mlflow.parentRunId``). A pruned trial's run ends ``KILLED`` with tag
+``trial_state=PRUNED`` (completed: ``FINISHED``/``COMPLETE``; invalid param combination:
+``FAILED``/``FAIL``). The parent holds ``trials.csv`` (every trial of the study, also other
+workers'), ``best_params.json`` and the best value as metric ``best_val_loss``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmcore.errors import LmopsError
+from lmcore.optimize.space import Dim, check_against, derive, parse_space, with_overrides
+
+TrialCallback = Callable[[dict[str, Any]], None]
+MetricsCallback = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    study: str
+    storage: str
+    parent_run_id: str | None
+    trials_run: int  # by this call
+    trials_total: int  # in the study, all workers
+    completed: int
+    pruned: int
+    failed: int
+    best_value: float | None
+    best_params: dict[str, Any]  # dotted keys -> values
+    best_trial: int | None
+    seconds: float
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _hash(*parts: str) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def resolve_data(data: str | Path | None, params: Any) -> tuple[Path, str | None]:
+    """A prepared data folder for the sweep, and its dataset version.
+
+    ``data`` may be a prepared folder (has ``meta.json``), a text file or folder (prepared once
+    into ``<home>/runs/prepared/text-<hash>``), or None: the data registry's current version,
+    prepared into ``<home>/runs/prepared/<key>`` with the same key the training flow uses.
+    """
+    from lmcore.locks import file_lock
+    from lmcore.prepare import load_prepared, prepare_dataset, read_text_source
+    from lmcore.settings import get_settings
+
+    root = get_settings().runs_dir / "prepared"
+    prep_hash = params.slice_hash("prepare", "tokenizer")
+    if data is not None:
+        path = Path(data)
+        if (path / "meta.json").is_file():
+            prepared = load_prepared(path)
+            return prepared.dir, prepared.dataset_version
+        if not path.exists():
+            raise LmopsError(f"--data not found: {path}")
+        stamp = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                         for p in sorted([path] if path.is_file() else path.rglob("*")) if p.is_file())
+        out = root / f"text-{_hash('text', str(path.resolve()), stamp, prep_hash)}"
+        version = None
+        records: Callable[[], Iterable[tuple[str, str]]] = lambda: read_text_source(path)  # noqa: E731
+    else:
+        try:
+            from lmcore.data.registry import DataRegistry
+        except ImportError:
+            raise LmopsError("no data registry available: pass --data PATH (a prepared folder or text)") from None
+        registry = DataRegistry.open()
+        current = registry.current()
+        if current is None:
+            raise LmopsError("no dataset version yet: run `lmops data ingest ...` first, or pass --data PATH")
+        version = current.id
+        out = root / _hash("prepare", version, prep_hash)  # == flows.tasks.prepare_key
+
+        def records() -> Iterable[tuple[str, str]]:
+            return registry.iter_records(version)
+
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / f".{out.name}.lock"):
+        if not (out / "meta.json").is_file():
+            prepare_dataset(records(), out, params.tokenizer, params.prepare, dataset_version=version)
+    return out, version or load_prepared(out).dataset_version
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def default_storage() -> str:
+    from lmcore.settings import get_settings
+
+    home = get_settings().ensure().home
+    return f"sqlite:///{home / 'optuna.db'}"
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna RDB storage; SQLite gets a long busy timeout so several workers can share a file."""
+    import optuna
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    try:
+        with warnings.catch_warnings():  # heartbeat_interval is flagged experimental; it reaps dead workers' trials
+            warnings.simplefilter("ignore")
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30,
+                                              grace_period=120)
+    except Exception as e:  # SQLAlchemy / Optuna raise many types for a bad URL
+        raise LmopsError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def _trial_row(t: Any) -> dict[str, Any]:
+    return {
+        "number": t.number,
+        "state": t.state.name,
+        "value": t.value,
+        "seconds": round(t.duration.total_seconds(), 3) if t.duration else None,
+        "last_step": t.last_step,
+        "worker": t.user_attrs.get("worker"),
+        "run_id": t.user_attrs.get("run_id"),
+        **{f"param.{k}": v for k, v in sorted(t.params.items())},
+    }
+
+
+def trials_csv(rows: list[dict[str, Any]]) -> str:
+    cols: list[str] = []
+    for r in rows:
+        cols.extend(c for c in r if c not in cols)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def run_sweep(
+    params: Any,
+    data_dir: str | Path,
+    *,
+    trials: int | None = None,
+    minutes: float | None = None,
+    study_name: str | None = None,
+    storage: str | None = None,
+    seed: int | None = None,
+    pruning: bool = True,
+    dataset_version: str | None = None,
+    track: bool = True,
+    work_dir: str | Path | None = None,
+    on_trial: TrialCallback | None = None,
+    on_metrics: MetricsCallback | None = None,
+) -> SweepResult:
+    """Run ``trials`` trials (default ``optimize.trials``) of ``study_name`` on a prepared ``data_dir``.
+
+    ``params`` is the base ``Params``; searched values override its ``model``/``train`` slices and
+    each trial trains ``optimize.trial_max_steps`` steps. ``minutes`` (default ``optimize.minutes``,
+    0 = none) stops starting new trials after that long. A named study that exists is resumed
+    (new trials are added); the sampler seed is offset by the trials it already holds.
+    ``on_trial(row)`` is called after each trial, ``on_metrics(trial, step, metrics)`` at each
+    training log/eval step. Returns the study's best trial over *all* its trials.
+    """
+    import optuna
+
+    from lmcore.train import train
+
+    opt = params.optimize
+    dims = parse_space(opt.search_space)
+    check_against(params, dims)
+    n_trials = opt.trials if trials is None else trials
+    if n_trials <= 0:
+        raise LmopsError("--trials must be > 0")
+    budget_min = opt.minutes if minutes is None else minutes
+    if budget_min < 0:
+        raise LmopsError("--minutes must be >= 0 (0 = no limit)")
+    eval_interval = opt.trial_eval_interval or max(1, opt.trial_max_steps // 5)
+    data_dir = Path(data_dir)
+    from lmcore.prepare import load_prepared
+
+    prepared = load_prepared(data_dir)  # fail before creating anything when the data is missing
+    dataset_version = dataset_version or prepared.dataset_version
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage_url = storage or opt.storage or default_storage()
+    rdb = open_storage(storage_url)
+    name = study_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=opt.startup_trials, n_warmup_steps=0, interval_steps=1)
+              if pruning else optuna.pruners.NopPruner())
+    # A resumed study: the sampler's seed moves past the trials already there (no repeated startup draws).
+    base_seed = opt.seed if seed is None else seed
+    try:
+        offset = len(rdb.get_all_trials(rdb.get_study_id_from_name(name), deepcopy=False))
+    except KeyError:  # a new study
+        offset = 0
+    sampler = optuna.samplers.TPESampler(seed=base_seed + offset, n_startup_trials=min(10, max(1, n_trials // 2)))
+    study = optuna.create_study(study_name=name, storage=rdb, direction="minimize", sampler=sampler, pruner=pruner,
+                                load_if_exists=True)
+    worker = uuid.uuid4().hex[:8]
+
+    from lmcore.settings import get_settings
+
+    work = Path(work_dir) if work_dir else get_settings().runs_dir / "sweeps" / name
+    work.mkdir(parents=True, exist_ok=True)
+
+    parent = None
+    if track:
+        from lmcore.tracking import RunTracker
+
+        parent = RunTracker.start(
+            params.registry.experiment, f"sweep-{name}",
+            params={"optimize.trials": n_trials, "optimize.minutes": budget_min, "optimize.pruning": pruning,
+                    "optimize.trial_max_steps": opt.trial_max_steps, "optimize.seed": base_seed + offset,
+                    "optimize.search_space": json.dumps(opt.search_space, sort_keys=True), "dataset_version":
+                    dataset_version or "unknown"},
+            tags={"lmops.study": name, "lmops.storage": _redact(storage_url), "lmops.kind": "sweep",
+                  "lmops.dataset_version": dataset_version or "unknown", "lmops.worker": worker},
+            system_metrics=False,
+        )
+
+    ran: list[int] = []  # trial numbers this call ran (enqueued trials already have numbers)
+
+    def objective(trial: Any) -> float:
+        ran.append(trial.number)
+        values = {d.key: d.suggest(trial) for d in dims}
+        trial.set_user_attr("worker", worker)
+        tracker = None
+        if parent is not None:
+            from lmcore.tracking import RunTracker
+
+            tracker = RunTracker.start(
+                params.registry.experiment, f"{name}-trial-{trial.number}", params=values,
+                tags={"lmops.study": name, "lmops.trial": trial.number, "lmops.kind": "sweep-trial",
+                      "lmops.dataset_version": dataset_version or "unknown"},
+                parent_run_id=parent.run_id, system_metrics=False,
+            )
+            trial.set_user_attr("run_id", tracker.run_id)
+        out = work / f"trial-{trial.number:04d}-{worker}"
+        state, status = "FAIL", "FAILED"
+        try:
+            try:
+                p = with_overrides(params, derive(params, values))
+                p = with_overrides(p, {"train.max_steps": opt.trial_max_steps, "train.eval_interval": eval_interval,
+                                       "train.checkpoint_interval": 0,
+                                       "train.log_interval": min(p.train.log_interval, eval_interval)})
+            except LmopsError as e:
+                trial.set_user_attr("error", str(e))
+                raise _InvalidTrial(str(e)) from None
+
+            def report(step: int, metrics: dict[str, float]) -> None:
+                if tracker is not None:
+                    tracker.log_metrics(step, metrics)
+                if on_metrics is not None:
+                    on_metrics(trial.number, step, metrics)
+                if "val_loss" in metrics:
+                    trial.report(float(metrics["val_loss"]), step)
+                    if step < p.train.max_steps and trial.should_prune():  # a finished trial counts
+                        raise optuna.TrialPruned(f"pruned at step {step} (val_loss {metrics['val_loss']:.4f})")
+
+            result = train(data_dir, out, p.model, p.train, progress=False, on_metrics=report,
+                           dataset_version=dataset_version)
+            if result.final_val_loss is None:
+                raise _InvalidTrial("training produced no validation loss")
+            state, status = "COMPLETE", "FINISHED"
+            if tracker is not None:
+                tracker.log_metrics(result.steps, {"final_val_loss": result.final_val_loss,
+                                                   "final_train_loss": result.final_train_loss})
+            return float(result.final_val_loss)
+        except optuna.TrialPruned:
+            state, status = "PRUNED", "KILLED"
+            raise
+        finally:
+            shutil.rmtree(out, ignore_errors=True)  # trials search; `lmops run` trains the winner for real
+            if tracker is not None:
+                tracker.set_tags({"trial_state": state})
+                tracker.finish(status)
+
+    def after(study: Any, frozen: Any) -> None:
+        if on_trial is not None:
+            on_trial(_trial_row(frozen))
+
+    t0 = time.perf_counter()
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=budget_min * 60 or None, catch=(_InvalidTrial,),
+                       callbacks=[after], gc_after_trial=False)
+    except BaseException:
+        if parent is not None:
+            _finish_parent(parent, study, name, "FAILED")
+        raise
+    seconds = time.perf_counter() - t0
+
+    all_trials = study.trials
+    states = [t.state.name for t in all_trials]
+    done = [t for t in all_trials if t.state.name == "COMPLETE"]
+    best = min(done, key=lambda t: t.value) if done else None
+    result = SweepResult(
+        study=name, storage=_redact(storage_url), parent_run_id=parent.run_id if parent else None,
+        trials_run=len(ran), trials_total=len(all_trials), completed=states.count("COMPLETE"),
+        pruned=states.count("PRUNED"), failed=states.count("FAIL"),
+        best_value=best.value if best else None, best_params=derive(params, best.params) if best else {},
+        best_trial=best.number if best else None, seconds=round(seconds, 3),
+        trials=[_trial_row(t) for t in all_trials],
+    )
+    if parent is not None:
+        _finish_parent(parent, study, name, "FINISHED", result)
+    return result
+
+
+class _InvalidTrial(Exception):
+    """A sampled combination the params refuse (e.g. d_model not divisible by n_head): trial FAILs."""
+
+
+def _redact(url: str) -> str:
+    """Storage URL without a password, for tags and output."""
+    if "://" in url and "@" in url.split("://", 1)[1]:
+        scheme, rest = url.split("://", 1)
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url
+
+
+def _finish_parent(parent: Any, study: Any, name: str, status: str, result: SweepResult | None = None) -> None:
+    try:
+        rows = [_trial_row(t) for t in study.trials]
+        if rows:
+            parent.log_text(trials_csv(rows), "trials.csv")
+        if result is not None:
+            parent.log_dict({"study": name, "best_trial": result.best_trial, "best_val_loss": result.best_value,
+                             "best_params": result.best_params}, "best_params.json")
+            summary = {"trials_total": result.trials_total, "trials_completed": result.completed,
+                       "trials_pruned": result.pruned, "trials_failed": result.failed,
+                       "sweep_seconds": result.seconds}
+            if result.best_value is not None:
+                summary["best_val_loss"] = result.best_value
+            parent.log_summary(summary)
+            parent.set_tags({f"best.{k}": v for k, v in result.best_params.items()})
+    finally:
+        parent.finish(status)
+
+
+def apply_best(result: SweepResult, params_path: str | Path | None = None) -> list[tuple[str, Any, Any]]:
+    """Write ``result.best_params`` into ``params.yaml`` (comments and order kept)."""
+    from lmcore.optimize.apply import apply_params
+
+    if not result.best_params:
+        raise LmopsError(f"study {result.study} has no completed trial: nothing to apply")
+    if params_path is None:
+        from lmcore.settings import get_settings
+
+        params_path = get_settings().params_path
+    return apply_params(params_path, result.best_params)
+
+
+__all__ = ["Dim", "SweepResult", "apply_best", "resolve_data", "run_sweep", "trials_csv"]

@@ -1,0 +1,239 @@
+"""Text records -> a tokenizer plus train/val token files the training loop can memory-map.
+
+A prepared folder holds ``tokenizer.json``, ``train.bin`` and ``val.bin`` (token ids as
+uint16 when the vocabulary fits, else uint32; documents joined by EOS), ``val_docs.jsonl``
+(the validation text, so a model with a *different* tokenizer can be scored on exactly the
+same bytes) and ``meta.json`` (vocab size, dtype, token and UTF-8 byte counts per split,
+dataset version, tokenizer hash). Records are split by a seeded hash of their id, so the
+same record always lands in the same split whatever order or batch it arrives in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmcore.errors import LmopsError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".json", ".jsonl", ".csv", ".tsv", ".yaml", ".yml",
+                 ".toml", ".cfg", ".ini", ".html", ".xml", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs",
+                 ".sh", ".sql", ".tex")
+CHUNK_CHARS = 4096  # files are cut at blank lines into records of about this size
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    dir: Path
+    train_tokens: int
+    val_tokens: int
+    vocab_size: int
+    dtype: str
+    dataset_version: str | None
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.dir / META).read_text())
+
+    def tokens(self, split: str) -> np.memmap:
+        """Read-only memmap of one split's token ids."""
+        n = self.train_tokens if split == "train" else self.val_tokens
+        if n == 0:
+            return np.zeros(0, dtype=self.dtype)  # type: ignore[return-value]
+        return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r", shape=(n,))
+
+
+def record_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
+    """Cut at blank lines into pieces of at least ``size`` chars; their concatenation is ``text``."""
+    buf: list[str] = []
+    n = 0
+    for para in text.split("\n\n"):
+        buf.append(para)
+        n += len(para) + 2
+        if n >= size:
+            yield "\n\n".join(buf) + "\n\n"
+            buf, n = [], 0
+    if buf:
+        tail = "\n\n".join(buf)
+        if tail.strip():
+            yield tail
+
+
+def read_text_source(path: Path) -> Iterator[tuple[str, str]]:
+    """(id, text) records from a text file or a folder of text files (recursive, sorted, hidden skipped).
+
+    Files are cut at blank lines into records of about ``CHUNK_CHARS`` characters so a single
+    file still yields a train and a validation split.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LmopsError(f"corpus not found: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise LmopsError(f"corpus folder {path} holds no text files ({', '.join(TEXT_SUFFIXES[:5])}, ...)")
+    else:
+        files = [path]
+    found = False
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise LmopsError(f"cannot read {f}: {e.strerror}") from None
+        for chunk in _chunks(text):
+            if chunk.strip():
+                found = True
+                yield record_id(chunk), chunk
+    if not found:
+        raise LmopsError(f"corpus is empty: {path}")
+
+
+def _split_score(seed: int, rid: str) -> float:
+    h = hashlib.sha256(f"{seed}:{rid}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def _split(records: list[tuple[str, str]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split by hash; both splits non-empty whenever the text allows."""
+    if not records:
+        raise LmopsError("corpus is empty: no records to prepare")
+    scored = sorted(((_split_score(seed, rid), text) for rid, text in records), key=lambda st: st[0])
+    train = [t for s, t in scored if s >= val_fraction]
+    val = [t for s, t in scored if s < val_fraction]
+    if len(scored) >= 2:
+        if not val:
+            val = [train.pop(0)]  # smallest score: the record closest to the val side
+        if not train:
+            train = [val.pop()]
+        return train, val
+    # one record: cut it at the line boundary nearest (1 - val_fraction) of its length
+    text = scored[0][1]
+    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
+    if cut <= 0:
+        cut = int(len(text) * (1 - val_fraction))
+    train, val = [text[:cut]], [text[cut:]]
+    if not train[0] or not val[0]:
+        raise LmopsError("corpus is too small to split into train and validation text")
+    return train, val
+
+
+def tokenizer_hash(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (byte-level BPE: one symbol = one byte; specials 0)."""
+    spec = json.loads(tokenizer.to_str())
+    out = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for tok, i in spec["model"]["vocab"].items():
+        if i < len(out):
+            out[i] = len(tok)
+    for added in spec.get("added_tokens", []):
+        if added["id"] < len(out):
+            out[added["id"]] = 0
+    return out
+
+
+def _encode_docs(tokenizer, docs: list[str], path: Path, dtype: str) -> int:
+    """Write documents as token ids joined (and ended) by EOS; returns the token count."""
+    n = 0
+    with open(path, "wb") as f:
+        for start in range(0, len(docs), 256):
+            batch = tokenizer.encode_batch(docs[start : start + 256])
+            for ids in batch:
+                arr = np.asarray([*ids, tokenizer.eos_id], dtype=dtype)
+                arr.tofile(f)
+                n += arr.size
+    return n
+
+
+def prepare_dataset(records: Iterable[tuple[str, str]], out_dir: Path, tok, prep,
+                    dataset_version: str | None = None) -> PreparedData:
+    """Split records by seeded id hash, train the tokenizer on the train split, write it all atomically.
+
+    ``tok`` is a ``TokenizerParams`` and ``prep`` a ``PrepareParams``; the output folder only
+    appears once complete.
+    """
+    recs = [(rid, text) for rid, text in records if text and text.strip()]
+    if not recs:
+        raise LmopsError("corpus is empty: no non-blank text to prepare")
+    train_docs, val_docs = _split(recs, prep.val_fraction, prep.seed)
+    extra = {"val_fraction": prep.val_fraction, "seed": prep.seed}
+    return prepare_split_texts(train_docs, val_docs, out_dir, tok, dataset_version, extra)
+
+
+def prepare_split_texts(train_docs: list[str], val_docs: list[str], out_dir: Path, tok,
+                        dataset_version: str | None = None, extra: dict | None = None) -> PreparedData:
+    """Write a prepared folder from an explicit split (benchmarks use first 90% / last 10%)."""
+    from lmcore.checkpoint import atomic_dir, commit_dir
+    from lmcore.tokenizer import Tokenizer
+
+    if not train_docs or not val_docs:
+        raise LmopsError("corpus is too small to split into train and validation text")
+    tokenizer = Tokenizer.train(iter(train_docs), tok.kind, tok.vocab_size)
+    dtype = "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_dir(out_dir)
+    try:
+        tokenizer.save(tmp / "tokenizer.json")
+        n_train = _encode_docs(tokenizer, train_docs, tmp / "train.bin", dtype)
+        n_val = _encode_docs(tokenizer, val_docs, tmp / "val.bin", dtype)
+        with open(tmp / "val_docs.jsonl", "w", encoding="utf-8") as f:
+            for d in val_docs:
+                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        meta = {
+            "vocab_size": tokenizer.vocab_size,
+            "dtype": dtype,
+            "train_tokens": n_train,
+            "val_tokens": n_val,
+            "train_bytes": sum(len(d.encode("utf-8")) for d in train_docs),
+            "val_bytes": sum(len(d.encode("utf-8")) for d in val_docs),
+            "train_docs": len(train_docs),
+            "val_docs": len(val_docs),
+            "dataset_version": dataset_version,
+            "tokenizer_kind": tok.kind,
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "eos_id": tokenizer.eos_id,
+            **(extra or {}),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, out_dir)
+    return load_prepared(out_dir)
+
+
+def load_prepared(dir: Path) -> PreparedData:
+    """Open a prepared folder; one-line error when it is missing or incomplete."""
+    dir = Path(dir)
+    meta_path = dir / META
+    if not meta_path.is_file():
+        raise LmopsError(f"no prepared data in {dir} (missing {META}; run `lmops train --data PATH`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        data = PreparedData(dir=dir, train_tokens=int(meta["train_tokens"]), val_tokens=int(meta["val_tokens"]),
+                            vocab_size=int(meta["vocab_size"]), dtype=str(meta["dtype"]),
+                            dataset_version=meta.get("dataset_version"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise LmopsError(f"corrupt prepared-data meta {meta_path}: {e}") from None
+    itemsize = np.dtype(data.dtype).itemsize
+    for split, n in (("train", data.train_tokens), ("val", data.val_tokens)):
+        f = dir / f"{split}.bin"
+        if not f.is_file() or f.stat().st_size != n * itemsize:
+            raise LmopsError(f"prepared data in {dir} is incomplete: {f.name} does not hold {n} tokens")
+    if not (dir / "tokenizer.json").is_file():
+        raise LmopsError(f"prepared data in {dir} has no tokenizer.json")
+    return data

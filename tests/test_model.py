@@ -1,0 +1,80 @@
+"""The Transformer itself: cache decoding equals a full forward, padding, loss, limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmcore.model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.model
+
+
+def make(**kw) -> Transformer:
+    cfg = ModelConfig(**{"vocab_size": 53, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64,
+                         "block_size": 40, "tie_embeddings": False, **kw})
+    torch.manual_seed(0)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_incremental_decoding_matches_full_forward(n_kv_head):
+    model = make(n_kv_head=n_kv_head)
+    x = torch.randint(0, 53, (3, 30))
+    with torch.no_grad():
+        full, _ = model(x)  # (3, 30, V)
+        cache = model.new_cache(3, 30)
+        parts = [model(x[:, :12], cache=cache)[0], model(x[:, 12:20], cache=cache)[0]]  # prefill, then a chunk
+        parts += [model(x[:, t : t + 1], cache=cache)[0] for t in range(20, 30)]  # then single tokens
+        last, _ = model(x[:, :17], cache=model.new_cache(3, 17), last_only=True)
+    assert cache.pos == 30
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, full[:, 16:17], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_give_the_logits_of_unpadded_rows():
+    model = make()
+    rows = [torch.randint(0, 53, (n,)) for n in (9, 4, 1)]
+    width = max(len(r) for r in rows)
+    padded = torch.stack([F.pad(r, (width - len(r), 0), value=0) for r in rows])  # (3, width), left-padded
+    with torch.no_grad():
+        cache = model.new_cache(3, width + 3)
+        cache.pad = torch.tensor([width - len(r) for r in rows])
+        batch, _ = model(padded, cache=cache, last_only=True)  # (3, 1, V)
+        nxt = batch[:, -1].argmax(-1, keepdim=True)  # (3, 1)
+        step, _ = model(nxt, cache=cache)
+        for i, r in enumerate(rows):
+            alone, _ = model(torch.cat([r, nxt[i]])[None])
+            torch.testing.assert_close(batch[i, -1], alone[0, -2], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step[i, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(model.new_cache(1, 1).kv).all()
+
+
+def test_loss_matches_cross_entropy_and_trains():
+    model = make(dropout=0.1).train()
+    x, y = torch.randint(0, 53, (4, 16)), torch.randint(0, 53, (4, 16))
+    logits, loss = model(x, y)
+    assert logits.shape == (4, 16, 53)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits.view(-1, 53), y.view(-1)).item(), rel=1e-5)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2, fused=True)
+    first = loss.item()
+    for _ in range(8):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 0.5
+    y[:, :8] = -1  # ignored positions
+    assert torch.isfinite(model(x, y)[1])
+
+
+def test_tied_embeddings_share_storage_and_limits_are_enforced():
+    tied = make(tie_embeddings=True)
+    assert tied.lm_head.weight is tied.embed.weight
+    assert tied.num_params() < make().num_params()
+    with pytest.raises(ValueError, match="block_size"):
+        tied(torch.zeros(1, 41, dtype=torch.long))
+    cache = tied.new_cache(1, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="cache full"):
+        tied(torch.zeros(1, 5, dtype=torch.long), cache=cache)

@@ -1,0 +1,197 @@
+"""The training loop: learning, determinism, budgets, optimizers, atomic checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from _lm_helpers import ROOT, tiny_params, write_corpus
+
+from lmcore.checkpoint import load_model
+from lmcore.errors import LmopsError
+from lmcore.optim import adamw_groups, build_optimizers, lr_multiplier
+from lmcore.prepare import prepare_dataset, prepare_split_texts, read_text_source
+from lmcore.train import STATE, find_checkpoint, load_checkpoint, train
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    base = tmp_path_factory.mktemp("prep")
+    p = tiny_params(prepare__val_fraction=0.2)
+    recs = read_text_source(write_corpus(base / "corpus", n_files=8))
+    return prepare_dataset(recs, base / "data", p.tokenizer, p.prepare, dataset_version="ds-1").dir
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _history(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_learns_and_writes_everything(prepared, tmp_path):
+    p = tiny_params()
+    seen = []
+    r = train(prepared, tmp_path / "run", p.model, p.train, progress=False,
+              on_metrics=lambda step, m: seen.append((step, dict(m))))
+    assert r.steps == 40 and r.stopped_by == "max_steps" and r.tokens == 40 * 8 * 32
+    rows = _history(r.history_csv)
+    first_loss = float(rows[0]["train_loss"])
+    assert first_loss > 5.0  # ~ln(257) at the start
+    assert r.final_train_loss < first_loss - 1.5, "the loss must drop on a learnable corpus"
+    assert r.final_val_loss is not None and r.final_val_loss < first_loss - 1.0
+    assert [int(x["step"]) for x in rows if x["val_loss"]] == [20, 40]
+    assert {k for _, m in seen for k in m} == {"train_loss", "lr", "tokens_per_s", "val_loss"}
+    model, tok, meta = load_model(r.model_dir)
+    assert meta["dataset_version"] == "ds-1" and meta["step"] == 40 and meta["tokenizer_hash"]
+    assert model.cfg.n_layer == 2 and tok.vocab_size == 257
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == 40 and summary["stopped_by"] == "max_steps"
+    state = torch.load(tmp_path / "run" / "checkpoint" / STATE, weights_only=True)
+    assert state["step"] == 40 and state["dataset_version"] == "ds-1" and "rng_cpu" in state
+
+
+def test_same_seed_same_losses_and_different_seed_differs(prepared, tmp_path):
+    p = tiny_params(train__max_steps=15, train__eval_interval=0, train__checkpoint_interval=0)
+    a = train(prepared, tmp_path / "a", p.model, p.train, progress=False)
+    b = train(prepared, tmp_path / "b", p.model, p.train, progress=False)
+    assert _history(a.history_csv) and [r["train_loss"] for r in _history(a.history_csv)] == \
+        [r["train_loss"] for r in _history(b.history_csv)]
+    assert a.final_val_loss == b.final_val_loss
+    q = tiny_params(train__max_steps=15, train__eval_interval=0, train__checkpoint_interval=0, train__seed=7)
+    c = train(prepared, tmp_path / "c", q.model, q.train, progress=False)
+    assert c.final_train_loss != a.final_train_loss
+
+
+def test_wall_clock_budget_stops_training(prepared, tmp_path):
+    p = tiny_params(train__max_steps=100000, train__max_minutes=0.002, train__eval_interval=0)
+    r = train(prepared, tmp_path / "run", p.model, p.train, progress=False)
+    assert r.stopped_by == "max_minutes" and 0 < r.steps < 100000
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_muon_and_accumulation_train(prepared, tmp_path):
+    p = tiny_params(train__optimizer="muon", train__grad_accum=2, train__lr_schedule="wsd",
+                    train__zero_init_residual=True, model__tie_embeddings=False)
+    r = train(prepared, tmp_path / "run", p.model, p.train, progress=False)
+    first = float(_history(r.history_csv)[0]["train_loss"])
+    assert r.final_train_loss < first - 1.5
+    assert r.tokens == 40 * 2 * 8 * 32
+
+
+def test_optimizer_groups():
+    from lmcore.model import ModelConfig, Transformer
+
+    p = tiny_params()
+    net = Transformer(ModelConfig.from_params(p.model, 257))
+    named = list(net.named_parameters())
+    decay, no_decay = adamw_groups(named, 1e-3, 0.1)
+    names = {id(p): n for n, p in named}
+    assert all(p.ndim == 2 and not names[id(p)].startswith("embed") for p in decay["params"])
+    assert any(names[id(p)] == "embed.weight" for p in no_decay["params"])
+    assert all(p.ndim == 1 or names[id(p)].startswith("embed") for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    opts = build_optimizers(net, tiny_params(train__optimizer="muon").train)
+    assert type(opts[0]).__name__ == "Muon" and isinstance(opts[1], torch.optim.AdamW)
+    muon_names = {names[id(p)] for g in opts[0].param_groups for p in g["params"]}
+    assert muon_names and all(n.startswith("blocks.") for n in muon_names)
+    counted = sum(p.numel() for o in opts for g in o.param_groups for p in g["params"])
+    assert counted == net.num_params()
+
+
+def test_lr_schedule_shapes():
+    t = tiny_params(train__max_steps=100, train__warmup_steps=10, train__lr=1e-2, train__min_lr=1e-3).train
+    assert lr_multiplier(0, 0.0, t) == pytest.approx(0.1)
+    assert lr_multiplier(10, 0.1, t) == pytest.approx(1.0)
+    assert lr_multiplier(100, 1.0, t) == pytest.approx(0.1)
+    assert lr_multiplier(50, 0.9, t) < lr_multiplier(50, 0.5, t)  # wall-clock fraction drives the decay
+    w = tiny_params(train__max_steps=100, train__warmup_steps=0, train__lr_schedule="wsd",
+                    train__cooldown_frac=0.5, train__min_lr=0.0).train
+    assert lr_multiplier(40, 0.4, w) == 1.0 and lr_multiplier(75, 0.75, w) == pytest.approx(0.5)
+
+
+def test_corpus_smaller_than_one_block(tmp_path):
+    p = tiny_params(model__block_size=64)
+    data = prepare_split_texts(["tiny text"], ["val"], tmp_path / "d", p.tokenizer)
+    with pytest.raises(LmopsError, match="smaller|fewer than one block"):
+        train(data.dir, tmp_path / "run", p.model, p.train, progress=False)
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_resume_refuses_corrupt_or_mismatched_checkpoint(prepared, tmp_path):
+    p = tiny_params(train__max_steps=10, train__eval_interval=0)
+    train(prepared, tmp_path / "run", p.model, p.train, progress=False)
+    bigger = tiny_params(train__max_steps=20, model__d_model=64)
+    with pytest.raises(LmopsError, match="does not match the model params.*d_model"):
+        train(prepared, tmp_path / "run", bigger.model, bigger.train, resume=True, progress=False)
+    w = tmp_path / "run" / "checkpoint" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(LmopsError, match="corrupt"):
+        train(prepared, tmp_path / "run", p.model, p.train, resume=True, progress=False)
+
+
+RUNNER = """
+import sys, time, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from _lm_helpers import tiny_params
+from lmcore.train import train
+p = tiny_params(train__max_steps=150, train__checkpoint_interval=10, train__eval_interval=0)
+# the pause only paces the run so the test can kill it mid-way; it changes no computation
+train(Path({data!r}), Path({out!r}), p.model, p.train, progress=False, on_metrics=lambda s, m: time.sleep(0.1))
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_and_matches_uninterrupted(prepared, tmp_path):
+    out = tmp_path / "run"
+    script = RUNNER.format(tests=str(ROOT / "tests"), data=str(prepared), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            ck = find_checkpoint(out)
+            if ck is not None and torch.load(ck / STATE, weights_only=True)["step"] >= 30:
+                break
+            assert proc.poll() is None, "trainer exited before it was killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint at step >= 30 within 120 s")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    ck = find_checkpoint(out)
+    _, state = load_checkpoint(ck)  # never half-written: it loads after a SIGKILL at any moment
+    killed_at = state["step"]
+    assert 30 <= killed_at < 150 and killed_at % 10 == 0
+
+    p = tiny_params(train__max_steps=150, train__checkpoint_interval=10, train__eval_interval=0)
+    resumed_steps = []
+    r = train(prepared, out, p.model, p.train, resume=True, progress=False,
+              on_metrics=lambda s, m: resumed_steps.append(s))
+    assert r.steps == 150 and min(resumed_steps) > killed_at  # the counter continued
+    steps = [int(x["step"]) for x in _history(r.history_csv)]
+    assert steps == sorted(set(steps)) and steps[0] == 5 and steps[-1] == 150  # one continuous history
+
+    ref = train(prepared, tmp_path / "ref", p.model, p.train, progress=False)
+    assert r.final_train_loss == pytest.approx(ref.final_train_loss, rel=1e-5)
+    a, _, _ = load_model(r.model_dir)
+    b, _, _ = load_model(ref.model_dir)
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.allclose(x, y, atol=1e-5), n
