@@ -10,9 +10,8 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
 def test_training_flow_end_to_end_then_cached(prefect_harness, tiny_workspace):
-    from lmcore.registry import list_versions, resolve_alias
-
     from flows.training import training_flow
+    from lmcore.registry import list_versions, resolve_alias
 
     first = training_flow(sources=[str(tiny_workspace / "corpus")])
     assert first["model_version"] == "1"
@@ -60,9 +59,8 @@ def test_flow_artifacts_are_published(prefect_harness, tiny_workspace):
 
 
 def test_two_runs_at_once_register_once(prefect_harness, tiny_workspace):
-    from lmcore.registry import list_versions
-
     from flows.training import training_flow
+    from lmcore.registry import list_versions
 
     results, errors = [], []
 
@@ -102,3 +100,23 @@ def test_bad_params_fail_the_run_with_the_message(prefect_harness, tiny_workspac
     assert "train.lr must be > 0" in state.message
     with pytest.raises(LmopsError, match="train.lr must be > 0"):
         state.result()
+
+
+def test_optimize_flow_sweeps_and_applies(prefect_harness, tiny_workspace):
+    from flows.optimize import optimize_flow
+    from lmcore.config import load_params
+
+    params_file = tiny_workspace / "params.yaml"
+    params_file.write_text(
+        params_file.read_text()
+        + "optimize:\n  trials: 2\n  trial_max_steps: 6\n  trial_eval_interval: 3\n"
+        + "  search_space:\n    lr: {low: 1.0e-4, high: 1.0e-2, log: true}  # searched\n"
+    )
+    before = load_params(params_file).train.lr
+    result = optimize_flow(params_path=str(params_file), data=str(tiny_workspace / "corpus"), apply=True)
+    assert result["trials_run"] == 2
+    assert result["best_value"] is not None and "train.lr" in result["best_params"]
+    after = load_params(params_file)
+    assert after.train.lr == pytest.approx(result["best_params"]["train.lr"])
+    assert after.train.lr != before
+    assert "# searched" in params_file.read_text()  # comments survive --apply
