@@ -22,6 +22,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.tasks import exponential_backoff
 
 from lmcore.config import Params
+from lmcore.prepare import prepare_key
 from lmcore.settings import get_settings
 from lmcore.tracking import TAG_DATASET_VERSION
 
@@ -36,10 +37,6 @@ def _serializable(key_fn) -> CachePolicy:
 
 def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def prepare_key(version: str, params: Params) -> str:
-    return _hash("prepare", version, params.slice_hash("prepare", "tokenizer"))
 
 
 def train_key(version: str, params: Params) -> str:

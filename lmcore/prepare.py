@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lmcore.data.clean import record_id
 from lmcore.errors import LmopsError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".json", ".jsonl", ".csv", ".tsv", ".yaml", ".yml",
@@ -47,10 +48,6 @@ class PreparedData:
         if n == 0:
             return np.zeros(0, dtype=self.dtype)  # type: ignore[return-value]
         return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r", shape=(n,))
-
-
-def record_id(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
@@ -104,11 +101,27 @@ def _split_score(seed: int, rid: str) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def _split(records: list[tuple[str, str]], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic train/val split by hash; both splits non-empty whenever the text allows."""
+def _split(records: list[tuple], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split by hash; both splits non-empty whenever the text allows.
+
+    A record may carry a third field, a split hint from the data registry: feedback marked
+    ``holdout`` always goes to validation (so the gate sees whether users' corrections were
+    learnt), ``negative`` is kept out of both (evaluation material, never trained on), and
+    ``train`` always trains.
+    """
     if not records:
         raise LmopsError("corpus is empty: no records to prepare")
-    scored = sorted(((_split_score(seed, rid), text) for rid, text in records), key=lambda st: st[0])
+    hinted = {"train": [], "holdout": []}
+    plain = []
+    for rid, text, *hint in records:
+        split = hint[0] if hint else None
+        if split in hinted:
+            hinted[split].append(text)
+        elif split != "negative":
+            plain.append((rid, text))
+    if not plain:
+        raise LmopsError("corpus is empty: no records to prepare")
+    scored = sorted(((_split_score(seed, rid), text) for rid, text in plain), key=lambda st: st[0])
     train = [t for s, t in scored if s >= val_fraction]
     val = [t for s, t in scored if s < val_fraction]
     if len(scored) >= 2:
@@ -116,7 +129,7 @@ def _split(records: list[tuple[str, str]], val_fraction: float, seed: int) -> tu
             val = [train.pop(0)]  # smallest score: the record closest to the val side
         if not train:
             train = [val.pop()]
-        return train, val
+        return train + hinted["train"], val + hinted["holdout"]
     # one record: cut it at the line boundary nearest (1 - val_fraction) of its length
     text = scored[0][1]
     cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction)))
@@ -158,14 +171,16 @@ def _encode_docs(tokenizer, docs: list[str], path: Path, dtype: str) -> int:
     return n
 
 
-def prepare_dataset(records: Iterable[tuple[str, str]], out_dir: Path, tok, prep,
+def prepare_dataset(records: Iterable[tuple], out_dir: Path, tok, prep,
                     dataset_version: str | None = None) -> PreparedData:
     """Split records by seeded id hash, train the tokenizer on the train split, write it all atomically.
+
+    ``records`` are ``(id, text)`` or ``(id, text, split_hint)`` (see ``_split``).
 
     ``tok`` is a ``TokenizerParams`` and ``prep`` a ``PrepareParams``; the output folder only
     appears once complete.
     """
-    recs = [(rid, text) for rid, text in records if text and text.strip()]
+    recs = [r for r in records if r[1] and r[1].strip()]
     if not recs:
         raise LmopsError("corpus is empty: no non-blank text to prepare")
     train_docs, val_docs = _split(recs, prep.val_fraction, prep.seed)
@@ -214,6 +229,13 @@ def prepare_split_texts(train_docs: list[str], val_docs: list[str], out_dir: Pat
         raise
     commit_dir(tmp, out_dir)
     return load_prepared(out_dir)
+
+
+def prepare_key(dataset_version: str, params) -> str:
+    """Names the prepared data of a dataset version under the prepare + tokenizer params: the one
+    content key the training flow's cache, the optimizer sweep and the output folders share."""
+    payload = f"prepare|{dataset_version}|{params.slice_hash('prepare', 'tokenizer')}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def load_prepared(dir: Path) -> PreparedData:

@@ -116,3 +116,21 @@ def test_load_prepared_detects_incomplete(tmp_path):
         load_prepared(data.dir)
     with pytest.raises(LmopsError, match="no prepared data"):
         load_prepared(tmp_path / "nothing")
+
+
+def test_feedback_split_hints_route_records(tmp_path):
+    """Held-out feedback is validated on, negatives are never trained on, thumbs-up always trains."""
+    from lmcore.config import PrepareParams, TokenizerParams
+
+    recs = [(f"r{i}", f"plain record number {i}\n" * 5) for i in range(30)]
+    recs += [("h1", "HELD OUT CORRECTION", "holdout"), ("n1", "NEGATIVE EXAMPLE", "negative"),
+             ("t1", "THUMBS UP TEXT", "train")]
+    out = tmp_path / "prepared"
+    data = prepare_dataset(recs, out, TokenizerParams(kind="byte", vocab_size=257), PrepareParams(val_fraction=0.2))
+    val_docs = [json.loads(line) for line in (out / "val_docs.jsonl").read_text().splitlines()]
+    train_ids = np.fromfile(out / "train.bin", dtype=data.dtype).tolist()
+    train_text = Tokenizer.load(out / "tokenizer.json").decode(train_ids)
+    assert "HELD OUT CORRECTION" in val_docs and "HELD OUT CORRECTION" not in train_text
+    assert "THUMBS UP TEXT" in train_text and "THUMBS UP TEXT" not in val_docs
+    assert "NEGATIVE EXAMPLE" not in train_text and "NEGATIVE EXAMPLE" not in val_docs
+    assert data.meta["train_docs"] + data.meta["val_docs"] == 32

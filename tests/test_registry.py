@@ -44,7 +44,7 @@ def test_versions_are_append_only_and_read_back_exactly(tmp_path, lmops_home):
     pd.testing.assert_frame_equal(back.astype(str), v1_df.astype(str))
     assert len(reg.read(v2.id)) == 27 and len(reg.read()) == 28
     assert len(reg.read(v3.id, kinds=("raw",))) == 27
-    assert [i for i, _ in reg.iter_records(v1.id)] == v1_df["id"].tolist()
+    assert [i for i, *_ in reg.iter_records(v1.id)] == v1_df["id"].tolist()
     assert reg.known_ids() == set(reg.read()["id"])
     assert reg.get(v1.id[:6]).id == v1.id
     with pytest.raises(LmopsError, match="unknown dataset version"):

@@ -347,16 +347,24 @@ class DataRegistry:
         return pa.concat_tables(tables, promote_options="default").to_pandas().reset_index(drop=True)
 
     def iter_records(self, version_id: str | None = None,
-                     kinds: tuple[str, ...] = KINDS) -> Iterator[tuple[str, str]]:
-        """``(id, text)`` of a version in a stable order, streaming (for ``prepare_dataset``)."""
+                     kinds: tuple[str, ...] = KINDS) -> Iterator[tuple[str, str, str | None]]:
+        """``(id, text, split_hint)`` of a version in a stable order, streaming (for ``prepare_dataset``).
+
+        The hint is the ``split`` a feedback record's meta carries (train / holdout / negative),
+        None for ingested text.
+        """
         import pyarrow.parquet as pq
 
         v = self._resolve(version_id)
         if v is None:
             return
-        for _, path in self._files(v, kinds):
-            for rb in pq.ParquetFile(path).iter_batches(columns=["id", "text"], batch_size=65536):
-                yield from zip(rb.column(0).to_pylist(), rb.column(1).to_pylist(), strict=True)
+        for rel, path in self._files(v, kinds):
+            kind = rel.split("/", 1)[0]
+            columns = ["id", "text", "meta"] if kind == "feedback" else ["id", "text"]
+            for rb in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65536):
+                ids, texts = rb.column(0).to_pylist(), rb.column(1).to_pylist()
+                hints = [_split_hint(m) for m in rb.column(2).to_pylist()] if kind == "feedback" else [None] * len(ids)
+                yield from zip(ids, texts, hints, strict=True)
 
     def known_ids(self, include_quarantine: bool = True) -> set[str]:
         """Ids in the current version, plus rows quarantined for a row-level reason (no re-flood)."""
@@ -560,6 +568,13 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _split_hint(meta: str | None) -> str | None:
+    try:
+        return (json.loads(meta) if meta else {}).get("split")
+    except (ValueError, AttributeError):
+        return None
 
 
 def shard_schema() -> Any:
