@@ -161,26 +161,32 @@ def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params, lineag
 
 
 @task(name="register", retries=3, retry_delay_seconds=exponential_backoff(2))
-def register_task(trained: dict[str, Any], model_uri: str, params: Params, lineage: dict[str, str]) -> str:
+def register_task(trained: dict[str, Any], model_uri: str, params: Params, lineage: dict[str, str]) -> dict[str, Any]:
     """One registered version per trained model: a cached re-run finds and reuses it."""
     from lmcore.registry import find_version_by_tag, register_version
 
     name = params.registry.model_name
     existing = find_version_by_tag(name, "lmops.train_key", trained["train_key"])
     if existing is not None:
-        return existing
+        return {"version": existing, "reused": True}
     tags = {**lineage, "lmops.train_key": trained["train_key"]}
-    return register_version(model_uri, name, tags, trained["run_id"])
+    return {"version": register_version(model_uri, name, tags, trained["run_id"]), "reused": False}
 
 
 @task(name="gate")
-def gate_task(version: str, data_dir: str, params: Params) -> dict[str, Any]:
-    """Challenger vs champion on the same validation set; moves `champion` only on a pass."""
-    from dataclasses import asdict
+def gate_task(registered: dict[str, Any], data_dir: str, params: Params, metrics: dict[str, float]) -> dict[str, Any]:
+    """Challenger vs champion on the same validation set; moves `champion` only on a pass.
 
-    from lmcore.registry import gate
+    A re-run that reused the version already serving as champion has nothing to decide.
+    """
+    from lmcore.registry import CHAMPION, gate, resolve_alias
 
-    return asdict(gate(params.registry.model_name, version, Path(data_dir), params))
+    name, version = params.registry.model_name, registered["version"]
+    if registered["reused"] and resolve_alias(name, CHAMPION) == version:
+        bpb = metrics.get("bits_per_byte")
+        return {"promoted": False, "reason": f"v{version} is already the champion (nothing new to gate)",
+                "challenger": version, "champion": version, "challenger_bpb": bpb, "champion_bpb": bpb, "checks": {}}
+    return gate(name, version, Path(data_dir), params).to_dict()
 
 
 @task(name="deploy", retries=3, retry_delay_seconds=exponential_backoff(1))

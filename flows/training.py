@@ -90,10 +90,12 @@ def training_flow(
 
     with file_lock(get_settings().home / "locks" / "model-registry.lock"):
         with stage(5, steps, "register") as note:
-            model_version = register_task(trained, evaluated["model_uri"], params, lineage)
-            note["done"] = f"{params.registry.model_name} v{model_version}"
+            registered = register_task(trained, evaluated["model_uri"], params, lineage)
+            model_version = registered["version"]
+            reused = " (reused: same data and params)" if registered["reused"] else ""
+            note["done"] = f"{params.registry.model_name} v{model_version}{reused}"
         with stage(6, steps, "gate (challenger vs champion)") as note:
-            decision = gate_task(model_version, prepared, params)
+            decision = gate_task(registered, prepared, params, metrics)
             note["done"] = ("promoted" if decision["promoted"] else "kept champion") + f": {decision['reason']}"
     with stage(7, steps, "deploy") as note:
         deployed = deploy_task(decision, params)

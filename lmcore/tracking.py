@@ -204,7 +204,7 @@ class RunTracker:
     """One MLflow run addressed by id: params, buffered metrics, artifacts, dataset input."""
 
     def __init__(self, client: mlflow.MlflowClient, run_id: str, experiment_id: str, *,
-                 flush_every: int = 50, flush_seconds: float = 5.0):
+                 flush_every: int = 1000, flush_seconds: float = 10.0):
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id

@@ -120,3 +120,68 @@ def test_optimize_flow_sweeps_and_applies(prefect_harness, tiny_workspace):
     assert after.train.lr == pytest.approx(result["best_params"]["train.lr"])
     assert after.train.lr != before
     assert "# searched" in params_file.read_text()  # comments survive --apply
+
+
+def test_tracking_server_down_fails_the_run_with_the_uri(prefect_harness, tiny_workspace, monkeypatch):
+    from flows.training import training_flow
+    from lmcore.errors import LmopsError
+    from lmcore.ui import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    monkeypatch.setenv("LMOPS_MLFLOW_RETRIES", "1")
+    monkeypatch.setenv("LMOPS_MLFLOW_BACKOFF", "0.1")
+    state = training_flow(sources=[str(tiny_workspace / "corpus")], return_state=True)
+    assert state.is_failed()
+    assert f"unreachable at {dead}" in state.message
+    with pytest.raises(LmopsError, match="unreachable"):
+        state.result()
+
+
+def test_lmops_run_prints_one_line_for_a_missing_source(tiny_workspace, tmp_path):
+    """The console entry point: a failed flow is one `error:` line, never a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--source", str(tiny_workspace / "missing-folder")],
+        cwd=tiny_workspace, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing-folder" in errors[0], proc.stderr
+
+
+def test_harvest_flow_closes_the_loop(prefect_harness, tiny_workspace):
+    """Feedback rows -> a validated `feedback` dataset version -> a triggered training run on it."""
+    from flows.harvest import harvest_flow
+    from flows.training import training_flow
+    from lmcore.data.registry import DataRegistry
+    from lmcore.feedback import FeedbackStore
+    from lmcore.settings import get_settings
+
+    first = training_flow(sources=[str(tiny_workspace / "corpus")])
+    params_file = tiny_workspace / "params.yaml"
+    params_file.write_text(params_file.read_text() + "feedback:\n  min_new_records: 5\n  holdout_fraction: 0.2\n")
+
+    store = FeedbackStore(get_settings().feedback_db)
+    for i in range(8):
+        gid = f"gen{i:04d}"
+        store.log_generation(id=gid, model_version="1", prompt=f"def f{i}(x):\n", completion="    return x\n",
+                             params={}, latency_ms=1, prompt_tokens=1, completion_tokens=1)
+        store.add_feedback(gid, 1 if i % 2 else -1, correction=None if i % 2 else f"    return x + {i}\n")
+    store.close()
+
+    result = harvest_flow(params_path=str(params_file))
+    assert result["new_rows"] == 8 and result["quarantined"] == 0
+    assert result["should_train"] is True
+    assert result["training"]["model_version"] == "2"  # retrained on the new dataset version
+    current = DataRegistry.open().current()
+    assert current.id != first["dataset"]["version"] and current.kind == "feedback"
+
+    again = harvest_flow(params_path=str(params_file))  # nothing new: no version, no training
+    assert again["new_rows"] == 0 and again["training"] is None
