@@ -45,14 +45,32 @@ def _resolve_training_data(data: Path | None, out: Path, resume: bool, params) -
     return prepared.dir, prepared.dataset_version
 
 
-def _model_dir(model: Path | None) -> Path:
+def _model_dir(model: str | None) -> Path:
+    """--model (a folder or a ``models:/name@alias`` URI); else the last `lmops train` run's model;
+    else the registry's champion (what `lmops run` produced and `lmops serve` serves)."""
     from lmcore.checkpoint import CONFIG
 
-    folder = model or _default_run() / "model"
-    if not (folder / CONFIG).is_file():
-        hint = "" if model else " (train one with `lmops train --data PATH`, or pass --model DIR)"
-        raise LmopsError(f"no model at {folder}{hint}")
-    return folder
+    if model and model.startswith(("models:/", "runs:/")):
+        from lmcore.registry import fetch_model_dir
+
+        return fetch_model_dir(model)[0]
+    folder = Path(model) if model else _default_run() / "model"
+    if (folder / CONFIG).is_file():
+        return folder
+    if model:
+        raise LmopsError(f"no model at {folder}")
+    from lmcore.config import load_params
+    from lmcore.registry import CHAMPION, fetch_model_dir, resolve_alias
+
+    name = load_params().registry.model_name
+    try:
+        champion = resolve_alias(name, CHAMPION)
+    except LmopsError:
+        champion = None
+    if champion is None:
+        raise LmopsError(f"no model at {folder} and no champion of '{name}' in the registry "
+                         "(run `lmops run`, or `lmops train --data PATH`, or pass --model DIR)")
+    return fetch_model_dir(f"models:/{name}@{CHAMPION}")[0]
 
 
 def register(app: typer.Typer) -> None:
@@ -91,7 +109,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def evaluate(
-        model: Path = typer.Option(None, "--model", help="Model folder (default: <lmops home>/runs/latest/model)."),
+        model: str = typer.Option(None, "--model", help="Model folder or models:/NAME@ALIAS URI (default: the last "
+                                  "`lmops train` model, else the registry's champion)."),
         data: Path = typer.Option(None, "--data", help="Prepared data folder (default: the one the model was "
                                   "trained on, else the workspace's data/prepared)."),
         out: Path = typer.Option(None, "--out", help="Also write the metrics JSON to this file."),
@@ -123,7 +142,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def generate(
         prompt: str = typer.Argument(..., help="Text to continue."),
-        model: Path = typer.Option(None, "--model", help="Model folder (default: <lmops home>/runs/latest/model)."),
+        model: str = typer.Option(None, "--model", help="Model folder or models:/NAME@ALIAS URI (default: the last "
+                                  "`lmops train` model, else the registry's champion)."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens to generate at most."),
         temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="0 = greedy."),
         top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k likeliest tokens (0 = off)."),
