@@ -1,15 +1,18 @@
 """Prefect tasks: each a thin wrapper over one lmcore function.
 
 Tasks pass paths, ids and content hashes, never large objects. The expensive steps
-(prepare, train, evaluate) are cached on the same content hashes DVC uses: the dataset
-version (DVC's hash of the data) plus the hash of the params slices the step reads. The flow
+(prepare, train, evaluate) are cached on what DVC's stages depend on: the dataset version
+(DVC's hash of the data), the hash of the params slices the step reads, and the hash of the
+lmcore source files that do the work. The flow
 re-runs a cached step whose output folder has since been deleted (see
 ``flows.training.run_cached``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,12 +38,26 @@ def _serializable(key_fn) -> CachePolicy:
     return CacheKeyFnPolicy(cache_key_fn=key_fn).configure(isolation_level="SERIALIZABLE", lock_manager=locks)
 
 
+PREPARE_CODE = ("lmcore.prepare", "lmcore.tokenizer")
+TRAIN_CODE = ("lmcore.train", "lmcore.model", "lmcore.optim")
+
+
 def _hash(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+@functools.cache
+def source_hash(*modules: str) -> str:
+    """Hash of the modules' source: changed code is a cache miss, as it is a DVC deps change."""
+    h = hashlib.sha256()
+    for name in modules:
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def train_key(version: str, params: Params) -> str:
-    return _hash("train", prepare_key(version, params), params.slice_hash("model", "train"))
+    return _hash("train", prepare_key(version, params), source_hash(*PREPARE_CODE),
+                 params.slice_hash("model", "train"), source_hash(*TRAIN_CODE))
 
 
 def prepared_dir(version: str, params: Params) -> Path:
@@ -52,7 +69,7 @@ def train_dir(version: str, params: Params) -> Path:
 
 
 def _prepare_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    return f"prepare-{prepare_key(p['version'], p['params'])}"
+    return f"prepare-{prepare_key(p['version'], p['params'])}-{source_hash(*PREPARE_CODE)}"
 
 
 def _train_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
