@@ -25,7 +25,7 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.tasks import exponential_backoff
 
 from lmcore.config import Params
-from lmcore.prepare import prepare_key
+from lmcore.prepare import prepare_key, prepared_dir
 from lmcore.settings import get_settings
 from lmcore.tracking import TAG_DATASET_VERSION
 
@@ -58,10 +58,6 @@ def source_hash(*modules: str) -> str:
 def train_key(version: str, params: Params) -> str:
     return _hash("train", prepare_key(version, params), source_hash(*PREPARE_CODE),
                  params.slice_hash("model", "train"), source_hash(*TRAIN_CODE))
-
-
-def prepared_dir(version: str, params: Params) -> Path:
-    return get_settings().runs_dir / "prepared" / prepare_key(version, params)
 
 
 def train_dir(version: str, params: Params) -> Path:

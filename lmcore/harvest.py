@@ -22,7 +22,6 @@ appended twice; a harvest with nothing new does nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -50,12 +49,9 @@ class HarvestResult:
 
 def is_trainable(meta: str | dict | None) -> bool:
     """True unless a record's meta marks it as feedback ``holdout`` or ``negative``."""
-    if isinstance(meta, str):
-        try:
-            meta = json.loads(meta) if meta else {}
-        except ValueError:
-            return True
-    return (meta or {}).get("split", "train") == "train"
+    from lmcore.data.registry import split_hint
+
+    return split_hint(meta) in (None, "train")
 
 
 def holdout_score(record_id: str) -> float:

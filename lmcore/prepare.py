@@ -238,6 +238,13 @@ def prepare_key(dataset_version: str, params) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def prepared_dir(dataset_version: str, params) -> Path:
+    """Where the prepared data of a dataset version lives under the lmops home."""
+    from lmcore.settings import get_settings
+
+    return get_settings().runs_dir / "prepared" / prepare_key(dataset_version, params)
+
+
 def load_prepared(dir: Path) -> PreparedData:
     """Open a prepared folder; one-line error when it is missing or incomplete."""
     dir = Path(dir)

@@ -31,7 +31,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from lmcore.config import DataParams
@@ -444,10 +443,3 @@ def _run_locked(chunks: Iterable[tuple[InputFile, RawBatch]], *, kind: str, suit
                         batch_refused=refused, failure_rate=round(failure_rate, 6), reasons=dict(reasons),
                         files=files, bytes=nbytes, seconds=round(time.perf_counter() - t0, 3),
                         timings={k: round(v, 3) for k, v in tm.items()})
-
-
-def read_quarantine(path: str | Path) -> Any:
-    """A quarantine shard as a DataFrame (records + ``reasons`` + ``batch``)."""
-    import pandas as pd
-
-    return pd.read_parquet(path)

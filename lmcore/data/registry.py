@@ -363,7 +363,7 @@ class DataRegistry:
             columns = ["id", "text", "meta"] if kind == "feedback" else ["id", "text"]
             for rb in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65536):
                 ids, texts = rb.column(0).to_pylist(), rb.column(1).to_pylist()
-                hints = [_split_hint(m) for m in rb.column(2).to_pylist()] if kind == "feedback" else [None] * len(ids)
+                hints = [split_hint(m) for m in rb.column(2).to_pylist()] if kind == "feedback" else [None] * len(ids)
                 yield from zip(ids, texts, hints, strict=True)
 
     def known_ids(self, include_quarantine: bool = True) -> set[str]:
@@ -570,11 +570,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _split_hint(meta: str | None) -> str | None:
-    try:
-        return (json.loads(meta) if meta else {}).get("split")
-    except (ValueError, AttributeError):
-        return None
+def split_hint(meta: str | dict | None) -> str | None:
+    """The ``split`` a record's meta names (feedback: train / holdout / negative), None if none or unreadable."""
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta) if meta else {}
+        except ValueError:
+            return None
+    return meta.get("split") if isinstance(meta, dict) else None
 
 
 def shard_schema() -> Any:

@@ -18,7 +18,6 @@ from typing import Any
 
 from lmcore.errors import LmopsError
 
-SECTIONS = ("model", "train")
 NOT_SEARCHABLE = {"train.device", "train.dtype", "train.compile", "train.max_steps", "train.max_minutes",
                   "train.eval_interval", "train.eval_iters", "train.checkpoint_interval", "train.log_interval"}
 

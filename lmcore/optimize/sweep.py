@@ -68,7 +68,7 @@ def resolve_data(data: str | Path | None, params: Any) -> tuple[Path, str | None
     prepared into ``<home>/runs/prepared/<key>`` with the same key the training flow uses.
     """
     from lmcore.locks import file_lock
-    from lmcore.prepare import load_prepared, prepare_dataset, prepare_key, read_text_source
+    from lmcore.prepare import load_prepared, prepare_dataset, prepared_dir, read_text_source
     from lmcore.settings import get_settings
 
     root = get_settings().runs_dir / "prepared"
@@ -95,7 +95,7 @@ def resolve_data(data: str | Path | None, params: Any) -> tuple[Path, str | None
         if current is None:
             raise LmopsError("no dataset version yet: run `lmops data ingest ...` first, or pass --data PATH")
         version = current.id
-        out = root / prepare_key(version, params)  # the training flow's prepared folder
+        out = prepared_dir(version, params)  # the training flow's prepared folder
 
         def records() -> Iterable[tuple[str, str]]:
             return registry.iter_records(version)
