@@ -55,7 +55,6 @@ from lmcore.train import train
 p = load_params()
 configure_mlflow()
 reg = DataRegistry.open()
-reg.ensure_initialized()
 ingest(["corpus"], p.data, registry=reg, progress=False)
 version = reg.current().id
 data = get_settings().runs_dir / "prepared" / prepare_key(version, p)

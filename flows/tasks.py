@@ -79,7 +79,6 @@ def ingest_task(sources: list[str], params: Params) -> dict[str, Any]:
     from lmcore.data.registry import DataRegistry
 
     registry = DataRegistry.open()
-    registry.ensure_initialized()
     result = ingest(sources, params.data, registry=registry, progress=False)
     current = registry.current()
     if current is None:
