@@ -65,10 +65,10 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def matmul_gflops(n: int = 1536, seconds: float = 1.5) -> float:
-    """Best fp32 GFLOP/s of n x n @ n x n matmuls over ~seconds: the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_gflops(n: int = 1536, seconds: float = 1.5, dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of n x n @ n x n matmuls in ``dtype`` over ~seconds: the machine's practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)  # warm up
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:

@@ -3,11 +3,14 @@
 Same layers, heads, width, intermediate size (Llama rule: 384 / 1024), tied embeddings,
 vocab (65: char-level tinyshakespeare), batch and sequence, same initial weights and the
 same batches. lmops trains with its real optimizer (``lmcore.optim.build_optimizers`` with
-the default ``TrainParams``: AdamW, decay on matrices only); the reference with a plain
-``torch.optim.AdamW`` and ``F.cross_entropy`` on its logits. Each side runs several optimizer
-steps per round, rounds alternate (ABBA...), medians are reported, plus lmcore's MFU
-against the fp32 matmul peak (best of 1536^2 matmuls, measured before, between and after
-the sizes, since load on a shared machine drifts).
+the default ``TrainParams``: AdamW, decay on matrices only) in the precision ``lmops train``
+picks (``lmcore.device.autocast_dtype``: bf16 autocast on AMX CPUs for models >= 192 wide,
+else fp32); the reference with a plain ``torch.optim.AdamW`` and ``F.cross_entropy`` on its
+logits, in fp32 (transformers' default). Where lmops picks bf16, lmops in fp32 is timed too
+(``ratio_fp32``: the same precision on both sides). Each side runs several optimizer steps
+per round, rounds alternate (ABBA...), medians are reported, plus lmcore's MFU against the
+matmul peak of the precision it ran in (best of 1536^2 matmuls, measured before, between and
+after the sizes, since load on a shared machine drifts).
 
     python bench/train_throughput.py [--json] [--threads N] [--sizes small,large] [--repeats R] [--compile]
 
@@ -54,6 +57,8 @@ def lmops_optimizers(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
 
 
 def measure(name: str, vocab: int, data: torch.Tensor, rounds: int, compile: bool = False) -> dict:
+    from lmcore.device import autocast_dtype
+
     size = SIZES[name]
     steps, default_rounds = PLAN[name]
     ours, ref = model_pair(size, vocab, size["seq"])
@@ -63,9 +68,11 @@ def measure(name: str, vocab: int, data: torch.Tensor, rounds: int, compile: boo
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-4, weight_decay=0.1)
     data_batches = batches(data, size["batch"], size["seq"], steps)
     fwd = torch.compile(ours) if compile else ours
+    amp = autocast_dtype(torch.device("cpu"), "auto", size["d_model"])
 
-    def step_ours(x: torch.Tensor, y: torch.Tensor) -> None:
-        _, loss = fwd(x, y)
+    def step_ours(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = amp) -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            _, loss = fwd(x, y)
         loss.backward()
         for opt in opts_ours:
             opt.step()
@@ -80,14 +87,18 @@ def measure(name: str, vocab: int, data: torch.Tensor, rounds: int, compile: boo
 
     compile_s = timed(lambda: step_ours(*data_batches[0]))  # warm up (and compile) before timing
     step_ref(*data_batches[0])
-    sec = interleaved({
-        "lmops": lambda: [step_ours(x, y) for x, y in data_batches],
-        "reference": lambda: [step_ref(x, y) for x, y in data_batches],
-    }, rounds or default_rounds)
+    arms = {"lmops": lambda: [step_ours(x, y) for x, y in data_batches],
+            "reference": lambda: [step_ref(x, y) for x, y in data_batches]}
+    if amp is not None:
+        step_ours(*data_batches[0], None)
+        arms["lmops_fp32"] = lambda: [step_ours(x, y, None) for x, y in data_batches]
+    sec = interleaved(arms, rounds or default_rounds)
     tokens = steps * size["batch"] * size["seq"]
     lm, rf = tokens / sec["lmops"], tokens / sec["reference"]
+    same = {"ratio_fp32": round(sec["reference"] / sec["lmops_fp32"], 3)} if amp is not None else {}
     return {"lmops_tokens_per_s": round(lm, 1), "reference_tokens_per_s": round(rf, 1), "ratio": round(lm / rf, 3),
-            "gflops_per_s": round(lm * flops_per_token(ours.cfg, size["seq"]) / 1e9, 1),
+            "lmops_precision": "bfloat16" if amp is not None else "float32", "reference_precision": "float32",
+            **same, "gflops_per_s": round(lm * flops_per_token(ours.cfg, size["seq"]) / 1e9, 1),
             **({"compile_s": round(compile_s, 1)} if compile else {})}
 
 
@@ -101,15 +112,19 @@ def main() -> None:
     quiet_transformers()
     data, vocab = char_corpus()
     result: dict = {"sizes": {}}
-    peak = 0.0
+    peak = {"float32": 0.0, "bfloat16": 0.0}
     for name in args.sizes.split(","):  # the peak is re-measured around each size: load on a shared box drifts
-        peak = max(peak, matmul_gflops())
+        peak["float32"] = max(peak["float32"], matmul_gflops())
         result["sizes"][name] = measure(name, vocab, data, args.repeats, args.compile)
-    peak = max(peak, matmul_gflops())
+    peak["float32"] = max(peak["float32"], matmul_gflops())
+    if any(r["lmops_precision"] == "bfloat16" for r in result["sizes"].values()):
+        peak["bfloat16"] = matmul_gflops(dtype=torch.bfloat16)
     for r in result["sizes"].values():
-        r["mfu"] = round(r["gflops_per_s"] / peak, 3)
-        r["reference_mfu"] = round(r["mfu"] / r["ratio"], 3)
-    result.update({"matmul_gflops": round(peak, 1), "threads": torch.get_num_threads(), "vocab": vocab,
+        r["mfu"] = round(r["gflops_per_s"] / peak[r["lmops_precision"]], 3)
+        r["reference_mfu"] = round(r["gflops_per_s"] / r["ratio"] / peak["float32"], 3)
+    result.update({"matmul_gflops": round(peak["float32"], 1),
+                   **({"matmul_gflops_bf16": round(peak["bfloat16"], 1)} if peak["bfloat16"] else {}),
+                   "threads": torch.get_num_threads(), "vocab": vocab,
                    "compile": args.compile,
                    "flops_per_token": "6*N_matmul + 12*L*C*T (PaLM/nanoGPT; causal attention counted in full)"})
     emit(result, args.json)

@@ -1,7 +1,10 @@
 """Where tensors live and in which precision: one rule for train, evaluate and serve.
 
-``auto`` means the first CUDA device when there is one, else the CPU; mixed precision
-(bf16 autocast) is on by default only on CUDA, where it is fast and numerically safe.
+``auto`` means the first CUDA device when there is one, else the CPU. Mixed precision (bf16
+autocast) is on by default where it pays: on CUDA, and on CPUs with AMX-BF16 matrix units
+(Intel Sapphire Rapids and later) for models at least ``AMX_MIN_WIDTH`` wide. Measured on a
+2-core Sapphire Rapids VM, training tokens/s bf16 / fp32: 0.85-1.03x at width 128 (casts
+cost what the tiles save), 1.3x at 192, 1.5x at 256, 2.0x at 384.
 """
 
 from __future__ import annotations
@@ -28,12 +31,31 @@ def pick_device(name: str = "auto") -> torch.device:
     raise LmopsError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)")
 
 
-def autocast_dtype(device: torch.device, dtype_param: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for ``train.dtype`` on ``device``; ``None`` = plain float32."""
+AMX_MIN_WIDTH = 192
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX tiles and AVX512-BF16 (oneDNN then runs bf16 matmuls on them)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):  # private probes: absent on other torch builds
+        return False
+
+
+def autocast_dtype(device: torch.device, dtype_param: str = "auto", d_model: int = 0,
+                   amx: bool | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``train.dtype`` on ``device`` for a model ``d_model`` wide; ``None`` = float32.
+
+    ``amx`` overrides the CPU probe (tests).
+    """
     if dtype_param == "float32":
         return None
     if dtype_param == "bfloat16":
         return torch.bfloat16
     if dtype_param == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        if device.type == "cpu" and d_model >= AMX_MIN_WIDTH and (cpu_has_amx_bf16() if amx is None else amx):
+            return torch.bfloat16
+        return None
     raise LmopsError(f"unknown dtype '{dtype_param}' (use auto, float32 or bfloat16)")

@@ -240,7 +240,7 @@ def train(
 
     d, device = _dist_setup(pick_device(tp.device))
     try:
-        amp = autocast_dtype(device, tp.dtype)
+        amp = autocast_dtype(device, tp.dtype, mp.d_model)
         cfg = ModelConfig.from_params(mp, data.vocab_size)
         torch.manual_seed(tp.seed)
         net = Transformer(cfg)
@@ -415,7 +415,8 @@ def train(
             save_model(model_dir, net, tokenizer, {**meta, "step": step, "final_val_loss": last_val})
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
             summary.update(model=cfg.to_dict(), params=to_dict(tp), dataset_version=dataset_version,
-                           world_size=d.world, device=str(device), num_params=net.num_params())
+                           world_size=d.world, device=str(device), num_params=net.num_params(),
+                           autocast=str(amp).removeprefix("torch.") if amp else "float32")
             tmp = out_dir / ".train_summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(out_dir / "train_summary.json")

@@ -15,6 +15,7 @@ import torch
 from _lm_helpers import ROOT, tiny_params, write_corpus
 
 from lmcore.checkpoint import load_model
+from lmcore.device import AMX_MIN_WIDTH, autocast_dtype
 from lmcore.errors import LmopsError
 from lmcore.optim import adamw_groups, build_optimizers, lr_multiplier
 from lmcore.prepare import prepare_dataset, prepare_split_texts, read_text_source
@@ -92,6 +93,29 @@ def test_muon_and_accumulation_train(prepared, tmp_path):
     first = float(_history(r.history_csv)[0]["train_loss"])
     assert r.final_train_loss < first - 1.5
     assert r.tokens == 40 * 2 * 8 * 32
+
+
+def test_autocast_choice_follows_device_width_and_amx():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cpu, "auto", 384, amx=True) is torch.bfloat16  # AMX pays at this width
+    assert autocast_dtype(cpu, "auto", AMX_MIN_WIDTH - 1, amx=True) is None  # casts cost more than tiles save
+    assert autocast_dtype(cpu, "auto", 4096, amx=False) is None
+    assert autocast_dtype(cpu, "float32", 4096, amx=True) is None
+    assert autocast_dtype(cpu, "bfloat16", 64, amx=False) is torch.bfloat16
+    if not torch.cuda.is_available():
+        assert autocast_dtype(cuda, "auto") is None or torch.cuda.is_bf16_supported()
+    with pytest.raises(LmopsError, match="unknown dtype"):
+        autocast_dtype(cpu, "fp8")
+
+
+def test_bf16_autocast_on_cpu_trains(prepared, tmp_path):
+    p = tiny_params(train__dtype="bfloat16", train__max_steps=30, train__eval_interval=0)
+    r = train(prepared, tmp_path / "run", p.model, p.train, progress=False)
+    first = float(_history(r.history_csv)[0]["train_loss"])
+    assert r.final_train_loss < first - 1.0
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["autocast"] == "bfloat16"
+    model, _, _ = load_model(r.model_dir)
+    assert next(model.parameters()).dtype is torch.float32  # master weights stay fp32
 
 
 def test_optimizer_groups():
