@@ -65,18 +65,20 @@ class ModelConfig:
 
 
 def rope_cache(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (length, D), in Llama's rotate-half layout."""
+    """cos, sin of shape (length, D) in Llama's rotate-half layout, sin's first half negated (see apply_rope)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
     freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (L, D/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (L, D)
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs, freqs), dim=-1).sin()  # sin(-a) = -sin(a)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (..., D) by angles whose cos/sin broadcast against it, e.g. x (B, T, H, D), cos (T, 1, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)  # x*cos + rotate_half(x)*sin
+    """Rotate x (..., D) by angles whose cos/sin broadcast against it, e.g. x (B, T, H, D), cos (T, 1, D).
+
+    x*cos + rotate_half(x)*sin, where rotate_half(x) = (-x2, x1) equals roll(x, D/2) = (x2, x1) times
+    the sign that ``rope_cache`` baked into sin: 3 ops instead of 5, which counts when decoding.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class KVCache:
