@@ -201,9 +201,9 @@ class Batcher:
 
     # -- the decode thread -----------------------------------------------------------------
     def _run(self) -> None:
-        from lmcore.generate import decode_threads
+        from lmcore.generate import decode_threads, matrix_bytes
 
-        with decode_threads(self.lm.model.embed.weight.device, self.lm.model.cfg.n_weights):
+        with decode_threads(self.lm.model.embed.weight.device, matrix_bytes(self.lm.model)):
             self._loop()
 
     def _loop(self) -> None:
