@@ -5,6 +5,10 @@ appended to a staged Parquet shard with a ``ParquetWriter``, so memory stays bou
 input size. Only when the whole batch is read is the shard versioned (``DataRegistry``), so an
 interrupted ingest leaves the previous version intact.
 
+Overlap: for files, a reader thread reads, cleans and hashes the next chunk (Arrow kernels and a
+``digests.Sha256Worker`` process, so mostly without the GIL) while the calling thread dedupes and
+validates the current one, and a writer thread appends the previous one to the shard.
+
 Accounting (``IngestResult``), for every batch::
 
     rows == accepted + quarantined + skipped_known
@@ -22,23 +26,31 @@ treated as known, so a fixed re-ingest accepts them).
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import json
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from lmcore.config import DataParams
-from lmcore.data.registry import DataRegistry, shard_schema
+from lmcore.data.registry import COMPRESSION, DataRegistry, shard_schema
 from lmcore.data.sources import InputFile, RawBatch, Refused, read, resolve
 from lmcore.errors import LmopsError
 
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from lmcore.data.digests import Sha256Worker
+
 REFUSED_REASON = "batch_refused"
+T = TypeVar("T")
+_END = object()  # end of a prefetched iterator
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,9 @@ class IngestResult:
     files: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase: where the time went
+    # seconds per phase: where the time went. For files, read and clean run on the reader thread,
+    # beside the others; wait is the time the main loop waited for them.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,8 +107,8 @@ def ingest(paths: Sequence[str], params: DataParams, *, source: str | None = Non
             except Refused as e:
                 refusals.append(str(e))
 
-    result = _run(chunks(), kind="raw", suite=suite, params=params, registry=registry,
-                  progress=progress, refusals=refusals, total_bytes=total or None, files=len(inputs))
+    result = _run(chunks(), kind="raw", suite=suite, params=params, registry=registry, progress=progress,
+                  refusals=refusals, total_bytes=total or None, files=len(inputs), prefetch=True)
     if result.rows == 0 and refusals:
         raise LmopsError("nothing ingested: " + "; ".join(refusals[:3]))
     return result
@@ -155,7 +169,7 @@ def ingest_records(df_or_iter: Any, kind: str, suite: str, params: DataParams | 
                 yield inp, RawBatch(part["text"].tolist(), uri, meta, n, extra=extra)
 
     return _run(chunks(), kind=kind, suite=suite, params=params, registry=registry, progress=progress,
-                refusals=[], total_bytes=None, files=0)
+                refusals=[], total_bytes=None, files=0, prefetch=False)
 
 
 def _meta_str(v: Any) -> str:
@@ -199,24 +213,15 @@ class _Progress:
             self.bar.close()
 
 
-def _hex_ids(cleaned: Any) -> Any:
-    """sha256 hex of every text of an Arrow array: one digest call per row, hex-encoded vectorised."""
-    from hashlib import sha256
-
+def _hex_ids(digests: bytes) -> Any:
+    """The hex ids of concatenated 32-byte sha256 digests, as an Arrow-backed string Series (one hexlify)."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    n = len(cleaned)
-    blobs = pc.cast(cleaned, pa.large_binary()).to_pylist()
-    raw = np.frombuffer(b"".join([sha256(b).digest() for b in blobs]), dtype=np.uint8).reshape(n, 32)
-    hexchars = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-    out = np.empty((n, 64), dtype=np.uint8)
-    out[:, 0::2] = hexchars[raw >> 4]
-    out[:, 1::2] = hexchars[raw & 15]
+    n = len(digests) // 32
     offsets = np.arange(0, 64 * (n + 1), 64, dtype=np.int64)
-    ids = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(out.tobytes()))
+    ids = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(binascii.hexlify(digests)))
     return pd.Series(pd.array(ids, dtype="str"))
 
 
@@ -225,7 +230,7 @@ def _const(value: str, n: int) -> Any:
     import pandas as pd
     import pyarrow as pa
 
-    return pd.Series(pd.array(pa.array([value] * n, pa.large_string()), dtype="str"))
+    return pd.Series(pd.array(pa.repeat(pa.scalar(value, pa.large_string()), n), dtype="str"))
 
 
 def _as_arrow(texts: Any) -> Any:
@@ -243,11 +248,46 @@ def _as_arrow(texts: Any) -> Any:
     return arr if arr.null_count == 0 else None
 
 
-def _frame(inp: InputFile, rb: RawBatch, clean: Any, now: Any, params: DataParams) -> tuple[Any, Any]:
-    """Raw rows -> (record frame with the helper column, per-row parse errors or None).
+@dataclass
+class _Chunk:
+    """One input chunk made into records: the frame, its parse errors and its dedupe keys."""
 
-    Cleaning runs vectorised on Arrow when it can (same rules as ``clean.make_cleaner``), else per
-    text in Python; the id is the sha256 of the cleaned text either way.
+    rb: RawBatch
+    df: Any  # the record frame (shard schema columns)
+    parse_err: Any  # bool per row (row could not be parsed at all), or None
+    keys: Any  # the sha256 digest per row (numpy, None where the text is null): the in-batch duplicate keys
+
+
+def _prepare(chunks: Iterable[tuple[InputFile, RawBatch]], params: DataParams,
+             tm: Counter[str]) -> Generator[_Chunk, None, None]:
+    """Clean and hash every chunk (may run on the reader thread); seconds go to ``tm`` read / clean."""
+    import pandas as pd
+
+    from lmcore.data.clean import make_cleaner
+    from lmcore.data.digests import Sha256Worker
+
+    clean = make_cleaner(params)
+    now = pd.Timestamp.now(tz="UTC").floor("us")
+    it = iter(chunks)
+    with Sha256Worker() as worker:
+        while True:
+            t0 = time.perf_counter()
+            item = next(it, None)
+            t1 = time.perf_counter()
+            tm["read"] += t1 - t0
+            if item is None:
+                return
+            chunk = _frame(*item, clean, now, params, worker)
+            tm["clean"] += time.perf_counter() - t1
+            yield chunk
+
+
+def _frame(inp: InputFile, rb: RawBatch, clean: Callable[[str], str], now: Any, params: DataParams,
+           worker: Sha256Worker) -> _Chunk:
+    """Raw rows -> records: cleaned text, its sha256 (id and dedupe key), source, uri, created_at, meta.
+
+    Cleaning runs vectorised on Arrow when it can (same rules as ``clean.make_cleaner``) and the
+    ``worker`` (``digests.Sha256Worker``) hashes the cleaned texts; else both run per text here.
     """
     from hashlib import sha256
 
@@ -256,17 +296,22 @@ def _frame(inp: InputFile, rb: RawBatch, clean: Any, now: Any, params: DataParam
 
     from lmcore.data.clean import clean_array
 
-    text_col = id_col = None
+    text_col = None
     arr = _as_arrow(rb.texts)
-    if arr is not None:
+    if arr is not None and arr.null_count == 0:
         cleaned = clean_array(arr, params)
         if cleaned is not None:
             text_col = pd.Series(pd.array(cleaned, dtype="str"))
-            id_col = _hex_ids(cleaned)
-    if text_col is None:
-        texts = [clean(t) if isinstance(t, str) else None for t in rb.texts]
+            digests = worker.digests(cleaned)
+            id_col = _hex_ids(digests)
+            keys = np.frombuffer(digests, dtype="V32")
+    if text_col is None:  # per text; an Arrow array lands here when it holds nulls (JSON ``"text": null``)
+        raw = arr.to_pylist() if arr is not None else rb.texts
+        texts = [clean(t) if isinstance(t, str) else None for t in raw]
         text_col = pd.Series(texts, dtype="str")
-        id_col = pd.Series([sha256(t.encode()).hexdigest() if t is not None else None for t in texts], dtype="str")
+        keys = np.empty(len(texts), dtype=object)
+        keys[:] = [sha256(t.encode()).digest() if t is not None else None for t in texts]
+        id_col = pd.Series([k.hex() if k is not None else None for k in keys], dtype="str")
     errors = rb.errors
     n = len(text_col)
     src = rb.extra.get("source")
@@ -280,10 +325,79 @@ def _frame(inp: InputFile, rb: RawBatch, clean: Any, now: Any, params: DataParam
                        else pd.Series(now, index=pd.RangeIndex(n), dtype="datetime64[us, UTC]")),
         "meta": pd.Series(rb.meta, dtype="str") if isinstance(rb.meta, list) else _const(rb.meta, n),
     })
-    return df, (np.array([e is not None for e in errors]) if errors else None)
+    return _Chunk(rb, df, np.array([e is not None for e in errors]) if errors else None, keys)
 
 
-def _run(chunks: Iterable[tuple[InputFile, RawBatch]], *, registry: DataRegistry, **kwargs: Any) -> IngestResult:
+def _duplicates(keys: list[bytes | None], seen: set[bytes]) -> Any:
+    """Per row: was its key read before in this batch (an earlier chunk or an earlier row)? Adds the keys to ``seen``.
+
+    Set operations in C when no row is a duplicate (the common case), the row-by-row pass otherwise.
+    """
+    import numpy as np
+
+    if None not in keys and seen.isdisjoint(keys):
+        size = len(seen)
+        seen.update(keys)
+        if len(seen) - size == len(keys):
+            return np.zeros(len(keys), bool)
+        seen.difference_update(keys)  # disjoint before: this restores it exactly
+    seen_add = seen.add
+    return np.fromiter((k is not None and (k in seen or bool(seen_add(k))) for k in keys), bool, len(keys))
+
+
+class _Prefetch(Generic[T]):
+    """Iterates ``items`` one ahead on a thread, starting at construction: reading, Arrow's JSON
+    parsing and waiting for the hashing worker run without the GIL, so they overlap the set-up
+    and the validation of the previous chunk on the calling thread."""
+
+    def __init__(self, items: Generator[T, None, None]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.items = items
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmops-ingest-read")
+        self.ahead = self.pool.submit(next, items, _END)
+
+    def __iter__(self) -> _Prefetch[T]:
+        return self
+
+    def __next__(self) -> T:
+        item = self.ahead.result()
+        if item is _END:
+            raise StopIteration
+        self.ahead = self.pool.submit(next, self.items, _END)
+        return item
+
+    def close(self) -> None:
+        """Stop: ``items`` is closed on the reader thread once a read in flight is done."""
+        self.pool.submit(self.items.close)
+        self.pool.shutdown(wait=True)
+
+
+class _Writes:
+    """Parquet writes on one background thread, one table in flight: Arrow encodes and compresses without
+    the GIL, so writing a chunk overlaps cleaning and validating the next one."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmops-ingest-write")
+        self.last: Future | None = None
+
+    def write(self, writer: Any, table: Any) -> None:
+        self.wait()
+        self.last = self.pool.submit(writer.write_table, table)
+
+    def wait(self) -> None:
+        """Until the write in flight is done; raises its error."""
+        last, self.last = self.last, None
+        if last is not None:
+            last.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _run(chunks: Iterator[tuple[InputFile, RawBatch]], *, registry: DataRegistry, **kwargs: Any) -> IngestResult:
     """One ingest at a time per lmops home: deduplication against known ids must see every
     earlier batch, and GX/DVC set-up must not race with another run's."""
     from lmcore.locks import file_lock
@@ -293,44 +407,44 @@ def _run(chunks: Iterable[tuple[InputFile, RawBatch]], *, registry: DataRegistry
         return _run_locked(chunks, registry=registry, **kwargs)
 
 
-def _run_locked(chunks: Iterable[tuple[InputFile, RawBatch]], *, kind: str, suite: str, params: DataParams,
+def _run_locked(chunks: Iterator[tuple[InputFile, RawBatch]], *, kind: str, suite: str, params: DataParams,
                 registry: DataRegistry, progress: bool, refusals: list[str], total_bytes: int | None,
-                files: int) -> IngestResult:
+                files: int, prefetch: bool) -> IngestResult:
+    """The pipeline. With ``prefetch`` (our own file readers, safe on any thread) chunks are read,
+    cleaned and hashed on a reader thread while this one validates and writes the previous chunk;
+    the time it waits for them is ``wait``. Otherwise (caller's iterables) they run inline here."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from lmcore.data.clean import make_cleaner
     from lmcore.data.validate import Validator
 
     t0 = time.perf_counter()
-    registry.ensure_initialized()
     tm: Counter[str] = Counter()
-    tick = time.perf_counter()
+    tick = t0
 
-    def lap(name: str) -> None:
+    def lap(name: str | None) -> None:
+        """Charge the time since the last lap to ``name`` (None: it is counted by ``_prepare``)."""
         nonlocal tick
         now_ = time.perf_counter()
-        tm[name] += now_ - tick
+        if name is not None:
+            tm[name] += now_ - tick
         tick = now_
 
-    known = registry.known_ids()
-    validator: Validator | None = None  # built on first use: a no-op re-ingest never imports GX
-    clean = make_cleaner(params)
-    now = pd.Timestamp.now(tz="UTC").floor("us")
     batch_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     schema = shard_schema()
     qschema = schema.append(pa.field("reasons", pa.string())).append(pa.field("batch", pa.string()))
     staged = registry.staging_path()
     qstaged = registry.staging_path(".quarantine.parquet")
     writer = qwriter = None
-    seen: set[str] = set()
+    seen: set[bytes] = set()  # sha256 digests of the rows read so far
     rows = accepted = quarantined = skipped = nbytes = 0
     reasons: Counter[str] = Counter()
     sources: Counter[str] = Counter()
     bar = _Progress(progress, total_bytes)
     cols = list(schema.names)
+    writes = _Writes()
 
     def quarantine(df: Any, why: Any) -> None:
         nonlocal qwriter
@@ -339,22 +453,29 @@ def _run_locked(chunks: Iterable[tuple[InputFile, RawBatch]], *, kind: str, suit
         q["batch"] = batch_id
         table = pa.Table.from_pandas(q, schema=qschema, preserve_index=False)
         if qwriter is None:
-            qwriter = pq.ParquetWriter(qstaged, qschema)
-        qwriter.write_table(table)
+            qwriter = pq.ParquetWriter(qstaged, qschema, compression=COMPRESSION)
+        writes.write(qwriter, table)
 
+    prep_tm: Counter[str] = Counter()
+    prepared = _prepare(chunks, params, prep_tm)
+    items: _Prefetch[_Chunk] | Generator[_Chunk, None, None] = _Prefetch(prepared) if prefetch else prepared
+    validator: Validator | None = None
     try:
+        registry.ensure_initialized()  # (with prefetch, the first chunk is being read meanwhile)
+        known = registry.known_ids()
+        if not known:  # every row will be validated: build the validator while the first chunk is read
+            validator = Validator(suite, expectation_params(params), registry.home, registry.workspace)
         lap("setup")
-        for inp, rb in chunks:
-            lap("read")
-            df, parse_err = _frame(inp, rb, clean, now, params)
-            lap("clean")
+        for chunk in items:
+            lap("wait" if prefetch else None)
+            rb, df, parse_err, keys = chunk.rb, chunk.df, chunk.parse_err, chunk.keys
             rows += len(df)
             nbytes += rb.nbytes
             if known and len(df):  # ids already versioned or quarantined: a re-ingest is a no-op
                 is_known = np.fromiter((i in known for i in df["id"]), bool, len(df))
                 if is_known.any():
                     skipped += int(is_known.sum())
-                    df = df[~is_known]
+                    df, keys = df[~is_known], keys[~is_known]
                     if parse_err is not None:
                         keep = ~is_known
                         rb.errors = [e for e, k in zip(rb.errors, keep, strict=True) if k]
@@ -365,19 +486,14 @@ def _run_locked(chunks: Iterable[tuple[InputFile, RawBatch]], *, kind: str, suit
                 quarantine(bad, ("unparseable: " + errs.str.replace(r"^line \d+: ", "", regex=True)).tolist())
                 quarantined += len(bad)
                 reasons["unparseable"] += len(bad)
-                df = df[~parse_err]
+                df, keys = df[~parse_err], keys[~parse_err]
             if not len(df):
                 bar.update(rb.nbytes, rows)
                 continue
-            # one pass: a row is a duplicate when its id was read before in this batch (any chunk)
-            seen_add = seen.add
-            id_list = df["id"].tolist()
-            dup = np.fromiter((i is not None and (i in seen or bool(seen_add(i))) for i in id_list), bool,
-                              len(id_list))
             df = df.reset_index(drop=True)
-            df["duplicate"] = dup
+            df["duplicate"] = _duplicates(keys.tolist(), seen)
             lap("dedupe")
-            if validator is None:
+            if validator is None:  # on first use: a no-op re-ingest never imports GX
                 validator = Validator(suite, expectation_params(params), registry.home, registry.workspace)
                 lap("setup")
             outcome = validator.validate(df)
@@ -388,18 +504,21 @@ def _run_locked(chunks: Iterable[tuple[InputFile, RawBatch]], *, kind: str, suit
             if bad.any():
                 quarantine(df[bad], outcome.reasons[bad].tolist())
                 quarantined += int(bad.sum())
-            good = df[~bad]
+            good = df[~bad] if bad.any() else df
             if len(good):
                 if writer is None:
-                    writer = pq.ParquetWriter(staged, schema)
-                writer.write_table(pa.Table.from_pandas(good[cols], schema=schema, preserve_index=False))
+                    writer = pq.ParquetWriter(staged, schema, compression=COMPRESSION)
+                writes.write(writer, pa.Table.from_pandas(good[cols], schema=schema, preserve_index=False))
                 accepted += len(good)
                 sources.update(good["source"].astype(str).value_counts().to_dict())
             bar.update(rb.nbytes, rows)
             lap("write")
+        docs = validator.build_docs() if validator is not None else None  # (the last chunk is written meanwhile)
+        lap("data_docs")
         eligible = rows - skipped
         failure_rate = quarantined / eligible if eligible else 0.0
         refused = eligible > 0 and failure_rate > params.max_failure_rate
+        writes.wait()
         if writer is not None:
             writer.close()
             writer = None
@@ -409,6 +528,7 @@ def _run_locked(chunks: Iterable[tuple[InputFile, RawBatch]], *, kind: str, suit
             quarantined += accepted
             reasons[REFUSED_REASON] += accepted
             accepted = 0
+        writes.wait()
         if qwriter is not None:
             qwriter.close()
             qwriter = None
@@ -427,7 +547,9 @@ def _run_locked(chunks: Iterable[tuple[InputFile, RawBatch]], *, kind: str, suit
             os.replace(qstaged, dest)
             qpath = str(dest)
     finally:
+        items.close()
         bar.close()
+        writes.close()
         for w in (writer, qwriter):
             if w is not None:
                 w.close()
@@ -435,8 +557,7 @@ def _run_locked(chunks: Iterable[tuple[InputFile, RawBatch]], *, kind: str, suit
             if p.exists():
                 p.unlink()
     lap("finish")
-    docs = validator.build_docs() if validator is not None else None
-    lap("data_docs")
+    tm.update(prep_tm)
     assert accepted + quarantined + skipped == rows, "ingest accounting broken"
     return IngestResult(rows=rows, accepted=accepted, quarantined=quarantined, version=version,
                         refusals=list(refusals), quarantine_path=qpath, data_docs=docs, skipped_known=skipped,

@@ -49,6 +49,9 @@ KINDS = ("raw", "feedback")
 CATALOG = "data/versions.jsonl"
 QUARANTINE = "data/quarantine"
 STAGING = "data/.staging"
+# Shard Parquet codec: ids are hex sha256, which zstd stores in half the bytes snappy needs, so DVC
+# hashes, caches and pushes half as much (and writing costs about the same).
+COMPRESSION = "zstd"
 
 
 @dataclass(frozen=True)
@@ -391,7 +394,7 @@ class DataRegistry:
 
         staged = self.staging_path()
         table = pa.Table.from_pandas(df, preserve_index=False, schema=shard_schema())
-        pq.write_table(table, staged)
+        pq.write_table(table, staged, compression=COMPRESSION)
         return self.add_shard_file(staged, kind, stats or {})
 
     def add_shard_file(self, staged: Path, kind: str, stats: dict) -> DatasetVersion:
@@ -412,8 +415,10 @@ class DataRegistry:
             dvc_file = self.workspace / "data" / f"{kind}.dvc"
             old_pointer = dvc_file.read_text() if dvc_file.exists() else None
             os.replace(staged, dest)
+            repo = None
             try:
-                info = self._dvc_add(kind)
+                repo = self._repo()
+                info = self._dvc_add(repo, kind)
                 dirs = dict(prev.dirs) if prev else {}
                 dirs[kind] = info
                 vid = version_id(dirs)
@@ -434,7 +439,7 @@ class DataRegistry:
                     stats={k: v for k, v in stats.items()
                            if k not in ("sources", "accepted", "quarantined", "skipped_known")},
                 )
-                self._push(kind)
+                self._push(repo, kind)
                 self._append(version)
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -445,16 +450,25 @@ class DataRegistry:
                 else:
                     dvc_file.write_text(old_pointer)
                 raise
+            finally:
+                if repo is not None:
+                    repo.close()
             if self.git_commit and self.is_git:
                 self._git_commit(version.id)
         return self.get(version.id)
 
-    def _dvc_add(self, kind: str) -> dict:
+    def _repo(self) -> Any:
+        """One DVC repo object for an add and its push (opening one costs more than a small add)."""
         Repo = _quiet_dvc()  # noqa: N806
 
         try:
-            with Repo(str(self.workspace)) as repo:
-                repo.add([str(self.kind_dir(kind))])
+            return Repo(str(self.workspace))
+        except Exception as e:
+            raise LmopsError(f"cannot open the DVC repo in {self.workspace}: {str(e).splitlines()[0]}") from None
+
+    def _dvc_add(self, repo: Any, kind: str) -> dict:
+        try:
+            repo.add([str(self.kind_dir(kind))])
         except Exception as e:
             raise LmopsError(f"dvc add data/{kind} failed: {str(e).splitlines()[0]}") from None
         return self._pointer(kind)
@@ -468,12 +482,9 @@ class DataRegistry:
         out = (yaml.safe_load(path.read_text()) or {}).get("outs", [{}])[0]
         return {"md5": out.get("md5"), "size": out.get("size"), "nfiles": out.get("nfiles")}
 
-    def _push(self, kind: str) -> None:
-        Repo = _quiet_dvc()  # noqa: N806
-
+    def _push(self, repo: Any, kind: str) -> None:
         try:
-            with Repo(str(self.workspace)) as repo:
-                repo.push(targets=[str(self.workspace / "data" / f"{kind}.dvc")])
+            repo.push(targets=[str(self.workspace / "data" / f"{kind}.dvc")])
         except Exception as e:
             raise LmopsError(f"dvc push of data/{kind} to {self._remote_url()} failed: "
                              f"{str(e).splitlines()[0]}") from None

@@ -37,7 +37,8 @@ DEFAULT_INCLUDE = ("*.txt", "*.md", "*.markdown", "*.rst", "*.py", "*.jsonl", "*
 _EXT_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 _FORMAT_SOURCE = {"text": "files", "jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}
 _STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "_bundled"}
-_BLOCK_BYTES = 32 << 20  # JSONL bytes parsed at once (bounded memory, and big enough for pyarrow)
+_BLOCK_BYTES = 8 << 20  # JSONL bytes read at once (bounded memory; the first chunk is ready sooner)
+_PARSE_BYTES = 2 << 20  # ...and parsed by Arrow in pieces of this size, in parallel
 
 
 class Refused(Exception):
@@ -274,9 +275,87 @@ def _meta_from_rows(rows: list[dict]) -> list[str]:
     return [json.dumps(r, ensure_ascii=False, default=str, sort_keys=True) if r else "{}" for r in rows]
 
 
-def _read_jsonl(inp: InputFile, params: DataParams, text_field: str) -> Iterator[RawBatch]:
+def _blocks(f: Any) -> Iterator[bytes]:
+    """Whole lines, about ``_BLOCK_BYTES`` at a time: one read and one cut, never a list of lines."""
+    rest = b""
+    while data := f.read(_BLOCK_BYTES):
+        buf = rest + data if rest else data
+        cut = buf.rfind(b"\n") + 1
+        if cut:
+            yield buf[:cut]
+        rest = buf[cut:]
+    if rest:
+        yield rest
+
+
+def _parse_jsonl(block: bytes) -> Any:
+    """Arrow table of a JSONL block, or None when Arrow cannot take it (the line-by-line path decides).
+
+    Parsed in ``_PARSE_BYTES`` pieces so every core works; a line longer than that is retried as one piece.
+    """
     import pyarrow as pa
     import pyarrow.json as pj
+
+    sizes = (_PARSE_BYTES, len(block) + 1) if len(block) > _PARSE_BYTES else (len(block) + 1,)
+    for size in sizes:
+        try:
+            return pj.read_json(io.BytesIO(block), read_options=pj.ReadOptions(block_size=size, use_threads=True),
+                                parse_options=pj.ParseOptions(newlines_in_values=False))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeError):
+            continue
+    return None
+
+
+class _Rechunk:
+    """Regroups Arrow texts parsed block by block into batches of exactly ``rows`` rows (the last shorter).
+
+    A block boundary then costs no extra, smaller chunk downstream (each chunk is one GX run and one
+    row group, whatever its size).
+    """
+
+    def __init__(self, rows: int, uri: str) -> None:
+        self.rows, self.uri = rows, uri
+        self.texts: list[Any] = []
+        self.metas: list[str | list[str]] = []
+        self.n = self.nbytes = 0
+
+    def add(self, texts: Any, meta: str | list[str], nbytes: int) -> Iterator[RawBatch]:
+        self.texts.append(texts)
+        self.metas.append(meta)
+        self.n += len(texts)
+        self.nbytes += nbytes
+        while self.n >= self.rows:
+            yield self._take(self.rows)
+
+    def flush(self) -> Iterator[RawBatch]:
+        if self.n:
+            yield self._take(self.n)
+
+    def _take(self, k: int) -> RawBatch:
+        import pyarrow as pa
+
+        if len(self.texts) == 1:
+            texts = self.texts[0]
+        elif len({t.type for t in self.texts}) == 1:
+            texts = pa.concat_arrays(self.texts)
+        else:
+            texts = pa.concat_arrays([t.cast(pa.large_string()) for t in self.texts])
+        if all(isinstance(m, str) for m in self.metas) and len(set(self.metas)) == 1:
+            meta: str | list[str] = self.metas[0]
+        else:
+            meta = [x for t, m in zip(self.texts, self.metas, strict=True)
+                    for x in ([m] * len(t) if isinstance(m, str) else m)]
+        nbytes = self.nbytes * k // self.n
+        batch = RawBatch(texts[:k], self.uri, meta if isinstance(meta, str) else meta[:k], nbytes)
+        rest = len(texts) - k
+        self.texts = [texts[k:]] if rest else []
+        self.metas = [meta if isinstance(meta, str) else meta[k:]] if rest else []
+        self.n, self.nbytes = rest, self.nbytes - nbytes
+        return batch
+
+
+def _read_jsonl(inp: InputFile, params: DataParams, text_field: str) -> Iterator[RawBatch]:
+    import pyarrow as pa
 
     path = inp.path
     assert path is not None
@@ -284,26 +363,15 @@ def _read_jsonl(inp: InputFile, params: DataParams, text_field: str) -> Iterator
     lineno = 0
     seen_field = False
     any_rows = False
+    chunker = _Rechunk(params.chunk_rows, uri)
     with open(path, "rb") as f:
-        while True:
-            lines = f.readlines(_BLOCK_BYTES)
-            if not lines:
-                break
+        for block in _blocks(f):
             start = lineno
-            lineno += len(lines)
-            block = b"".join(lines)
+            lineno += block.count(b"\n") + (not block.endswith(b"\n"))
             nbytes = len(block)
-            if not block.strip():
+            if block.isspace():
                 continue
-            table = None
-            try:
-                table = pj.read_json(
-                    io.BytesIO(block),
-                    read_options=pj.ReadOptions(block_size=max(nbytes + 1, 1 << 20), use_threads=True),
-                    parse_options=pj.ParseOptions(newlines_in_values=False),
-                )
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeError):
-                table = None
+            table = _parse_jsonl(block)
             ok = table is not None and text_field in table.column_names
             if ok:
                 t = table.schema.field(text_field).type
@@ -314,16 +382,21 @@ def _read_jsonl(inp: InputFile, params: DataParams, text_field: str) -> Iterator
                 rest = table.drop_columns([text_field])
                 meta: str | list[str] = _meta_from_rows(rest.to_pylist()) if rest.num_columns else "{}"
                 any_rows = any_rows or bool(texts)
-                for i in range(0, len(texts), params.chunk_rows):
-                    part = texts[i:i + params.chunk_rows]
-                    m = meta if isinstance(meta, str) else meta[i:i + params.chunk_rows]
-                    yield RawBatch(part, uri, m, nbytes * len(part) // max(1, len(texts)))
+                yield from chunker.add(texts, meta, nbytes)
                 continue
+            yield from chunker.flush()  # rows keep their file order
+            lines = block.split(b"\n")
+            if block.endswith(b"\n"):
+                lines.pop()
             batch, found = _jsonl_lines(lines, start, uri, text_field, nbytes)
             seen_field = seen_field or found
-            if batch.texts:
-                any_rows = True
-                yield batch
+            any_rows = any_rows or bool(batch.texts)
+            k = params.chunk_rows
+            for i in range(0, len(batch.texts), k):
+                part = batch.texts[i:i + k]
+                yield RawBatch(part, batch.uri[i:i + k], batch.meta[i:i + k], nbytes * len(part) // len(batch.texts),
+                               errors=batch.errors[i:i + k])
+    yield from chunker.flush()
     if not any_rows:
         raise Refused(inp.name, "empty file (no JSON lines)")
     if not seen_field:

@@ -125,6 +125,11 @@ class Outcome:
 
     @property
     def bad(self) -> Any:
+        """Per row: it failed some expectation (a bool Series aligned with the frame)."""
+        import pandas as pd
+
+        if not self.failed:  # nothing failed: no need to compare a million empty reasons
+            return pd.Series(False, index=self.reasons.index)
         return self.reasons != ""
 
 
@@ -203,6 +208,7 @@ class Validator:
             gx.ValidationDefinition(name=f"lmops-{self.suite.name}", data=self.batch_def, suite=gx_suite)
         )
         self.runs = 0
+        self.earlier = set(ctx.validation_results_store.list_keys())  # results before this validator's runs
 
     def validate(self, df: Any) -> Outcome:
         """GX verdict for ``df`` plus the failing expectations of every row ("" when it passed)."""
@@ -217,7 +223,7 @@ class Validator:
         except Exception as e:
             raise LmopsError(f"GX validation failed to run: {str(e).splitlines()[0]}") from None
         self.runs += 1
-        reasons = pd.Series([""] * len(df), index=df.index, dtype=object)
+        reasons = pd.Series("", index=df.index, dtype=object)
         failed: dict[str, int] = {}
         for res in result.results:
             if res.success:
@@ -272,11 +278,24 @@ class Validator:
         return mask
 
     def build_docs(self) -> str | None:
-        """Render Data Docs (offline HTML) under ``<home>/gx``; returns the index path."""
+        """Render Data Docs (offline HTML) under ``<home>/gx``; returns the index path.
+
+        Only this validator's results and its suite are rendered (plus the index, which lists every
+        result): the earlier pages are already there, and re-rendering all of them made every ingest
+        slower than the one before. A site without an index yet gets a full build.
+        """
         if not self.runs:
             return None
+        from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
+
         try:
-            sites = self.ctx.build_data_docs()
+            built = self.ctx.get_docs_sites_urls(only_if_exists=True)
+            if built and all(site.get("site_url") for site in built):  # every site has its index
+                new = [k for k in self.ctx.validation_results_store.list_keys() if k not in self.earlier]
+                sites = self.ctx.build_data_docs(resource_identifiers=[ExpectationSuiteIdentifier(self.suite.name),
+                                                                       *new])
+            else:
+                sites = self.ctx.build_data_docs()
         except Exception as e:  # docs are a report: a render failure must not lose the ingest
             return f"data docs not built: {str(e).splitlines()[0]}"
         for url in sites.values():
