@@ -1,16 +1,21 @@
-"""Median pruning vs none: a 20-trial Optuna sweep, same sampler seed, same trial budget.
+"""Percentile pruning vs none: a 20-trial Optuna sweep, same sampler seed, same trial budget.
 
 Both sweeps search the same space (lr, warmup, width, depth, batch size) for a tiny
 byte-level model on the first 200k characters of tinyshakespeare (90/10 split), each
-trial ``--steps`` training steps with validation loss reported ``--reports`` times. The
-pruned sweep stops trials whose intermediate validation loss is worse than the median of
-earlier trials at the same step (``optuna.pruners.MedianPruner``); the other runs every
-trial to the end. Sweeps run in alternating order over ``--repeats`` rounds; medians.
+trial ``--steps`` training steps. The pruned sweep is what ``lmops optimize sweep`` runs:
+``params.yaml``'s ``optimize`` slice decides how often a trial reports its validation loss
+(``trial_eval_interval``) and when the pruner stops it (``make_pruner``: outside the best
+``prune_percentile`` percent of completed trials at the same step, after ``startup_trials``);
+the other sweep runs every trial to the end. ``--reports``, ``--startup`` and ``--percentile``
+override those settings for both sweeps. Sweeps run in alternating order over ``--repeats``
+rounds; medians.
 
     python bench/sweep.py [--json] [--threads N] [--trials 20] [--steps 100] [--repeats 2]
 
 Prints ``time_ratio`` (pruned wall time / unpruned wall time; target <= 0.6) and both best
-validation losses (target: the same within noise).
+validation losses (target: the same within noise). The noise: the full sweep's best config
+retrained with ``--noise-seeds`` other ``train.seed`` values; ``best_loss_within_noise`` when the
+two best losses differ by at most that std.
 """
 
 from __future__ import annotations
@@ -38,30 +43,59 @@ def _steps(result) -> int:
     return sum(int(t["last_step"] or 0) for t in result.trials)
 
 
+def _seed_noise(params, data_dir: Path, best_params: dict, seeds: int, work: Path) -> float:
+    """Std of one config's final val loss over ``train.seed`` 1..seeds.
+
+    Init and batch order alone move a trial's loss this much, so two sweeps' best losses that
+    differ by less are the same within noise.
+    """
+    from lmcore.optimize.space import with_overrides
+    from lmcore.optimize.sweep import trial_eval_interval
+    from lmcore.train import train
+
+    opt = params.optimize
+    per_trial = {"train.max_steps": opt.trial_max_steps, "train.eval_interval": trial_eval_interval(opt),
+                 "train.checkpoint_interval": 0}
+    losses = []
+    for seed in range(1, seeds + 1):
+        p = with_overrides(params, {**best_params, **per_trial, "train.seed": seed})
+        losses.append(train(data_dir, work / f"noise-{seed}", p.model, p.train, progress=False).final_val_loss)
+    return statistics.stdev(losses)
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--steps", type=int, default=100, help="training steps per trial")
-    p.add_argument("--reports", type=int, default=10, help="validation-loss reports per trial")
-    p.add_argument("--startup", type=int, default=3, help="trials the pruner lets finish first")
+    p.add_argument("--reports", type=int, help="validation-loss reports per trial (default: params.yaml's)")
+    p.add_argument("--startup", type=int, help="trials the pruner lets complete first (default: params.yaml's)")
+    p.add_argument("--percentile", type=float, help="prune outside this best percent (default: params.yaml's)")
     p.add_argument("--seed", type=int, default=1234, help="TPE sampler seed (both sweeps)")
+    p.add_argument("--noise-seeds", type=int, default=5, help="train seeds of the full sweep's best config, for "
+                   "the noise of one trial's val loss")
     args = p.parse_args()
     setup(args)
     with tempfile.TemporaryDirectory(prefix="lmops-bench-sweep-") as tmp:
         tmp = Path(tmp)
         os.environ["LMOPS_HOME"] = str(tmp / "home")
         from lmcore.config import load_params
-        from lmcore.optimize.sweep import run_sweep
+        from lmcore.optimize.sweep import run_sweep, trial_eval_interval
         from lmcore.prepare import prepare_split_texts
 
         text = CORPUS.read_text(encoding="utf-8")[:200_000]
         cut = int(len(text) * 0.9)
-        params = load_params(ROOT / "params.yaml", {
+        overrides = {
             "tokenizer.kind": "byte", "model.n_head": 2, "model.n_kv_head": 2, "model.block_size": 64,
             "train.device": "cpu", "train.max_minutes": 0, "train.eval_iters": 2, "train.min_lr": 1e-5,
-            "optimize.trial_max_steps": args.steps, "optimize.trial_eval_interval": max(1, args.steps // args.reports),
-            "optimize.startup_trials": args.startup, "optimize.search_space": SPACE,
-        })
+            "optimize.trial_max_steps": args.steps, "optimize.search_space": SPACE,
+        }
+        if args.reports:
+            overrides["optimize.trial_eval_interval"] = max(1, args.steps // args.reports)
+        if args.startup is not None:
+            overrides["optimize.startup_trials"] = args.startup
+        if args.percentile is not None:
+            overrides["optimize.prune_percentile"] = args.percentile
+        params = load_params(ROOT / "params.yaml", overrides)
         data = prepare_split_texts([text[:cut]], [text[cut:]], tmp / "data", params.tokenizer)
         # warm-up: the first trial in a process pays one-off imports (torch._dynamo via AdamW, ~10 s)
         run_sweep(params, data.dir, trials=1, study_name="warmup", storage=f"sqlite:///{tmp / 'warmup.db'}",
@@ -78,9 +112,13 @@ def main() -> None:
         t_full = statistics.median(t for t, _ in runs["full"])
         best_pruned = statistics.median(r.best_value for _, r in runs["pruned"])
         best_full = statistics.median(r.best_value for _, r in runs["full"])
+        noise = _seed_noise(params, data.dir, runs["full"][0][1].best_params, args.noise_seeds, tmp / "work")
         result = {
             "trials": args.trials,
             "steps_per_trial": args.steps,
+            "eval_interval": trial_eval_interval(params.optimize),
+            "startup_trials": params.optimize.startup_trials,
+            "prune_percentile": params.optimize.prune_percentile,
             "threads": args.threads,
             "pruned_seconds": round(t_pruned, 1),
             "full_seconds": round(t_full, 1),
@@ -88,13 +126,16 @@ def main() -> None:
             "best_val_loss_pruned": round(best_pruned, 4),
             "best_val_loss_full": round(best_full, 4),
             "best_loss_change": round((best_pruned - best_full) / best_full, 4),
+            "best_loss_seed_sd": round(noise, 4),
+            "best_loss_within_noise": abs(best_pruned - best_full) <= noise,
             "trials_pruned": runs["pruned"][0][1].pruned,
             # noise-free view of the same saving: training steps actually run, pruned / full
             "steps_ratio": round(_steps(runs["pruned"][0][1]) / _steps(runs["full"][0][1]), 3),
         }
     print(f"pruned sweep {result['pruned_seconds']}s ({result['trials_pruned']} of {args.trials} pruned), "
           f"full sweep {result['full_seconds']}s: time_ratio {result['time_ratio']}")
-    print(f"best val_loss: pruned {result['best_val_loss_pruned']}, full {result['best_val_loss_full']}")
+    print(f"best val_loss: pruned {result['best_val_loss_pruned']}, full {result['best_val_loss_full']} "
+          f"(one config's sd over {args.noise_seeds} train seeds: {result['best_loss_seed_sd']})")
     print("  ".join(f"{k}={v}" for k, v in result.items()))
     if args.json:
         print(json.dumps(result))

@@ -22,7 +22,7 @@ def sweep_data_task(params: Params, data: str | None) -> tuple[str, str | None]:
 @task(name="sweep")
 def sweep_task(params: Params, data_dir: str, version: str | None, trials: int | None,
                minutes: float | None, study: str | None) -> dict[str, Any]:
-    """Optuna TPE + median pruning; each trial a nested MLflow run under one parent."""
+    """Optuna TPE + percentile pruning; each trial a nested MLflow run under one parent."""
     from dataclasses import asdict
 
     from lmcore.optimize.sweep import run_sweep

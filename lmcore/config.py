@@ -216,8 +216,9 @@ class OptimizeParams:
     trials: int = 20
     minutes: float = 0.0
     trial_max_steps: int = 150
-    trial_eval_interval: int = 0  # 0 = trial_max_steps // 5: how often the pruner sees val_loss
-    startup_trials: int = 5  # trials the MedianPruner lets finish before it prunes
+    trial_eval_interval: int = 0  # 0 = trial_max_steps // 10: how often the pruner sees val_loss
+    startup_trials: int = 3  # trials the pruner lets complete before it prunes
+    prune_percentile: float = 25.0  # prune a trial outside the best this-% of completed trials at a step (50 = median)
     seed: int = 1337  # TPE sampler seed (offset by the trials a resumed study already holds)
     storage: str = ""  # Optuna RDB URL; "" = sqlite:///<lmops home>/optuna.db
     search_space: dict[str, Any] = field(default_factory=dict)
@@ -228,6 +229,7 @@ class OptimizeParams:
         _require(self.trial_max_steps > 0, "optimize.trial_max_steps must be > 0")
         _require(self.trial_eval_interval >= 0, "optimize.trial_eval_interval must be >= 0")
         _require(self.startup_trials >= 0, "optimize.startup_trials must be >= 0")
+        _require(0 <= self.prune_percentile <= 100, "optimize.prune_percentile must be in [0, 100]")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -64,6 +65,39 @@ def test_space_parses_and_checks_each_value_against_the_params():
     check_against(params, list(dims.values()))
     with pytest.raises(LmopsError, match="d_model=66 is invalid"):
         check_against(params, parse_space({"d_model": {"choices": [64, 66]}}))
+
+
+@pytest.mark.code
+def test_pruner_keeps_only_the_best_quartile_after_the_startup_trials():
+    import optuna
+
+    from lmcore.optimize.sweep import make_pruner, trial_eval_interval
+
+    opt = load_params(ROOT / "params.yaml", {"optimize.startup_trials": 3, "optimize.prune_percentile": 25}).optimize
+    study = optuna.create_study(pruner=make_pruner(opt))
+
+    def complete(value: float) -> None:
+        study.add_trial(optuna.trial.create_trial(value=value, intermediate_values={10: value}))
+
+    def pruned_at(value: float) -> bool:
+        trial = study.ask()
+        trial.report(value, 10)
+        pruned = trial.should_prune()
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return pruned
+
+    complete(1.0)
+    complete(2.0)
+    assert not pruned_at(9.0)  # two of three startup trials: nothing is pruned yet
+    complete(3.0)
+    complete(4.0)
+    assert not pruned_at(1.5)  # inside the best quarter (25th percentile of 1..4 = 1.75)
+    assert pruned_at(2.2)  # better than the median (2.5), still pruned
+    assert trial_eval_interval(opt) == opt.trial_max_steps // 10
+    assert trial_eval_interval(dataclasses.replace(opt, trial_eval_interval=7)) == 7
+    assert trial_eval_interval(dataclasses.replace(opt, trial_max_steps=5)) == 1
+    with pytest.raises(LmopsError, match="prune_percentile"):
+        load_params(ROOT / "params.yaml", {"optimize.prune_percentile": 150})
 
 
 @pytest.mark.code

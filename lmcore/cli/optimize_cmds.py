@@ -28,7 +28,7 @@ def sweep(
     sets: list[str] = SET_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Search model/train params (optimize.search_space) with Optuna TPE + median pruning, tracked in MLflow."""
+    """Search model/train params (optimize.search_space) with Optuna TPE + percentile pruning, tracked in MLflow."""
     from dataclasses import asdict
 
     from lmcore.optimize.space import check_against, parse_space
