@@ -66,7 +66,7 @@ def main() -> None:
     prompt = data[:PROMPT_CHARS].tolist()
     result = {"sizes": {}, "vocab": vocab, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_CHARS,
               "threads": torch.get_num_threads(),
-              "lmops_decode_threads": os.environ.get("LMOPS_DECODE_THREADS") or "auto (1 below 16 MB of matrices)"}
+              "lmops_decode_threads": os.environ.get("LMOPS_DECODE_THREADS") or "auto (1 below 4M params)"}
     for name in args.sizes.split(","):
         result["sizes"][name] = measure(SIZES[name], vocab, prompt, args.new_tokens, args.repeats or 3)
     emit(result, args.json)

@@ -4,9 +4,7 @@ The model (6 layers, 6 heads, d_model 384, byte-level vocab, block 256) is first
 briefly with ``lmcore.train`` on tinyshakespeare (first 90% train, last 10% validation) so
 that bits per byte mean something; then ``lmops optimize quantize``'s own code path
 (``save_quantized`` -> ``load_model``) makes the int8 variant. Decode: greedy, batch 1,
-KV cache, ``--new-tokens`` tokens per run, fp32 and int8 runs interleaved, medians; each decodes on
-the threads ``lmcore.generate.decode_threads`` gives it (int8 matrices are a quarter of the
-bytes, below the size where a second thread pays).
+KV cache, ``--new-tokens`` tokens per run, fp32 and int8 runs interleaved, medians.
 bpb: the first ``--eval-tokens`` validation tokens, both models on the same windows.
 
     python bench/quantize.py [--json] [--threads N] [--repeats 5] [--train-minutes 1.5] [--new-tokens 128]
@@ -39,7 +37,7 @@ def main() -> None:
 
     from lmcore.checkpoint import load_model
     from lmcore.config import ModelParams, TokenizerParams, TrainParams
-    from lmcore.generate import SamplingParams, decode_thread_count, generate_tokens, matrix_bytes
+    from lmcore.generate import SamplingParams, generate_tokens
     from lmcore.optimize.quantize import bits_per_byte, model_bytes, save_quantized
     from lmcore.prepare import prepare_split_texts
     from lmcore.train import train
@@ -85,8 +83,6 @@ def main() -> None:
         result = {
             "model": "6x6x384 byte-level",
             "threads": torch.get_num_threads(),
-            "fp32_decode_threads": decode_thread_count(matrix_bytes(fp32)) or torch.get_num_threads(),
-            "int8_decode_threads": decode_thread_count(matrix_bytes(int8)) or torch.get_num_threads(),
             "train_steps": trained.steps,
             "train_val_loss": round(trained.final_val_loss or float("nan"), 4),
             "fp32_tokens_per_s": round(fp32_tps, 1),

@@ -9,9 +9,9 @@ Speed notes (CPU): a decode step is a few hundred tiny ops, so per-op overhead r
 For small models intra-op threads cost more than they give (and collapse when the CPU is
 shared: 2 threads were 8-13x slower than 1 on a busy 2-core box), while a larger model's
 matrix-vector products do gain from them. So :func:`decode_threads` runs decoding of models
-whose matrices hold under ``SMALL_MODEL_BYTES`` (int8 linears count one byte a weight) on one
-thread and leaves torch's setting for larger ones; ``LMOPS_DECODE_THREADS`` overrides (0 =
-always leave torch's setting). Greedy picks skip the full softmax's extra ops.
+under ``SMALL_MODEL_WEIGHTS`` on one thread and leaves torch's setting for larger ones;
+``LMOPS_DECODE_THREADS`` overrides (0 = always leave torch's setting). Greedy picks skip the
+full softmax's extra ops.
 """
 
 from __future__ import annotations
@@ -38,40 +38,22 @@ class SamplingParams:
     stop_at_eos: bool = True
 
 
-SMALL_MODEL_BYTES = 16_000_000  # 4M fp32 weights
+SMALL_MODEL_WEIGHTS = 4_000_000
 _threads_lock = threading.Lock()
 _threads_users = 0
 _threads_saved = 0
 
 
-def matrix_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the 2-D weights a decoded token reads: fp32 or int8 (quantized linears), embedding rows aside."""
-    total = 0
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Embedding):
-            continue
-        w = getattr(mod, "weight", None)
-        w = w() if callable(w) else w  # quantized linears expose their int8 weight through a method
-        if isinstance(w, torch.Tensor) and w.dim() == 2:
-            total += w.numel() * w.element_size()
-    return total
-
-
-def decode_thread_count(weight_bytes: int) -> int:
-    """Intra-op threads CPU decoding of ``weight_bytes`` of matrices runs on (0 = torch's setting)."""
-    env = os.environ.get("LMOPS_DECODE_THREADS", "")
-    return int(env) if env.strip() else (1 if weight_bytes < SMALL_MODEL_BYTES else 0)
-
-
 @contextmanager
-def decode_threads(device: torch.device | str = "cpu", weight_bytes: int = 0) -> Iterator[None]:
-    """Run CPU decoding of a model with ``weight_bytes`` of matrices on :func:`decode_thread_count` threads.
+def decode_threads(device: torch.device | str = "cpu", n_weights: int = 0) -> Iterator[None]:
+    """Run CPU decoding of a model with ``n_weights`` weights on the right number of intra-op threads.
 
     Reference-counted, so overlapping generations in several threads restore the original
     setting only when the last one leaves.
     """
     global _threads_users, _threads_saved
-    want = decode_thread_count(weight_bytes)
+    env = os.environ.get("LMOPS_DECODE_THREADS", "")
+    want = int(env) if env.strip() else (1 if n_weights < SMALL_MODEL_WEIGHTS else 0)
     if want <= 0 or torch.device(device).type != "cpu":
         yield
         return
@@ -141,7 +123,7 @@ def generate_tokens(
     cache = model.new_cache(1, len(ids) + sp.max_new_tokens)
     x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T) prefill, then (1, 1) per step
     stop = eos_id if (sp.stop_at_eos and eos_id is not None) else None
-    with decode_threads(device, matrix_bytes(model)):
+    with decode_threads(device, model.cfg.n_weights):
         for _ in range(sp.max_new_tokens):
             logits, _ = model(x, cache=cache, last_only=True)  # (1, 1, V)
             nxt, prob = pick_next(logits[:, -1, :], sp, gen)
@@ -169,7 +151,7 @@ class BatchDecoder:
             raise ValueError("BatchDecoder needs at least one prompt")
         self.model = model
         self.device = model.embed.weight.device
-        self._weight_bytes = matrix_bytes(model)
+        self._n_weights = model.cfg.n_weights
         self.sps = list(sp) if isinstance(sp, list | tuple) else [sp] * len(prompts_ids)
         if len(self.sps) != len(prompts_ids):
             raise ValueError("one SamplingParams per prompt, or one for all")
@@ -196,7 +178,7 @@ class BatchDecoder:
         """One forward pass for every row; returns the (row, token, probability) emitted by this step."""
         if self.done:
             return []
-        with decode_threads(self.device, self._weight_bytes):
+        with decode_threads(self.device, self._n_weights):
             logits, _ = self.model(self._next, cache=self.cache, last_only=True)  # (B, 1, V)
             logits = logits[:, -1, :]  # (B, V)
             B = logits.size(0)

@@ -44,6 +44,12 @@ class ModelConfig:
             return self.ffn_hidden
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
 
+    @property
+    def n_weights(self) -> int:
+        """Weights of the matrices (embedding/head counted once), quantized or not: the decode work."""
+        attn = (self.n_head + 2 * self.n_kv_head + self.n_head) * self.head_dim * self.d_model  # qkv + proj
+        return self.n_layer * (attn + 3 * self.d_model * self.hidden) + self.vocab_size * self.d_model
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -12,8 +12,7 @@ from safetensors import safe_open
 
 from lmcore.checkpoint import load_model
 from lmcore.errors import LmopsError
-from lmcore.generate import SamplingParams, decode_threads, generate_text, matrix_bytes
-from lmcore.model import ModelConfig, Transformer
+from lmcore.generate import SamplingParams, generate_text
 from lmcore.optimize.quantize import QUANTIZATION, quantize_job, quantize_model, save_quantized
 
 pytestmark = pytest.mark.model
@@ -50,22 +49,6 @@ def test_quantized_folder_is_int8_safetensors_and_loads_back(fp32_dir, tmp_path)
     pa, pb = torch.softmax(a, -1), torch.softmax(b, -1)
     assert 0 < (pa - pb).abs().max() < 0.05  # quantized, yet close
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
-
-
-def test_int8_model_reads_a_quarter_of_the_bytes_and_decodes_on_one_thread(monkeypatch):
-    monkeypatch.delenv("LMOPS_DECODE_THREADS", raising=False)
-    fp32 = Transformer(ModelConfig(vocab_size=257, n_layer=6, n_head=6, n_kv_head=6, d_model=384))
-    int8 = quantize_model(fp32)
-    assert matrix_bytes(int8) * 4 == matrix_bytes(fp32) > 40_000_000
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with decode_threads("cpu", matrix_bytes(fp32)):
-            assert torch.get_num_threads() == 2  # big fp32 matrices gain from threads
-        with decode_threads("cpu", matrix_bytes(int8)):
-            assert torch.get_num_threads() == 1  # int8 ones are small enough that sync costs more
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_load_model_on_a_quantized_folder_generates_text(fp32_dir, tmp_path):

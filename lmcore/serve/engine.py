@@ -201,9 +201,9 @@ class Batcher:
 
     # -- the decode thread -----------------------------------------------------------------
     def _run(self) -> None:
-        from lmcore.generate import decode_threads, matrix_bytes
+        from lmcore.generate import decode_threads
 
-        with decode_threads(self.lm.model.embed.weight.device, matrix_bytes(self.lm.model)):
+        with decode_threads(self.lm.model.embed.weight.device, self.lm.model.cfg.n_weights):
             self._loop()
 
     def _loop(self) -> None:
