@@ -38,7 +38,11 @@ lint: install
 	$(BIN)/ruff format --check .
 
 bench: install
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b --json || exit 1; done
+	@cuda=$$($(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))"); \
+	for b in bench/*.py; do \
+	  case $$b in bench/_*) continue;; bench/gpu.py) [ "$$cuda" = 1 ] || { echo "== $$b skipped: no CUDA device"; continue; };; esac; \
+	  echo "== $$b"; $(BIN)/python $$b --json || exit 1; \
+	done
 
 clean:
 	rm -rf .lmops
