@@ -49,16 +49,12 @@ def _seed_noise(params, data_dir: Path, best_params: dict, seeds: int, work: Pat
     Init and batch order alone move a trial's loss this much, so two sweeps' best losses that
     differ by less are the same within noise.
     """
-    from lmcore.optimize.space import with_overrides
-    from lmcore.optimize.sweep import trial_eval_interval
+    from lmcore.optimize.sweep import trial_params
     from lmcore.train import train
 
-    opt = params.optimize
-    per_trial = {"train.max_steps": opt.trial_max_steps, "train.eval_interval": trial_eval_interval(opt),
-                 "train.checkpoint_interval": 0}
     losses = []
     for seed in range(1, seeds + 1):
-        p = with_overrides(params, {**best_params, **per_trial, "train.seed": seed})
+        p = trial_params(params, {**best_params, "train.seed": seed})
         losses.append(train(data_dir, work / f"noise-{seed}", p.model, p.train, progress=False).final_val_loss)
     return statistics.stdev(losses)
 

@@ -172,6 +172,16 @@ def trial_eval_interval(opt: Any) -> int:
     return opt.trial_eval_interval or max(1, opt.trial_max_steps // 10)
 
 
+def trial_params(params: Any, values: dict[str, Any]) -> Any:
+    """The params one trial trains with: the searched ``values`` (plus what they imply, see ``derive``)
+    on a short run of ``optimize.trial_max_steps`` steps, reporting every ``trial_eval_interval``."""
+    opt = params.optimize
+    every = trial_eval_interval(opt)
+    p = with_overrides(params, derive(params, values))
+    return with_overrides(p, {"train.max_steps": opt.trial_max_steps, "train.eval_interval": every,
+                              "train.checkpoint_interval": 0, "train.log_interval": min(p.train.log_interval, every)})
+
+
 def make_pruner(opt: Any) -> Any:
     """Stop a trial whose best val_loss so far is outside the best ``optimize.prune_percentile`` percent.
 
@@ -289,10 +299,7 @@ def run_sweep(
         state, status = "FAIL", "FAILED"
         try:
             try:
-                p = with_overrides(params, derive(params, values))
-                p = with_overrides(p, {"train.max_steps": opt.trial_max_steps, "train.eval_interval": eval_interval,
-                                       "train.checkpoint_interval": 0,
-                                       "train.log_interval": min(p.train.log_interval, eval_interval)})
+                p = trial_params(params, values)
             except LmopsError as e:
                 trial.set_user_attr("error", str(e))
                 raise _InvalidTrial(str(e)) from None
@@ -403,4 +410,4 @@ def apply_best(result: SweepResult, params_path: str | Path | None = None) -> li
 
 
 __all__ = ["Dim", "SweepResult", "apply_best", "make_pruner", "resolve_data", "run_sweep", "trial_eval_interval",
-           "trials_csv"]
+           "trial_params", "trials_csv"]
