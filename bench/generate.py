@@ -21,17 +21,17 @@ from _common import SIZES, char_corpus, emit, interleaved, model_pair, parser, s
 PROMPT_CHARS = 32
 
 
-def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int) -> dict:
+def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, device: str = "cpu") -> dict:
     """Median tokens/s of both sides at one size, and how many leading tokens they agree on."""
     from lmcore.generate import SamplingParams, generate_tokens
 
     ours, ref = model_pair(size, vocab, block_size=len(prompt) + n)
-    ours.eval()
-    ref.eval()
+    ours.to(device).eval()
+    ref.to(device).eval()
     ref.generation_config.eos_token_id = None
     ref.generation_config.pad_token_id = 0
     sp = SamplingParams(max_new_tokens=n, temperature=0.0)
-    x = torch.tensor([prompt])
+    x = torch.tensor([prompt], device=device)
     out: dict[str, list[int]] = {}
 
     def run_ours() -> None:

@@ -98,6 +98,7 @@ def _prepared(ctx: dict) -> Path:
 
 def section_train(ctx: dict) -> dict:
     from lmcore.config import ModelParams, TrainParams
+    from lmcore.plots import read_history
     from lmcore.train import train
 
     data = _prepared(ctx)
@@ -109,7 +110,7 @@ def section_train(ctx: dict) -> dict:
     for name, extra in (("eager_bf16", {}), ("compiled_bf16", {"compile": True})):
         t0 = time.perf_counter()
         r = train(data, Path(ctx["tmp"]) / name, mp, TrainParams(**base, **extra), progress=False)
-        rows = [h for h in _history(r.history_csv) if h["tokens_per_s"]]
+        rows = [h for h in read_history(r.history_csv) if h["tokens_per_s"]]
         out[name] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": r.steps,
                      "val_loss": round(r.final_val_loss, 4), "bits_per_byte": round(r.final_val_loss / math.log(2), 4),
                      "tokens_per_s_last": rows[-1]["tokens_per_s"] if rows else None}
@@ -122,13 +123,6 @@ def section_train(ctx: dict) -> dict:
     out["resume"] = {"steps": r2.steps, "checkpoint_step": int(state["step"]), "has_cuda_rng": "rng_cuda" in state,
                      "ok": r2.steps == 100 and int(state["step"]) == 100}
     return out
-
-
-def _history(path: Path) -> list[dict]:
-    import csv
-
-    with open(path) as f:
-        return [{k: (float(v) if v else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _train_steps(fwd, opts, x: torch.Tensor, y: torch.Tensor, steps: int, hf: bool) -> None:
@@ -183,31 +177,9 @@ def section_throughput(ctx: dict) -> dict:
 
 
 def section_generate(ctx: dict) -> dict:
-    from lmcore.generate import SamplingParams, generate_tokens
+    from generate import measure  # bench/generate.py: the CPU benchmark's own loop, on the GPU
 
-    n, prompt = 500, list(range(1, 33))
-    ours, ref = model_pair(GPU_SIZES["large"], 65, len(prompt) + n)
-    ours, ref = ours.cuda().eval(), ref.cuda().eval()
-    ref.generation_config.eos_token_id = None
-    ref.generation_config.pad_token_id = 0
-    sp = SamplingParams(max_new_tokens=n, temperature=0.0)
-    x = torch.tensor([prompt], device="cuda")
-    got: dict = {}
-
-    def run_ours() -> None:
-        got["lmops"] = [t for t, _ in generate_tokens(ours, prompt, sp, eos_id=None)]
-
-    def run_ref() -> None:
-        with torch.inference_mode():
-            y = ref.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, min_new_tokens=n)
-        got["reference"] = y[0, len(prompt):].tolist()
-
-    run_ours()
-    run_ref()
-    sec = interleaved({"lmops": run_ours, "reference": run_ref}, 3)
-    agree = next((i for i, (a, b) in enumerate(zip(got["lmops"], got["reference"], strict=True)) if a != b), n)
-    return {"lmops_tokens_per_s": round(n / sec["lmops"], 1), "reference_tokens_per_s": round(n / sec["reference"], 1),
-            "ratio": round(sec["reference"] / sec["lmops"], 3), "same_tokens": agree}
+    return measure(GPU_SIZES["large"], 65, list(range(1, 33)), 500, 3, device="cuda")
 
 
 DDP_CHILD = r"""
