@@ -6,6 +6,10 @@ tinyshakespeare prompt (char-level vocab 65) and produce exactly 500 new tokens 
 lmcore), under ``torch.inference_mode``. Runs alternate; medians are reported. The greedy
 outputs of both sides are compared too (``same_tokens``: the first 500 tokens agree).
 
+lmops decodes with its compiled step (``generate_tokens(..., compiled=True)``, see
+``lmcore.decode``); its eager loop runs in the same rounds and is reported beside it
+(``lmops_eager_tokens_per_s``, ``eager_ratio``), with the one-off compile time (``compile_s``).
+
 Threads: both sides start from ``--threads`` (default: torch's). lmcore decodes on
 ``LMOPS_DECODE_THREADS`` threads (default 1, see ``lmcore.generate``); set it to 0 to make
 lmcore use ``--threads`` too, or pass ``--threads 1`` for a strictly single-threaded match.
@@ -16,13 +20,19 @@ lmcore use ``--threads`` too, or pass ``--threads 1`` for a strictly single-thre
 from __future__ import annotations
 
 import torch
-from _common import SIZES, char_corpus, emit, interleaved, model_pair, parser, setup
+from _common import SIZES, char_corpus, emit, interleaved, model_pair, parser, setup, timed
 
 PROMPT_CHARS = 32
 
 
-def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, device: str = "cpu") -> dict:
-    """Median tokens/s of both sides at one size, and how many leading tokens they agree on."""
+def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, device: str = "cpu",
+            compiled: bool = True) -> dict:
+    """Median tokens/s of both sides at one size, and how many leading tokens they agree on.
+
+    With ``compiled``, lmops decodes with its compiled step (``lmcore.decode``); its eager loop is
+    timed in the same rounds too (``lmops_eager_tokens_per_s``), and ``compile_s`` is the first,
+    compiling run's extra time.
+    """
     from lmcore.generate import SamplingParams, generate_tokens
 
     ours, ref = model_pair(size, vocab, block_size=len(prompt) + n)
@@ -35,7 +45,10 @@ def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, dev
     out: dict[str, list[int]] = {}
 
     def run_ours() -> None:
-        out["lmops"] = [t for t, _ in generate_tokens(ours, prompt, sp, eos_id=None)]
+        out["lmops"] = [t for t, _ in generate_tokens(ours, prompt, sp, eos_id=None, compiled=compiled)]
+
+    def run_eager() -> None:
+        out["lmops_eager"] = [t for t, _ in generate_tokens(ours, prompt, sp, eos_id=None)]
 
     def run_ref() -> None:
         with torch.inference_mode():
@@ -43,13 +56,21 @@ def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, dev
                              min_new_tokens=n, use_cache=True)
         out["reference"] = y[0, len(prompt) :].tolist()
 
-    run_ours()  # warm up both
+    first = timed(run_ours)  # warm up all (the first compiled run compiles)
     run_ref()
-    sec = interleaved({"lmops": run_ours, "reference": run_ref}, repeats)
+    runs = {"lmops": run_ours, "reference": run_ref} | ({"lmops_eager": run_eager} if compiled else {})
+    for fn in list(runs.values())[2:]:
+        fn()
+    sec = interleaved(runs, repeats)
     lm, rf = n / sec["lmops"], n / sec["reference"]
     agree = next((i for i, (a, b) in enumerate(zip(out["lmops"], out["reference"], strict=True)) if a != b), n)
-    return {"lmops_tokens_per_s": round(lm, 1), "reference_tokens_per_s": round(rf, 1), "ratio": round(lm / rf, 3),
-            "same_tokens": agree}
+    result = {"lmops_tokens_per_s": round(lm, 1), "reference_tokens_per_s": round(rf, 1), "ratio": round(lm / rf, 3),
+              "same_tokens": agree}
+    if compiled:
+        result |= {"lmops_eager_tokens_per_s": round(n / sec["lmops_eager"], 1),
+                   "eager_ratio": round(sec["reference"] / sec["lmops_eager"], 3),
+                   "compile_s": round(first - sec["lmops"], 1)}
+    return result
 
 
 def main() -> None:

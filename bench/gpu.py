@@ -179,7 +179,7 @@ def section_throughput(ctx: dict) -> dict:
 def section_generate(ctx: dict) -> dict:
     from generate import measure  # bench/generate.py: the CPU benchmark's own loop, on the GPU
 
-    return measure(GPU_SIZES["large"], 65, list(range(1, 33)), 500, 3, device="cuda")
+    return measure(GPU_SIZES["large"], 65, list(range(1, 33)), 500, 3, device="cuda", compiled=False)
 
 
 DDP_CHILD = r"""

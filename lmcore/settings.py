@@ -80,6 +80,10 @@ class Settings:
     def gx_dir(self) -> Path:
         return self.home / "gx"
 
+    @property
+    def inductor_cache(self) -> Path:
+        return self.home / "cache" / "inductor"
+
     def ensure(self) -> Settings:
         self.home.mkdir(parents=True, exist_ok=True)
         return self
@@ -105,4 +109,5 @@ def apply_environment(settings: Settings | None = None) -> Settings:
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MPLCONFIGDIR", str(settings.home / "matplotlib"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.inductor_cache))  # torch.compile's code cache
     return settings

@@ -59,6 +59,7 @@ def _dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
         w = q.float() * scale[:, None]  # exact multiples of scale, so re-quantizing returns q
         qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
         mod.set_weight_bias(qw, bias)
+    mod.int8_weight, mod.int8_scale = q, scale  # the same values in plain tensors, for lmcore.decode
     return mod
 
 
@@ -167,8 +168,28 @@ def bits_per_byte(model: Transformer, tokenizer, texts: list[str], max_tokens: i
     return total_nll / math.log(2) / scored_bytes
 
 
+def weight_only_model(int8: Transformer) -> Transformer:
+    """A float model whose linear weights are exactly ``q * scale``: the numerics of compiled int8 decoding.
+
+    ``lmcore.decode`` runs an int8 model weight-only (activations stay fp32), while the eager
+    path quantizes activations too; this copy lets bits per byte be measured for the former.
+    """
+    from dataclasses import replace
+
+    model = Transformer(replace(int8.cfg, tie_embeddings=False))  # lm_head is the int8 copy of the embedding
+    state = {k: v for k, v in int8.state_dict().items() if isinstance(v, torch.Tensor) and not v.is_quantized}
+    for name in _linear_names(model):
+        mod = int8.get_submodule(name)
+        state[f"{name}.weight"] = mod.int8_weight.float() * mod.int8_scale[:, None]
+    missing = model.load_state_dict(state, strict=False).missing_keys
+    if missing:
+        raise LmopsError(f"not an int8 model of this shape: {missing[0]} is missing")
+    return model.eval()
+
+
 @torch.inference_mode()
-def decode_tokens_per_s(model: Transformer, prompt_ids: list[int], new_tokens: int = 128, repeats: int = 3) -> float:
+def decode_tokens_per_s(model: Transformer, prompt_ids: list[int], new_tokens: int = 128, repeats: int = 3,
+                        compiled: bool = False) -> float:
     """Best-of-``repeats`` batch-1 greedy decoding speed, with the KV cache (tokens per second)."""
     from lmcore.generate import SamplingParams, generate_tokens
 
@@ -176,7 +197,7 @@ def decode_tokens_per_s(model: Transformer, prompt_ids: list[int], new_tokens: i
     best = 0.0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        n = sum(1 for _ in generate_tokens(model, prompt_ids, sp))
+        n = sum(1 for _ in generate_tokens(model, prompt_ids, sp, compiled=compiled))
         best = max(best, n / max(time.perf_counter() - t0, 1e-9))
     return best
 
@@ -206,18 +227,23 @@ def read_eval_texts(path: str | Path, max_chars: int = 200_000) -> list[str]:
 
 def compare(fp32: Transformer, int8: Transformer, tokenizer, texts: list[str] | None,
             new_tokens: int = 128, repeats: int = 3, max_tokens: int = 20_000,
-            threads: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, float]:
-    """Side-by-side batch-1 decode speed and (with ``texts``) bits per byte of fp32 vs int8."""
+            threads: int | None = None, log: Callable[[str], None] | None = None,
+            compiled: bool = True) -> dict[str, float]:
+    """Side-by-side batch-1 decode speed and (with ``texts``) bits per byte of fp32 vs int8.
+
+    ``compiled`` times both with ``lmcore.decode``'s compiled step (how lmops decodes long outputs);
+    then ``int8_wo_bpb`` / ``bpb_change_wo`` are measured too: the weight-only numerics that step runs.
+    """
     prev = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         prompt = tokenizer.encode(texts[0][:200]) if texts else [tokenizer.eos_id]
-        decode_tokens_per_s(fp32, prompt, 8, 1)  # warm up both
-        decode_tokens_per_s(int8, prompt, 8, 1)
-        out: dict[str, float] = {}
-        out["fp32_tokens_per_s"] = decode_tokens_per_s(fp32, prompt, new_tokens, repeats)
-        out["int8_tokens_per_s"] = decode_tokens_per_s(int8, prompt, new_tokens, repeats)
+        decode_tokens_per_s(fp32, prompt, 8, 1, compiled)  # warm up (and compile) both
+        decode_tokens_per_s(int8, prompt, 8, 1, compiled)
+        out: dict[str, float] = {"compiled_decode": float(compiled)}
+        out["fp32_tokens_per_s"] = decode_tokens_per_s(fp32, prompt, new_tokens, repeats, compiled)
+        out["int8_tokens_per_s"] = decode_tokens_per_s(int8, prompt, new_tokens, repeats, compiled)
         out["speedup"] = out["int8_tokens_per_s"] / out["fp32_tokens_per_s"]
         if log:
             log(f"decode: fp32 {out['fp32_tokens_per_s']:.1f} tok/s, int8 {out['int8_tokens_per_s']:.1f} tok/s")
@@ -225,6 +251,9 @@ def compare(fp32: Transformer, int8: Transformer, tokenizer, texts: list[str] | 
             out["fp32_bpb"] = bits_per_byte(fp32, tokenizer, texts, max_tokens)
             out["int8_bpb"] = bits_per_byte(int8, tokenizer, texts, max_tokens)
             out["bpb_change"] = (out["int8_bpb"] - out["fp32_bpb"]) / out["fp32_bpb"]
+            if compiled:
+                out["int8_wo_bpb"] = bits_per_byte(weight_only_model(int8), tokenizer, texts, max_tokens)
+                out["bpb_change_wo"] = (out["int8_wo_bpb"] - out["fp32_bpb"]) / out["fp32_bpb"]
         return out
     finally:
         torch.set_num_threads(prev)
@@ -251,7 +280,7 @@ def _eval_texts_for(meta: dict[str, Any], data: str | Path | None) -> list[str] 
 
 def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path | None = None,
                  out_dir: str | Path | None = None, data: str | Path | None = None, register: bool = True,
-                 experiment: str = "lmops", new_tokens: int = 64, repeats: int = 3,
+                 experiment: str = "lmops", new_tokens: int = 64, repeats: int = 3, compiled: bool = True,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Quantize a registry version (default: champion) or a folder, measure it, register it as a variant.
 
@@ -274,7 +303,8 @@ def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path
     fp32, tokenizer, meta = load_model(src, "cpu")
     int8, _, _ = load_model(out, "cpu")
     texts = _eval_texts_for(meta, data)
-    metrics = compare(fp32, int8, tokenizer, texts, new_tokens=new_tokens, repeats=repeats, log=log)
+    metrics = compare(fp32, int8, tokenizer, texts, new_tokens=new_tokens, repeats=repeats, log=log,
+                      compiled=compiled)
     metrics["fp32_bytes"] = float(model_bytes(src))
     metrics["int8_bytes"] = float(model_bytes(out))
     result: dict[str, Any] = {"out_dir": str(out), "source": str(src), "source_version": src_version,

@@ -1,0 +1,126 @@
+"""The compiled decode step (lmcore.decode) against the eager model it must reproduce."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from lmcore.decode import CompiledDecoder
+from lmcore.generate import SamplingParams, generate_tokens
+from lmcore.model import ModelConfig, Transformer
+from lmcore.optimize.quantize import quantize_model, weight_only_model
+
+pytestmark = pytest.mark.model
+
+# grouped-query attention (2 kv-heads for 4 heads) and a block shorter than the generations below
+CFG = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=16)
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(CFG).eval()
+    with torch.no_grad():  # sharper distributions than the 0.02 init, so sampling choices matter
+        m.embed.weight.mul_(8)
+    return m
+
+
+def ids(out: list[tuple[int, float]]) -> list[int]:
+    return [t for t, _ in out]
+
+
+@torch.inference_mode()
+def eager_logits(model: Transformer, seq: list[int]) -> torch.Tensor:
+    """(len(seq), V) next-token logits of one forward pass over seq: the reference for every step.
+
+    Through a KV cache sized for seq, since a cacheless forward refuses more than block_size tokens.
+    """
+    return model(torch.tensor([seq]), cache=model.new_cache(1, len(seq)))[0][0]
+
+
+def test_every_step_matches_a_full_forward_pass(model):
+    seq = [5, 9, 2, 44, 17, 3, 3, 60, 1, 28] * 3  # 30 tokens: past block_size, so RoPE grows too
+    dec = CompiledDecoder(model, 32)
+    with torch.inference_mode():
+        got = [dec.prefill(seq[:1])]  # a one-token prompt: the shortest attended length is 2
+        got += [dec.step(torch.tensor([[t]])) for t in seq[1:]]
+    want = eager_logits(model, seq)
+    assert torch.allclose(torch.cat(got), want, atol=1e-4), (torch.cat(got) - want).abs().max()
+
+
+def test_greedy_and_seeded_sampling_give_the_eager_tokens(model):
+    prompt = [7, 8, 9]
+    for sp in (SamplingParams(max_new_tokens=40, temperature=0.0),
+               SamplingParams(max_new_tokens=40, temperature=1.0, top_k=20, top_p=0.9, seed=11)):
+        eager = list(generate_tokens(model, prompt, sp))
+        compiled = list(generate_tokens(model, prompt, sp, compiled=True))
+        assert ids(compiled) == ids(eager)
+        assert max(abs(a - b) for (_, a), (_, b) in zip(compiled, eager, strict=True)) < 1e-4
+
+
+def test_eos_stops_a_compiled_generation(model):
+    sp = SamplingParams(max_new_tokens=30, temperature=0.0)
+    full = ids(generate_tokens(model, [3, 4], sp, compiled=True))
+    eos = full[5]
+    cut = ids(generate_tokens(model, [3, 4], sp, eos_id=eos, compiled=True))
+    assert cut == full[: full.index(eos)] and len(cut) < len(full)
+
+
+def test_decoders_are_reused_and_concurrent_generations_get_their_own(model):
+    sp = SamplingParams(max_new_tokens=12, temperature=0.0)
+    want_a, want_b = ids(generate_tokens(model, [1, 2, 3], sp)), ids(generate_tokens(model, [9], sp))
+    first = generate_tokens(model, [1, 2, 3], sp, compiled=True)
+    second = generate_tokens(model, [9], sp, compiled=True)
+    got_a, got_b = [], []
+    for a, b in zip(first, second, strict=True):  # interleaved: both decoding at once
+        got_a.append(a[0])
+        got_b.append(b[0])
+    assert (got_a, got_b) == (want_a, want_b)
+    shared = model._lmops_decoder
+    assert not shared.lock.locked()
+    ids(generate_tokens(model, [4, 5], sp, compiled=True))
+    assert model._lmops_decoder is shared  # a free decoder that fits is used again
+
+    results: list[list[int]] = []
+    threads = [threading.Thread(target=lambda: results.append(ids(generate_tokens(model, [1, 2, 3], sp,
+                                                                                    compiled=True))))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [want_a, want_a]
+
+
+def test_a_full_cache_and_an_oversized_prompt_are_refused(model):
+    dec = CompiledDecoder(model, 4)
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.prefill([1, 2, 3, 4])
+    with torch.inference_mode():
+        dec.prefill([1, 2, 3])
+        dec.step(torch.tensor([[4]]))
+        with pytest.raises(ValueError, match="cache full"):
+            dec.step(torch.tensor([[5]]))
+
+
+def test_an_int8_model_decodes_weight_only_with_int8_weights(model):
+    int8 = quantize_model(model)
+    qkv = int8.blocks[0].attn.qkv
+    assert qkv.int8_weight.dtype == torch.int8 and qkv.int8_scale.shape == (qkv.int8_weight.shape[0],)
+    dec = CompiledDecoder(int8, 32)
+    assert dec.weights[1][0][1][0] is qkv.int8_weight  # the decoder reads the int8 tensor itself
+    seq = [5, 9, 2, 44, 17, 3, 3, 60, 1, 28, 11, 12]
+    reference = weight_only_model(int8)  # float weights equal to q * scale
+    with torch.inference_mode():
+        dec.prefill(seq[:4])  # the eager int8 model (activations quantized too) fills the prompt's slots...
+        prompt_cache = reference.new_cache(1, 4)
+        reference(torch.tensor([seq[:4]]), cache=prompt_cache)
+        for i in range(CFG.n_layer):  # ...so put weight-only keys and values there to compare the steps alone
+            dec.k[i][:, :, :4], dec.v[i][:, :, :4] = prompt_cache.k[i], prompt_cache.v[i]
+        got = torch.cat([dec.step(torch.tensor([[t]])) for t in seq[4:]])
+    want = eager_logits(reference, seq)[4:]
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    float_logits = eager_logits(model, seq)[4:]
+    assert 0 < (got - float_logits).abs().max() < 0.5  # int8 rounding shows, but stays small
