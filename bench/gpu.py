@@ -12,7 +12,8 @@ error and the rest still run.
   throughput  training tokens/s, lmcore (eager and compiled) vs transformers (eager), both under
               bf16 autocast with fused AdamW, at the CPU benchmark's large size and at a GPT-2-small
               size; MFU against the measured bf16 peak
-  generate    batch-1 greedy decoding, 500 new tokens, lmcore vs ``transformers.generate``
+  generate    batch-1 greedy decoding, 500 new tokens, lmcore (its compiled decode step, and eager
+              in the same rounds) vs ``transformers.generate``
   ddp         NCCL: ``torchrun`` launches a 1-process group that wraps lmcore in DDP and all-reduces
               (two ranks would need two GPUs: NCCL refuses two ranks on one device)
 
@@ -179,7 +180,7 @@ def section_throughput(ctx: dict) -> dict:
 def section_generate(ctx: dict) -> dict:
     from generate import measure  # bench/generate.py: the CPU benchmark's own loop, on the GPU
 
-    return measure(GPU_SIZES["large"], 65, list(range(1, 33)), 500, 3, device="cuda", compiled=False)
+    return measure(GPU_SIZES["large"], 65, list(range(1, 33)), 500, 3, device="cuda", compiled=True)
 
 
 DDP_CHILD = r"""

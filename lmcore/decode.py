@@ -39,7 +39,7 @@ from lmcore.model import Transformer
 # A weight is a float matrix (out, in), or int8 values (out, in) with float32 scales (out,).
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
-INDUCTOR_OPTIONS = {
+CPU_INDUCTOR_OPTIONS = {
     # materialise each element-wise result once: left to itself Inductor inlines the RMSNorm or
     # SwiGLU math into the int8 matrix-vector loops and recomputes it for every output row (1.5x slower)
     "realize_opcount_threshold": 1,
@@ -47,6 +47,7 @@ INDUCTOR_OPTIONS = {
     "size_asserts": False,  # per-input Python checks cost as much as a small model's arithmetic
     "alignment_asserts": False,
     "scalar_asserts": False,
+    "memory_planning": True,
 }
 
 
@@ -101,17 +102,18 @@ def _step(token, pos, slots, weights, ks, vs, rope_cos, rope_sin, n_head: int, e
     return _linear(_rms(x, norm, eps), head)[0]  # (1, V)
 
 
-_compiled_step = None
+_compiled_steps: dict[str, object] = {}
 _compile_lock = threading.Lock()
 
 
-def _compiled():
-    global _compiled_step
+def _compiled(device_type: str):
+    """The compiled step for a device type (on GPUs Inductor's defaults: Triton kernels, Python wrapper)."""
     with _compile_lock:
-        if _compiled_step is None:
+        if device_type not in _compiled_steps:
             _cache_dir()
-            _compiled_step = torch.compile(_step, fullgraph=True, dynamic=False, options=INDUCTOR_OPTIONS)
-        return _compiled_step
+            options = CPU_INDUCTOR_OPTIONS if device_type == "cpu" else {}
+            _compiled_steps[device_type] = torch.compile(_step, fullgraph=True, dynamic=False, options=options)
+        return _compiled_steps[device_type]
 
 
 class CompiledDecoder:
@@ -141,7 +143,7 @@ class CompiledDecoder:
         self._slots = torch.empty(max_len + 1, device=device)  # its slices carry the attended length
         self.lock = threading.Lock()
         self.pos = 0
-        self._fn = _compiled()  # before anything imports torch._dynamo, which fixes Inductor's cache folder
+        self._fn = _compiled(device.type)  # before anything imports torch._dynamo, which fixes Inductor's cache folder
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> torch.Tensor:

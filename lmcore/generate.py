@@ -258,12 +258,14 @@ def generate_batch(
     return dec.outputs
 
 
-def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, sp: SamplingParams) -> Iterator[str]:
+def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, sp: SamplingParams,
+                compiled: bool = False) -> Iterator[str]:
     """Text pieces as they are generated (never splits a UTF-8 character)."""
-    ids = (tok for tok, _ in generate_tokens(model, tokenizer.encode(prompt), sp, tokenizer.eos_id))
+    ids = (tok for tok, _ in generate_tokens(model, tokenizer.encode(prompt), sp, tokenizer.eos_id, compiled))
     yield from tokenizer.decode_stream(ids)
 
 
-def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, sp: SamplingParams) -> str:
-    ids = [tok for tok, _ in generate_tokens(model, tokenizer.encode(prompt), sp, tokenizer.eos_id)]
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, sp: SamplingParams,
+                  compiled: bool = False) -> str:
+    ids = [tok for tok, _ in generate_tokens(model, tokenizer.encode(prompt), sp, tokenizer.eos_id, compiled)]
     return tokenizer.decode(ids)

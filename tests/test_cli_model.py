@@ -74,6 +74,8 @@ def test_generate_is_seeded_and_streams(trained_run, capsys, monkeypatch):
     c1, a, _ = run_cli(capsys, *args, "--no-stream")
     c2, b, _ = run_cli(capsys, *args, "--stream")
     assert c1 == c2 == 0 and a == b and a.startswith("the model") and len(a) > len("the model\n")
+    c4, compiled, _ = run_cli(capsys, *args, "--no-stream", "--compile")
+    assert c4 == 0 and compiled == a  # the compiled decode step samples the same text
     c3, greedy, _ = run_cli(capsys, "generate", "the", "--temperature", "0", "--model", summary["model_dir"])
     assert c3 == 0 and greedy.startswith("the")
 

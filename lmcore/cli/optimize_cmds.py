@@ -104,6 +104,9 @@ def quantize(
                    "keep serving the fp32 version", err=True)
     if "bpb_change" in m:
         typer.echo(f"bits per byte {m['fp32_bpb']:.4f} -> {m['int8_bpb']:.4f} ({100 * m['bpb_change']:+.2f}%)")
+        if "bpb_change_wo" in m:
+            typer.echo(f"  weight-only int8 (the compiled decode step): {m['int8_wo_bpb']:.4f} "
+                       f"({100 * m['bpb_change_wo']:+.2f}%)")
     if result.get("version"):
         typer.echo(f"registered {params.registry.model_name} version {result['version']} (challenger), "
                    f"quantized from version {result['source_version']}")
