@@ -35,3 +35,17 @@ def write_corpus(folder: Path, n_files: int = 6, paragraphs: int = 40, seed: int
         paras = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "." for _ in range(paragraphs)]
         (folder / f"doc{i}.txt").write_text("\n\n".join(paras) + "\n", encoding="utf-8")
     return folder
+
+
+def sharp_model(cfg):
+    """A seeded random Transformer in eval mode with embeddings scaled up 8x: sharper distributions than
+    the 0.02 init, so greedy and sampling choices actually depend on the logits."""
+    import torch
+
+    from lmcore.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(8)
+    return model

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from _lm_helpers import sharp_model
 
 from lmcore.decode import CompiledDecoder
 from lmcore.generate import SamplingParams, generate_tokens
@@ -20,11 +21,7 @@ CFG = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, d_model=64, b
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    torch.manual_seed(0)
-    m = Transformer(CFG).eval()
-    with torch.no_grad():  # sharper distributions than the 0.02 init, so sampling choices matter
-        m.embed.weight.mul_(8)
-    return m
+    return sharp_model(CFG)
 
 
 def ids(out: list[tuple[int, float]]) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _lm_helpers import sharp_model
 
 from lmcore.generate import (
     BatchDecoder,
@@ -25,12 +26,7 @@ GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def model() -> Transformer:
-    cfg = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=16)
-    torch.manual_seed(0)
-    m = Transformer(cfg).eval()
-    with torch.no_grad():  # sharper distributions than the 0.02 init, so sampling choices matter
-        m.embed.weight.mul_(8)
-    return m
+    return sharp_model(ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=16))
 
 
 def ids(out: list[tuple[int, float]]) -> list[int]:
