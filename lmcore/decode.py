@@ -120,8 +120,8 @@ class CompiledDecoder:
     """Decode one sequence at a time with a compiled step over a static KV cache of ``max_len`` slots.
 
     :meth:`prefill` takes the prompt, :meth:`step` each new token; both return next-token
-    logits (1, V). A decoder can be reused for the next sequence (prefill resets it) but serves
-    one sequence at a time.
+    logits (1, V). One sequence at a time (prefill starts the next); decoders of the same model
+    shape and ``max_len`` share one compiled graph, so a decoder per sequence costs only its cache.
     """
 
     def __init__(self, model: Transformer, max_len: int):
@@ -141,7 +141,6 @@ class CompiledDecoder:
         )
         model._rope(0, max_len)  # grow the RoPE table now, not inside the compiled step
         self._slots = torch.empty(max_len + 1, device=device)  # its slices carry the attended length
-        self.lock = threading.Lock()
         self.pos = 0
         self._fn = _compiled(device.type)  # before anything imports torch._dynamo, which fixes Inductor's cache folder
 
@@ -164,8 +163,8 @@ class CompiledDecoder:
         """token (1, 1) for slot ``pos`` -> logits (1, V) for the slot after it."""
         if self.pos >= self.max_len:
             raise ValueError(f"decoder cache full: {self.max_len} slots")
-        # one element more than the attended length, which starts at 2 after a 1-token prompt:
-        # a dimension of size 1 would be specialised and cost a second compilation
+        # pos + 2 elements: the attended length pos + 1, plus one to keep the dimension clear of the
+        # sizes 0 and 1 that the compiler specialises (a second graph); the first step has pos >= 1
         slots = self._slots[: self.pos + 2]
         torch._dynamo.maybe_mark_dynamic(slots, 0)
         pos = torch.tensor([self.pos], device=token.device)
