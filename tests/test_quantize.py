@@ -99,12 +99,13 @@ def test_quantize_registers_a_tagged_variant_the_registry_serves(fp32_dir, modul
     assert res["version"] == str(int(src) + 1) and resolve_alias("qlm", "challenger") == res["version"]
     m = res["metrics"]
     assert m["speedup"] > 0 and abs(m["bpb_change"]) < 0.05 and m["int8_bytes"] < m["fp32_bytes"]
+    assert m["compiled_decode"] == 1.0 and abs(m["bpb_change_wo"]) < 0.05  # timed with the compiled step
     v = next(d for d in list_versions("qlm") if d["version"] == res["version"])
     assert v["tags"]["lmops.quantized_from"] == src and v["tags"]["lmops.quantization"] == QUANTIZATION
     assert v["tags"]["lmops.dataset_version"] == "test-data"  # lineage carried over from the source
     assert float(v["tags"]["lmops.speedup"]) == pytest.approx(m["speedup"], abs=1e-3)
     run = get_client().get_run(res["run_id"])
-    assert {"speedup", "bpb_change", "fp32_bpb", "int8_bpb"} <= set(run.data.metrics)
+    assert {"speedup", "bpb_change", "fp32_bpb", "int8_bpb", "bpb_change_wo"} <= set(run.data.metrics)
     folder, _ = fetch_model_dir(f"models:/qlm/{res['version']}")
     model, tok, meta = load_model(folder)
     assert meta["quantization"] == QUANTIZATION and _is_int8(model.blocks[0].attn.qkv)
