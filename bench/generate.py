@@ -56,11 +56,11 @@ def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, dev
                              min_new_tokens=n, use_cache=True)
         out["reference"] = y[0, len(prompt) :].tolist()
 
-    first = timed(run_ours)  # warm up all (the first compiled run compiles)
-    run_ref()
     runs = {"lmops": run_ours, "reference": run_ref} | ({"lmops_eager": run_eager} if compiled else {})
-    for fn in list(runs.values())[2:]:
-        fn()
+    first = timed(run_ours)  # warm up all (the first compiled run compiles)
+    for name, fn in runs.items():
+        if name != "lmops":
+            fn()
     sec = interleaved(runs, repeats)
     lm, rf = n / sec["lmops"], n / sec["reference"]
     agree = next((i for i, (a, b) in enumerate(zip(out["lmops"], out["reference"], strict=True)) if a != b), n)

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmcore.model import Transformer
+from lmcore.model import Transformer, apply_rope
 
 # A weight is a float matrix (out, in), or int8 values (out, in) with float32 scales (out,).
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -89,9 +89,7 @@ def _step(token, pos, slots, weights, ks, vs, rope_cos, rope_sin, n_head: int, e
     for (attn_norm, qkv_w, proj_w, mlp_norm, gate_up_w, down_w), kc, vc in zip(blocks, ks, vs, strict=True):
         qkv = _linear(_rms(x, attn_norm, eps), qkv_w).view(n_head + 2 * Hkv, D)
         qk, v = qkv.split((n_head + Hkv, Hkv), dim=0)
-        # lmcore.model.apply_rope, with roll(D/2) spelled as a cat of the halves (vectorises better)
-        qk = qk * cos + torch.cat((qk[:, D // 2 :], qk[:, : D // 2]), dim=-1) * sin
-        q, k = qk.split((n_head, Hkv), dim=0)  # (H, D), (Hkv, D)
+        q, k = apply_rope(qk, cos, sin).split((n_head, Hkv), dim=0)  # (H, D), (Hkv, D)
         kc.index_copy_(2, pos, k.view(1, Hkv, 1, D))  # kc, vc: (1, Hkv, L, D)
         vc.index_copy_(2, pos, v.view(1, Hkv, 1, D))
         att = (q.view(Hkv, G, D) @ kc[0, :, :n].transpose(-1, -2)) * D**-0.5  # (Hkv, G, n)

@@ -108,6 +108,9 @@ def _prompt(model: Transformer, prompt_ids: list[int], eos_id: int | None) -> li
     return list(prompt_ids[-model.cfg.block_size :]) or [eos_id if eos_id is not None else 0]
 
 
+DECODER_SLOTS = 256  # compiled decoders' caches come in multiples of this, so one graph serves many lengths
+
+
 @torch.inference_mode()
 def generate_tokens(
     model: Transformer, prompt_ids: list[int], sp: SamplingParams, eos_id: int | None = None,
@@ -123,33 +126,20 @@ def generate_tokens(
     gen = _generator(sp, device)
     ids = _prompt(model, prompt_ids, eos_id)
     stop = eos_id if (sp.stop_at_eos and eos_id is not None) else None
-    if compiled:
-        yield from _generate_compiled(model, ids, sp, gen, stop)
-        return
-    cache = model.new_cache(1, len(ids) + sp.max_new_tokens)
-    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T) prefill, then (1, 1) per step
+    slots = len(ids) + sp.max_new_tokens
     with decode_threads(device, model.cfg.n_weights):
-        for _ in range(sp.max_new_tokens):
-            logits, _ = model(x, cache=cache, last_only=True)  # (1, 1, V)
-            nxt, prob = pick_next(logits[:, -1, :], sp, gen)
-            token = int(nxt)
-            if token == stop:
-                return
-            yield token, float(prob)
-            x = nxt.view(1, 1)
+        if compiled:  # a fresh decoder per sequence (a few MB of cache, ~1 ms): the compiled graph is shared
+            from lmcore.decode import CompiledDecoder
 
+            dec = CompiledDecoder(model, -(-slots // DECODER_SLOTS) * DECODER_SLOTS)
+            logits, step = dec.prefill(ids), dec.step  # (1, V); step: (1, 1) -> (1, V)
+        else:
+            cache = model.new_cache(1, slots)
 
-DECODER_SLOTS = 256  # compiled decoders' caches come in multiples of this, so one graph serves many lengths
+            def step(x: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, V) after its last token
+                return model(x, cache=cache, last_only=True)[0][:, -1, :]
 
-
-def _generate_compiled(model: Transformer, ids: list[int], sp: SamplingParams, gen: torch.Generator | None,
-                       stop: int | None) -> Iterator[tuple[int, float]]:
-    """A fresh decoder per sequence (a few MB of cache, ~1 ms): the compiled graph itself is shared."""
-    from lmcore.decode import CompiledDecoder
-
-    dec = CompiledDecoder(model, -(-(len(ids) + sp.max_new_tokens) // DECODER_SLOTS) * DECODER_SLOTS)
-    with decode_threads(model.embed.weight.device, model.cfg.n_weights):
-        logits = dec.prefill(ids)  # (1, V)
+            logits = step(torch.tensor([ids], dtype=torch.long, device=device))
         for i in range(sp.max_new_tokens):
             nxt, prob = pick_next(logits, sp, gen)
             token = int(nxt)
@@ -157,7 +147,7 @@ def _generate_compiled(model: Transformer, ids: list[int], sp: SamplingParams, g
                 return
             yield token, float(prob)
             if i + 1 < sp.max_new_tokens:
-                logits = dec.step(nxt.view(1, 1))
+                logits = step(nxt.view(1, 1))
 
 
 class BatchDecoder:
