@@ -4,7 +4,7 @@ Same layers, heads, width, intermediate size (Llama rule: 384 / 1024), tied embe
 vocab (65: char-level tinyshakespeare), batch and sequence, same initial weights and the
 same batches. lmops trains with its real optimizer (``lmcore.optim.build_optimizers`` with
 the default ``TrainParams``: AdamW, decay on matrices only) in the precision ``lmops train``
-picks (``lmcore.device.autocast_dtype``: bf16 autocast on AMX CPUs for models >= 192 wide,
+picks (``lmcore.device.autocast_dtype``: bf16 autocast on AMX CPUs for models >= 128 wide,
 else fp32); the reference with a plain ``torch.optim.AdamW`` and ``F.cross_entropy`` on its
 logits, in fp32 (transformers' default). Where lmops picks bf16, lmops in fp32 is timed too
 (``ratio_fp32``: the same precision on both sides). Each side runs several optimizer steps

@@ -78,3 +78,28 @@ def test_tied_embeddings_share_storage_and_limits_are_enforced():
     cache = tied.new_cache(1, 4)
     with torch.no_grad(), pytest.raises(ValueError, match="cache full"):
         tied(torch.zeros(1, 5, dtype=torch.long), cache=cache)
+
+
+def test_cpu_bf16_training_attention_runs_as_plain_matmuls_with_fp32_gradients():
+    """SDPA's fused CPU kernel has a slow bf16 backward: bf16 training uses its math path instead."""
+    from torch.profiler import profile
+
+    model = make(n_kv_head=2).train()
+    x = torch.randint(0, 53, (4, 32))
+    _, ref_loss = model(x, x)
+    ref_loss.backward()
+    ref_grad = model.blocks[0].attn.qkv.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    with profile() as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" in ops
+    assert not any("flash" in op for op in ops), sorted(op for op in ops if "flash" in op)
+    torch.testing.assert_close(loss, ref_loss, atol=0.02, rtol=0.02)
+    grad = model.blocks[0].attn.qkv.weight.grad
+    assert grad.dtype == torch.float32 and F.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0) > 0.99
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), profile() as prof:
+        model.eval()(x)  # inference keeps SDPA's own choice
+    assert "aten::_scaled_dot_product_attention_math" not in {e.key for e in prof.key_averages()}
