@@ -84,6 +84,11 @@ class Settings:
     def inductor_cache(self) -> Path:
         return self.home / "cache" / "inductor"
 
+    @property
+    def decode_cache(self) -> Path:
+        """AOT-compiled decode steps (``lmcore.decode``), one library per model shape."""
+        return self.home / "cache" / "decode"
+
     def ensure(self) -> Settings:
         self.home.mkdir(parents=True, exist_ok=True)
         return self
