@@ -136,7 +136,9 @@ def _cpu_runner(args: tuple, n_head: int, eps: float) -> Runner:
     leaves = tree_flatten(args)[0]
     int8 = any(t.dtype == torch.int8 for t in leaves)
     options = {**CPU_INDUCTOR_OPTIONS, **(CPU_INT8_OPTIONS if int8 else {})}
-    sig = [torch.__version__, torch.get_num_threads(), n_head, eps, sorted(options.items())]
+    # the library is built for this CPU's vector ISA (a home shared with another machine gets its own)
+    sig = [torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), n_head, eps,
+           sorted(options.items())]
     sig += [(tuple(t.shape), str(t.dtype)) for i, t in enumerate(leaves) if i != 2]  # leaf 2: slots, dynamic
     key = hashlib.sha256(repr(sig).encode()).hexdigest()[:24]
     with _compile_lock:

@@ -116,3 +116,23 @@ def test_an_int8_model_decodes_weight_only_with_int8_weights(model):
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     float_logits = eager_logits(model, seq)[4:]
     assert 0 < (got - float_logits).abs().max() < 0.5  # int8 rounding shows, but stays small
+
+
+def test_a_new_process_loads_the_compiled_step_from_disk(model, monkeypatch):
+    """The AOT-compiled library is kept under the lmops home: a later process (here: an emptied
+    in-process table) loads it instead of compiling again, and it decodes the same logits."""
+    from lmcore import decode
+    from lmcore.settings import get_settings
+
+    seq = [3, 14, 15, 9, 26, 5]
+    first = CompiledDecoder(model, 32)
+    libraries = sorted(get_settings().decode_cache.glob("step-*.pt2"))
+    assert libraries
+    monkeypatch.setattr(decode, "_runners", {})
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", None)  # compiling again would fail
+    second = CompiledDecoder(model, 32)
+    assert sorted(get_settings().decode_cache.glob("step-*.pt2")) == libraries
+    with torch.inference_mode():
+        a = [first.prefill(seq[:2])] + [first.step(torch.tensor([[t]])) for t in seq[2:]]
+        b = [second.prefill(seq[:2])] + [second.step(torch.tensor([[t]])) for t in seq[2:]]
+    assert torch.equal(torch.cat(a), torch.cat(b))
