@@ -24,6 +24,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,19 +120,37 @@ def default_storage() -> str:
 
 
 def open_storage(url: str) -> Any:
-    """An Optuna RDB storage; SQLite gets a long busy timeout so several workers can share a file."""
+    """An Optuna RDB storage; SQLite gets a long busy timeout so several workers can share a file.
+
+    Workers started together race to create the schema (the loser hits a UNIQUE constraint on
+    Optuna's alembic version row): a SQLite file is created under a file lock, and any URL is
+    retried a few times on such an error before giving up.
+    """
     import optuna
 
+    from lmcore.locks import file_lock
+
     engine_kwargs: dict[str, Any] = {}
+    lock_path = None
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    try:
-        with warnings.catch_warnings():  # heartbeat_interval is flagged experimental; it reaps dead workers' trials
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30,
-                                              grace_period=120)
-    except Exception as e:  # SQLAlchemy / Optuna raise many types for a bad URL
-        raise LmopsError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
+        db = url.split(":///", 1)[-1]
+        if db and db != ":memory:" and Path(db).parent.is_dir():
+            lock_path = f"{db}.create.lock"
+    for attempt in range(4):
+        try:
+            lock = file_lock(lock_path, timeout_s=120) if lock_path else nullcontext()
+            with lock, warnings.catch_warnings():  # heartbeat_interval is flagged experimental; it reaps dead trials
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30,
+                                                  grace_period=120)
+        except Exception as e:  # SQLAlchemy / Optuna raise many types for a bad URL
+            racing = type(e).__name__ == "IntegrityError" or any(
+                m in str(e) for m in ("already exists", "database is locked"))
+            if attempt < 3 and racing:  # another worker is creating the schema
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise LmopsError(f"cannot open the study storage {url}: {str(e).splitlines()[0]}") from None
 
 
 # --------------------------------------------------------------------------- sweep
