@@ -120,7 +120,8 @@ def generate_tokens(
 
     Generation may run past ``block_size``: the cache is sized for prompt + new tokens and the
     RoPE table grows as needed. ``compiled`` decodes with :class:`lmcore.decode.CompiledDecoder`
-    (same tokens, about 2x faster per token on a CPU, but the first call compiles for 10-30 s).
+    (same tokens, 2-3x faster per token on a CPU; the first call for a model shape compiles for
+    20-30 s, later processes load the result from the lmops home).
     """
     device = model.embed.weight.device
     gen = _generator(sp, device)

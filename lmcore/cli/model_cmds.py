@@ -151,8 +151,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
         stream: bool = typer.Option(True, "--stream/--no-stream", help="Print tokens as they are generated."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-        compile_: bool = typer.Option(False, "--compile", help="Decode with a compiled step: about 2x faster per "
-                                      "token on a CPU, after a one-off 10-30 s compile (cached on disk)."),
+        compile_: bool = typer.Option(False, "--compile", help="Decode with a compiled step: 2-3x faster per "
+                                      "token on a CPU, after a one-off 20-30 s compile (cached on disk)."),
     ) -> None:
         """Continue PROMPT with a trained model (KV-cached sampling: greedy, temperature, top-k, top-p)."""
         from lmcore.checkpoint import load_model
