@@ -15,6 +15,13 @@ def _overrides(sets: list[str] | None) -> dict:
     return dict(parse_override(s) for s in (sets or []))
 
 
+def _prepare_prefect() -> None:
+    """Create Prefect's local database as its own step, so a first flow's server start fits its timeout."""
+    from flows.prefect_home import prepare_prefect_database
+
+    prepare_prefect_database(echo=lambda m: typer.secho(m, err=True, dim=True))
+
+
 @app.command()
 def run(
     source: list[str] = typer.Option(
@@ -31,11 +38,15 @@ def run(
     params a re-run is cached and does no training work.
     """
     load_params_cli(params, sets)  # fail fast on bad params, before Prefect starts
+    from flows.prefect_home import prefect_start_errors
+
+    _prepare_prefect()
     typer.secho("starting the training flow (Prefect) ...", err=True, dim=True)
     from flows.reporting import terminal_summary
     from flows.training import training_flow
 
-    summary = training_flow(sources=source or None, params_path=params, overrides=_overrides(sets))
+    with prefect_start_errors():
+        summary = training_flow(sources=source or None, params_path=params, overrides=_overrides(sets))
     if as_json:
         emit_json(summary)
     else:
@@ -51,8 +62,11 @@ def harvest(
     """Turn new user feedback into validated, versioned training data (and train if enough arrived)."""
     load_params_cli(params, None)
     from flows.harvest import harvest_flow
+    from flows.prefect_home import prefect_start_errors
 
-    result = harvest_flow(params_path=params, trigger_training=not no_train)
+    _prepare_prefect()
+    with prefect_start_errors():
+        result = harvest_flow(params_path=params, trigger_training=not no_train)
     if as_json:
         emit_json(result)
         return
@@ -79,6 +93,8 @@ def schedule(
     """
     p = load_params_cli(params, None)
     from flows.schedule import serve_schedules
+
+    _prepare_prefect()  # the local server it starts uses the same database
 
     serve_schedules(p, params, port=port, echo=lambda m: typer.echo(m, err=True))
 

@@ -113,6 +113,9 @@ def apply_environment(settings: Settings | None = None) -> Settings:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    # Prefect waits 20 s for its ephemeral API server; on a busy 2-core machine a start takes ~25 s
+    # (a first one ~45 s, creating the database), so a generous default, which the user's own wins over.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("MPLCONFIGDIR", str(settings.home / "matplotlib"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.inductor_cache))  # torch.compile's code cache
     return settings
