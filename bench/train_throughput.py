@@ -4,8 +4,8 @@ Same layers, heads, width, intermediate size (Llama rule: 384 / 1024), tied embe
 vocab (65: char-level tinyshakespeare), batch and sequence, same initial weights and the
 same batches. lmops trains with its real optimizer (``lmcore.optim.build_optimizers`` with
 the default ``TrainParams``: AdamW, decay on matrices only) in the precision ``lmops train``
-picks (``lmcore.device.autocast_dtype``: bf16 autocast on AMX CPUs for models >= 128 wide,
-else fp32); the reference with a plain ``torch.optim.AdamW`` and ``F.cross_entropy`` on its
+picks (``lmcore.device.training_choices``: bf16 autocast where this machine's probe measured a
+faster bf16 step at this shape, else fp32); the reference with a plain ``torch.optim.AdamW`` and ``F.cross_entropy`` on its
 logits, in fp32 (transformers' default). Where lmops picks bf16, lmops in fp32 is timed too
 (``ratio_fp32``: the same precision on both sides). Each side runs several optimizer steps
 per round, rounds alternate (ABBA...), medians are reported, plus lmcore's MFU against the
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from _common import (
     SIZES,
     char_corpus,
+    cpu_header,
     emit,
     flops_per_token,
     interleaved,
@@ -57,7 +58,8 @@ def lmops_optimizers(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
 
 
 def measure(name: str, vocab: int, data: torch.Tensor, rounds: int, compile: bool = False) -> dict:
-    from lmcore.device import autocast_dtype
+    from lmcore.config import TrainParams
+    from lmcore.device import training_choices
 
     size = SIZES[name]
     steps, default_rounds = PLAN[name]
@@ -68,7 +70,9 @@ def measure(name: str, vocab: int, data: torch.Tensor, rounds: int, compile: boo
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-4, weight_decay=0.1)
     data_batches = batches(data, size["batch"], size["seq"], steps)
     fwd = torch.compile(ours) if compile else ours
-    amp = autocast_dtype(torch.device("cpu"), "auto", size["d_model"])
+    # the precision `lmops train` picks here (train.dtype auto: this machine's probe at this shape)
+    amp = training_choices(torch.device("cpu"), TrainParams(optimizer="adamw", batch_size=size["batch"]),
+                           ours.cfg).autocast
 
     def step_ours(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = amp) -> None:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -107,6 +111,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="time lmops under torch.compile")
     args = p.parse_args()
     setup(args)
+    cpu_header()
     from _common import quiet_transformers
 
     quiet_transformers()

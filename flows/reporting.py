@@ -49,7 +49,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"- **Dataset version** `{d['version']}` (git `{d.get('git_rev') or '-'}`): "
         f"{d['rows']} rows read this run, {d['accepted']} accepted, {d['quarantined']} quarantined",
         f"- **Training**: {s['train']['steps']} steps in {s['train']['seconds']} s"
-        f" ({'cached, not retrained' if s['cached']['train'] else 'trained this run'})",
+        f" ({'cached, not retrained' if s['cached']['train'] else 'trained this run'}); resolved on this machine: "
+        + ", ".join(f"{k} `{v}`" for k, v in (s["train"].get("choices") or {}).items()),
         f"- **MLflow run** `{s['train']['run_id']}` ({mlflow_run_link(s['train']['run_id'])})",
         f"- **Gate**: {'PROMOTED' if g['promoted'] else 'kept champion'}: {g['reason']}",
         f"- **Deploy**: {s['deploy']}",

@@ -125,6 +125,8 @@ def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: 
             Path(data_dir), out, params.model, params.train,
             progress=True, on_metrics=tracker.log_metrics, dataset_version=version,
         )
+        # what `auto` resolved to on this machine, beside the params that said `auto`
+        tracker.log_params({f"resolved.{k}": v for k, v in result.choices.items()})
         tracker.flush()
     except BaseException:
         tracker.finish("FAILED")
@@ -138,6 +140,7 @@ def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: 
         "steps": result.steps,
         "seconds": round(result.seconds, 2),
         "stopped_by": result.stopped_by,
+        "choices": result.choices,
     }
 
 

@@ -41,6 +41,14 @@ def run_cached(task, output_exists: Callable[[Any], bool], *args: Any):
     return state
 
 
+def _choices_line(choices: dict | None) -> str:
+    """``adamw, float32 (probe: AMD EPYC, avx2)``: what ``auto`` meant on this machine."""
+    if not choices:
+        return ""
+    where = f" ({choices['source']}: {choices['cpu']}, {choices['cpu_class']})" if "cpu" in choices else ""
+    return f"{choices['optimizer']}, {choices['dtype']}{where}"
+
+
 @flow(name="training", log_prints=True)
 def training_flow(
     sources: list[str] | None = None,
@@ -77,7 +85,8 @@ def training_flow(
             train_task, lambda t: (Path(t["model_dir"]) / "config.json").is_file(), prepared, data, params, lineage
         )
         trained = trained_state.result()
-        note["done"] = "cached, no training work" if _cached(trained_state) else f"{trained['steps']} steps"
+        note["done"] = "cached, no training work" if _cached(trained_state) else (
+            f"{trained['steps']} steps, {_choices_line(trained.get('choices'))}")
 
     with stage(4, steps, "evaluate + track") as note:
         eval_state = run_cached(

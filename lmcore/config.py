@@ -126,7 +126,7 @@ class TrainParams:
         _require(self.max_minutes >= 0, "train.max_minutes must be >= 0 (0 = no limit)")
         _require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
         _require(self.weight_decay >= 0 and self.grad_clip >= 0, "train.weight_decay and grad_clip must be >= 0")
-        _require(self.optimizer in ("adamw", "muon"), "train.optimizer must be 'adamw' or 'muon'")
+        _require(self.optimizer in ("auto", "adamw", "muon"), "train.optimizer must be auto, adamw or muon")
         _require(self.dtype in ("auto", "float32", "bfloat16"), "train.dtype must be auto, float32 or bfloat16")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "train.device must be auto, cpu, cuda or cuda:N")

@@ -1,15 +1,18 @@
 """Where tensors live and in which precision: one rule for train, evaluate and serve.
 
-``auto`` means the first CUDA device when there is one, else the CPU. Mixed precision (bf16
-autocast) is on by default where it pays: on CUDA, and on CPUs with AMX-BF16 matrix units
-(Intel Sapphire Rapids and later) for models at least ``AMX_MIN_WIDTH`` wide. Measured on a
-2-core Sapphire Rapids VM, training steps bf16 vs fp32 (4 layers, batch 12 x 64): at width
-128, 1.3x faster eager and 1.4x compiled; at width 64, even eager (0.95x) and 1.2x compiled,
-so narrower models stay fp32. This needs ``lmcore.model``'s plain-matmul attention for CPU
-bf16 training: with SDPA's fused CPU kernel the bf16 backward alone took half the step.
+``auto`` means the first CUDA device when there is one, else the CPU. What ``train.dtype: auto``
+and ``train.optimizer: auto`` mean is decided by :func:`training_choices`: on CUDA, bf16 autocast
+(where supported) and Muon with its bf16 iteration; on a CPU, whatever :mod:`lmcore.probe`
+measured to be faster on this machine at this model's shapes. That matters in both directions:
+on a 2-core AMX Xeon bf16 training steps were 1.3-2x faster than fp32 from 128 wide, on a 2-core
+AVX2-only EPYC bf16 matrix products run at 1-3 GFLOP/s against ~80 for fp32. CPU bf16 training
+needs ``lmcore.model``'s plain-matmul attention: with SDPA's fused CPU kernel the bf16 backward
+alone took half the step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -33,31 +36,60 @@ def pick_device(name: str = "auto") -> torch.device:
     raise LmopsError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)")
 
 
-AMX_MIN_WIDTH = 128
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX tiles and AVX512-BF16 (oneDNN then runs bf16 matmuls on them)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported())
-    except (AttributeError, RuntimeError):  # private probes: absent on other torch builds
-        return False
+@dataclass(frozen=True)
+class TrainingChoices:
+    """What ``lmops train`` runs with on this device: resolved ``auto`` params and why."""
+
+    autocast: torch.dtype | None  # None = plain float32
+    optimizer: str  # "adamw" | "muon"
+    muon_ns_dtype: torch.dtype
+    source: str  # "params", "cuda" or "probe": where the answers came from
+    probe: dict | None = None  # the probe's measurements and decisions, when one was used
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.autocast).removeprefix("torch.") if self.autocast else "float32"
+
+    def to_dict(self) -> dict:
+        """Flat and JSON-friendly: the train summary, the MLflow run and ``lmops info`` show these."""
+        out = {"dtype": self.dtype_name, "optimizer": self.optimizer,
+               "muon_ns_dtype": str(self.muon_ns_dtype).removeprefix("torch."), "source": self.source}
+        if self.probe:
+            d, m = self.probe["decisions"], self.probe["measurements"]
+            out.update(cpu=self.probe["machine"]["cpu"], cpu_class=self.probe["machine"]["cpu_class"],
+                       fp32_gflops=m["fp32_gflops"], bf16_gflops=m["bf16_gflops"],
+                       muon_overhead=d["muon_overhead"])
+        return out
 
 
-def autocast_dtype(device: torch.device, dtype_param: str = "auto", d_model: int = 0,
-                   amx: bool | None = None) -> torch.dtype | None:
-    """The autocast dtype for ``train.dtype`` on ``device`` for a model ``d_model`` wide; ``None`` = float32.
+def _check_dtype(dtype_param: str) -> None:
+    if dtype_param not in ("auto", *DTYPES):
+        raise LmopsError(f"unknown dtype '{dtype_param}' (use auto, float32 or bfloat16)")
 
-    ``amx`` overrides the CPU probe (tests).
+
+def training_choices(device: torch.device, train, cfg=None, probe_result=None) -> TrainingChoices:
+    """Resolve ``train.dtype`` and ``train.optimizer`` (``TrainParams``) for a model ``cfg`` (``ModelConfig``).
+
+    Explicit values are kept as given. On a CPU, any ``auto`` (and Muon's iteration precision)
+    follows the machine's probe at ``cfg``'s shapes; ``probe_result`` passes one in (tests, DDP ranks).
     """
-    if dtype_param == "float32":
-        return None
-    if dtype_param == "bfloat16":
-        return torch.bfloat16
-    if dtype_param == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        if device.type == "cpu" and d_model >= AMX_MIN_WIDTH and (cpu_has_amx_bf16() if amx is None else amx):
-            return torch.bfloat16
-        return None
-    raise LmopsError(f"unknown dtype '{dtype_param}' (use auto, float32 or bfloat16)")
+    _check_dtype(train.dtype)
+    explicit = train.dtype != "auto" and train.optimizer != "auto"
+    if device.type == "cuda" or (explicit and train.optimizer != "muon"):
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = DTYPES.get(train.dtype, torch.bfloat16 if bf16 else None)
+        optimizer = "muon" if train.optimizer == "auto" else train.optimizer
+        return TrainingChoices(None if dtype is torch.float32 else dtype, optimizer,
+                               torch.bfloat16 if bf16 else torch.float32, "cuda" if device.type == "cuda" else "params")
+    if probe_result is None:
+        from lmcore.probe import Shape, probe
+
+        probe_result = probe(Shape.of(cfg, train.batch_size))
+    d = probe_result.decisions
+    dtype = DTYPES[d.train_dtype if train.dtype == "auto" else train.dtype]
+    optimizer = d.optimizer if train.optimizer == "auto" else train.optimizer
+    return TrainingChoices(None if dtype is torch.float32 else dtype, optimizer, DTYPES[d.muon_ns_dtype],
+                           "probe", probe_result.to_dict())

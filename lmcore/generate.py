@@ -8,10 +8,10 @@ and a row of a batch samples exactly as it would alone.
 Speed notes (CPU): a decode step is a few hundred tiny ops, so per-op overhead rules.
 For small models intra-op threads cost more than they give (and collapse when the CPU is
 shared: 2 threads were 8-13x slower than 1 on a busy 2-core box), while a larger model's
-matrix-vector products do gain from them. So :func:`decode_threads` runs decoding of models
-under ``SMALL_MODEL_WEIGHTS`` on one thread and leaves torch's setting for larger ones;
-``LMOPS_DECODE_THREADS`` overrides (0 = always leave torch's setting). Greedy picks skip the
-full softmax's extra ops.
+matrix-vector products may gain from them, depending on the CPU. So :func:`decode_threads`
+uses the count :func:`lmcore.probe.decode_probe` measured faster for the model's shape on this
+machine; ``LMOPS_DECODE_THREADS`` overrides (0 = always leave torch's setting). Greedy picks
+skip the full softmax's extra ops.
 """
 
 from __future__ import annotations
@@ -38,23 +38,32 @@ class SamplingParams:
     stop_at_eos: bool = True
 
 
-SMALL_MODEL_WEIGHTS = 4_000_000
 _threads_lock = threading.Lock()
 _threads_users = 0
 _threads_saved = 0
 
 
 @contextmanager
-def decode_threads(device: torch.device | str = "cpu", n_weights: int = 0) -> Iterator[None]:
-    """Run CPU decoding of a model with ``n_weights`` weights on the right number of intra-op threads.
+def decode_threads(device: torch.device | str = "cpu", cfg=None) -> Iterator[None]:
+    """Run CPU decoding of a model (``cfg``: its ``ModelConfig``) on the thread count its probe chose.
 
     Reference-counted, so overlapping generations in several threads restore the original
     setting only when the last one leaves.
     """
     global _threads_users, _threads_saved
+    if torch.device(device).type != "cpu":
+        yield
+        return
     env = os.environ.get("LMOPS_DECODE_THREADS", "")
-    want = int(env) if env.strip() else (1 if n_weights < SMALL_MODEL_WEIGHTS else 0)
-    if want <= 0 or torch.device(device).type != "cpu":
+    if env.strip():
+        want = int(env)
+    elif cfg is not None:
+        from lmcore.probe import decode_probe
+
+        want = decode_probe(cfg).decode_threads
+    else:
+        want = 0
+    if want <= 0:
         yield
         return
     with _threads_lock:
@@ -128,7 +137,7 @@ def generate_tokens(
     ids = _prompt(model, prompt_ids, eos_id)
     stop = eos_id if (sp.stop_at_eos and eos_id is not None) else None
     slots = len(ids) + sp.max_new_tokens
-    with decode_threads(device, model.cfg.n_weights):
+    with decode_threads(device, model.cfg):
         if compiled:  # a fresh decoder per sequence (a few MB of cache, ~1 ms): the compiled graph is shared
             from lmcore.decode import CompiledDecoder
 
@@ -168,7 +177,6 @@ class BatchDecoder:
             raise ValueError("BatchDecoder needs at least one prompt")
         self.model = model
         self.device = model.embed.weight.device
-        self._n_weights = model.cfg.n_weights
         self.sps = list(sp) if isinstance(sp, list | tuple) else [sp] * len(prompts_ids)
         if len(self.sps) != len(prompts_ids):
             raise ValueError("one SamplingParams per prompt, or one for all")
@@ -195,7 +203,7 @@ class BatchDecoder:
         """One forward pass for every row; returns the (row, token, probability) emitted by this step."""
         if self.done:
             return []
-        with decode_threads(self.device, self._n_weights):
+        with decode_threads(self.device, self.model.cfg):
             logits, _ = self.model(self._next, cache=self.cache, last_only=True)  # (B, 1, V)
             logits = logits[:, -1, :]  # (B, V)
             B = logits.size(0)

@@ -3,8 +3,13 @@
 ``adamw``: one AdamW with two groups, because weight decay should shrink matrices (2D
 weights) but not gains, biases or embeddings. ``muon``: ``torch.optim.Muon`` (momentum
 orthogonalised by Newton-Schulz, Keller Jordan's recipe) for the 2D hidden matrices of the
-blocks, AdamW for embeddings, norms and the output head, as in modded-nanogpt. Every group
-carries ``base_lr``; :func:`set_lr` scales all of them by one schedule multiplier.
+blocks, AdamW for embeddings, norms and the output head, as in modded-nanogpt. ``auto``: the
+one of the two that :mod:`lmcore.probe` finds faster per wall-clock second on this machine.
+Every group carries ``base_lr``; :func:`set_lr` scales all of them by one schedule multiplier.
+
+torch's Muon runs Newton-Schulz in bf16, which is right on GPUs and AMX CPUs but 30-100x slower
+than fp32 on AVX2-only CPUs (1-3 GFLOP/s): there it quartered the training speed. :class:`Muon`
+is torch's optimizer with the iteration's precision as a parameter, chosen by the probe.
 """
 
 from __future__ import annotations
@@ -14,6 +19,56 @@ import math
 import torch
 
 from lmcore.errors import LmopsError
+
+
+def newton_schulz(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation of a 2D ``g``, in ``dtype``."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T  # (small, large): the Gram matrix is the small side squared
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` with Newton-Schulz in ``ns_dtype`` (torch's own hard-codes bf16).
+
+    The update is torch's single-tensor one (momentum, Nesterov, decoupled weight decay, the
+    learning-rate adjustment), so state dicts are interchangeable with ``torch.optim.Muon``.
+    """
+
+    def __init__(self, params, *, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim._muon import _adjust_lr  # torch's rule for the shape-dependent lr
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            self._init_group(group, params, grads, bufs)
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p, grad, buf in zip(params, grads, bufs, strict=True):
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                       self.ns_dtype)
+                p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
 
 
 def _is_hidden_matrix(name: str, p: torch.nn.Parameter) -> bool:
@@ -43,28 +98,34 @@ def adamw_groups(named: list[tuple[str, torch.nn.Parameter]], lr: float, weight_
     return groups
 
 
-def build_optimizers(model: torch.nn.Module, train) -> list[torch.optim.Optimizer]:
-    """Optimizers for ``train.optimizer`` (a ``TrainParams``); step them all each iteration."""
+def build_optimizers(model: torch.nn.Module, train, optimizer: str | None = None,
+                     ns_dtype: torch.dtype = torch.bfloat16) -> list[torch.optim.Optimizer]:
+    """Optimizers for ``optimizer`` (default ``train.optimizer``; ``auto`` must be resolved by the
+    caller, see :func:`lmcore.probe.training_choices`); step them all each iteration.
+
+    ``ns_dtype`` is Muon's Newton-Schulz precision.
+    """
     named = _named_unique(model)
-    fused = {"fused": True} if all(p.is_cuda for _, p in named) else {}
+    # one fused kernel per step instead of ~10 small ops per tensor: CUDA and CPU alike (torch >= 2.4)
+    fused = {"fused": True} if {p.device.type for _, p in named} in ({"cpu"}, {"cuda"}) else {}
     betas = (train.beta1, train.beta2)
-    if train.optimizer == "adamw":
+    optimizer = optimizer or train.optimizer
+    if optimizer == "adamw":
         return [torch.optim.AdamW(adamw_groups(named, train.lr, train.weight_decay), betas=betas, **fused)]
-    if train.optimizer == "muon":
-        if not hasattr(torch.optim, "Muon"):
-            raise LmopsError("train.optimizer=muon needs torch>=2.9 (torch.optim.Muon)")
+    if optimizer == "muon":
         hidden = [p for n, p in named if _is_hidden_matrix(n, p)]
         rest = [(n, p) for n, p in named if not _is_hidden_matrix(n, p)]
         opts: list[torch.optim.Optimizer] = []
         if hidden:
-            opts.append(torch.optim.Muon(
+            opts.append(Muon(
                 [{"params": hidden, "lr": train.muon_lr, "base_lr": train.muon_lr, "name": "muon"}],
                 lr=train.muon_lr, weight_decay=train.weight_decay, momentum=train.muon_momentum, nesterov=True,
+                ns_dtype=ns_dtype,
             ))
         if rest:
             opts.append(torch.optim.AdamW(adamw_groups(rest, train.lr, train.weight_decay), betas=betas, **fused))
         return opts
-    raise LmopsError(f"unknown optimizer '{train.optimizer}' (use adamw or muon)")
+    raise LmopsError(f"unknown optimizer '{optimizer}' (use adamw, muon or auto)")
 
 
 def lr_multiplier(step: int, frac: float, train) -> float:

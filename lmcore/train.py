@@ -32,6 +32,7 @@ from lmcore.errors import LmopsError
 
 if TYPE_CHECKING:
     from lmcore.config import ModelParams, TrainParams
+    from lmcore.device import TrainingChoices
 
 STATE = "trainer_state.pt"
 HISTORY_FIELDS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s")
@@ -48,6 +49,7 @@ class TrainResult:
     final_val_loss: float | None
     history_csv: Path
     stopped_by: str  # "max_steps" | "max_minutes"
+    choices: dict  # resolved dtype / optimizer / Muon precision and where they came from (lmcore.device)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -79,6 +81,18 @@ def _dist_setup(device: torch.device) -> tuple[_Dist, torch.device]:
     if owned:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return _Dist(dist.get_rank(), dist.get_world_size(), local, owned), device
+
+
+def _rank0_choices(resolve: Callable[[], TrainingChoices], d: _Dist, device: torch.device) -> TrainingChoices:
+    """Rank 0 resolves the training choices and every rank takes them: ranks probing at once on
+    shared cores would slow each other's timings and could disagree on a close call."""
+    if d.world == 1:
+        return resolve()
+    import torch.distributed as dist
+
+    box = [resolve() if d.main else None]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
 
 
 def _sync_scalar(value: float, d: _Dist, device: torch.device) -> float:
@@ -222,7 +236,7 @@ def train(
     """
     from lmcore.checkpoint import save_model
     from lmcore.config import to_dict
-    from lmcore.device import autocast_dtype, pick_device
+    from lmcore.device import pick_device, training_choices
     from lmcore.model import ModelConfig, Transformer
     from lmcore.optim import build_optimizers, lr_multiplier, set_lr
     from lmcore.prepare import load_prepared
@@ -240,8 +254,9 @@ def train(
 
     d, device = _dist_setup(pick_device(tp.device))
     try:
-        amp = autocast_dtype(device, tp.dtype, mp.d_model)
         cfg = ModelConfig.from_params(mp, data.vocab_size)
+        choices = _rank0_choices(lambda: training_choices(device, tp, cfg), d, device)
+        amp = choices.autocast
         torch.manual_seed(tp.seed)
         net = Transformer(cfg)
         if tp.zero_init_residual:
@@ -277,11 +292,11 @@ def train(
                 torch.cuda.set_rng_state(state["rng_cuda"], device)
 
         net.to(device)
-        optimizers = build_optimizers(net, tp)
+        optimizers = build_optimizers(net, tp, choices.optimizer, choices.muon_ns_dtype)
         if opt_states is not None:
             if len(opt_states) != len(optimizers):
-                raise LmopsError(f"checkpoint {ckpt} was written with another optimizer; "
-                                 f"resume with the same train.optimizer")
+                raise LmopsError(f"checkpoint {ckpt} was written with another optimizer than "
+                                 f"{choices.optimizer}; resume with that train.optimizer")
             for opt, st in zip(optimizers, opt_states, strict=True):
                 try:
                     opt.load_state_dict(st)
@@ -410,13 +425,14 @@ def train(
         model_dir = out_dir / "model"
         result = TrainResult(out_dir=out_dir, model_dir=model_dir, steps=step, tokens=tokens, seconds=round(elapsed, 3),
                              final_train_loss=last_train_loss, final_val_loss=last_val,
-                             history_csv=out_dir / "history.csv", stopped_by=stopped_by)
+                             history_csv=out_dir / "history.csv", stopped_by=stopped_by,
+                             choices=choices.to_dict())
         if d.main:
             save_model(model_dir, net, tokenizer, {**meta, "step": step, "final_val_loss": last_val})
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
             summary.update(model=cfg.to_dict(), params=to_dict(tp), dataset_version=dataset_version,
                            world_size=d.world, device=str(device), num_params=net.num_params(),
-                           autocast=str(amp).removeprefix("torch.") if amp else "float32")
+                           autocast=choices.dtype_name)
             tmp = out_dir / ".train_summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(out_dir / "train_summary.json")

@@ -15,7 +15,6 @@ import torch
 from _lm_helpers import ROOT, tiny_params, write_corpus
 
 from lmcore.checkpoint import load_model
-from lmcore.device import AMX_MIN_WIDTH, autocast_dtype
 from lmcore.errors import LmopsError
 from lmcore.optim import adamw_groups, build_optimizers, lr_multiplier
 from lmcore.prepare import prepare_dataset, prepare_split_texts, read_text_source
@@ -95,15 +94,20 @@ def test_muon_and_accumulation_train(prepared, tmp_path):
     assert r.tokens == 40 * 2 * 8 * 32
 
 
-def test_autocast_choice_follows_device_width_and_amx():
-    cpu = torch.device("cpu")
-    assert autocast_dtype(cpu, "auto", 384, amx=True) is torch.bfloat16  # AMX pays at this width
-    assert autocast_dtype(cpu, "auto", AMX_MIN_WIDTH - 1, amx=True) is None  # casts cost more than tiles save
-    assert autocast_dtype(cpu, "auto", 4096, amx=False) is None
-    assert autocast_dtype(cpu, "float32", 4096, amx=True) is None
-    assert autocast_dtype(cpu, "bfloat16", 64, amx=False) is torch.bfloat16
-    with pytest.raises(LmopsError, match="unknown dtype"):
-        autocast_dtype(cpu, "fp8")
+def test_auto_params_follow_this_machines_probe_and_say_so(prepared, tmp_path):
+    """optimizer/dtype auto resolve through lmcore.probe; the summary carries the choice and its source."""
+    from lmcore.model import ModelConfig
+    from lmcore.probe import Shape, probe
+
+    p = tiny_params(train__optimizer="auto", train__dtype="auto", train__max_steps=4, train__eval_interval=0)
+    r = train(prepared, tmp_path / "run", p.model, p.train, progress=False)
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    vocab = summary["model"]["vocab_size"]
+    expected = probe(Shape.of(ModelConfig.from_params(p.model, vocab), p.train.batch_size)).decisions
+    assert r.choices == summary["choices"] and r.choices["source"] == "probe"
+    assert (r.choices["dtype"], r.choices["optimizer"]) == (expected.train_dtype, expected.optimizer)
+    assert r.choices["muon_ns_dtype"] == expected.muon_ns_dtype and summary["autocast"] == expected.train_dtype
+    assert r.choices["cpu"] and r.choices["cpu_class"] in ("amx", "avx512", "avx2", "other")
 
 
 def test_bf16_autocast_on_cpu_trains(prepared, tmp_path):

@@ -7,7 +7,7 @@ import platform
 
 import typer
 
-from lmcore.cli._common import JSON_OPTION, emit_json, print_table
+from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, emit_json, print_table
 
 STACK = ("torch", "prefect", "mlflow", "dvc", "great-expectations", "tokenizers", "fastapi", "pandas")
 
@@ -43,14 +43,64 @@ def collect_info() -> dict:
     }
 
 
+def machine_info(measure_params: str | None = None) -> dict:
+    """The CPU profile and every model probe this home holds (``lmcore.probe``); with
+    ``measure_params``, the model of that params file is probed now if it was not yet."""
+    from lmcore.probe import cached_decode_probes, cached_probes, cpu_profile, probe
+
+    if measure_params is not None:
+        from lmcore.cli._common import load_params_cli
+        from lmcore.model import ModelConfig
+        from lmcore.probe import Shape
+
+        p = load_params_cli(measure_params, None)
+        vocab = p.tokenizer.vocab_size if p.tokenizer.kind == "bpe" else 257
+        probe(Shape.of(ModelConfig.from_params(p.model, vocab), p.train.batch_size))
+    probes = [{"shape": pr.shape.__dict__, "decisions": pr.decisions.__dict__,
+               "measurements": pr.measurements.__dict__, "measured_at": pr.measured_at} for pr in cached_probes()]
+    return {"cpu": cpu_profile(), "probes": probes, "decode_probes": cached_decode_probes()}
+
+
+def _probe_rows(machine: dict) -> list[list]:
+    from lmcore.probe import describe_cpu
+
+    rows: list[list] = [["cpu", describe_cpu(machine["cpu"])]]
+    if not machine["probes"]:
+        rows.append(["probe", "no model probed yet: the first `lmops train` does it (or `lmops info --probe`)"])
+    for pr in machine["probes"]:
+        s, d, m = pr["shape"], pr["decisions"], pr["measurements"]
+        name = f"probe {s['n_layer']}L x {s['d_model']} (batch {s['batch_size']}x{s['block_size']})"
+        bf16 = f"{m['step_ms_fp32'] / m['step_ms_bf16']:.2f}x" if m["step_ms_bf16"] else "not timed (bf16 matmul slow)"
+        rows.append([name, f"dtype {d['train_dtype']} (bf16 step {bf16}); optimizer {d['optimizer']} "
+                           f"(Muon iteration {d['muon_ns_dtype']}, {d['muon_overhead']:.0%} of a step)"])
+    for pr in machine["decode_probes"]:
+        s, d = pr["shape"], pr["decode"]
+        rows.append([f"decode {s['n_layer']}L x {s['d_model']}",
+                     f"threads {d['decode_threads'] or 'all'} (1: {d['decode_ms_1']} ms/token, {d['threads']}: "
+                     f"{d['decode_ms_n']} ms); int8 linear {d['int8_speedup']:.2f}x fp32 ({d['int8_engine']})"])
+    return rows
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
-    def info(as_json: bool = JSON_OPTION) -> None:
-        """Show where lmops keeps everything (workspace, home, tracking, Prefect, DVC) and stack versions."""
+    def info(
+        as_json: bool = JSON_OPTION,
+        measure: bool = typer.Option(False, "--probe", help="Probe this machine at the params' model shape now "
+                                     "(once; otherwise the first `lmops train` does it)."),
+        params: str = PARAMS_OPTION,
+    ) -> None:
+        """Show where lmops keeps everything, stack versions, and what this machine's probe chose.
+
+        The probe (lmcore.probe) times fp32 vs bf16 training steps, Muon's iteration, decode
+        threads and int8 kernels at the model's shapes, once per machine; `train.dtype: auto` and
+        `train.optimizer: auto` follow it.
+        """
         data = collect_info()
+        data["machine"] = machine_info(params if measure else None)
         if as_json:
             emit_json(data)
             return
-        rows = [[k, v] for k, v in data.items() if k != "versions"]
+        rows = [[k, v] for k, v in data.items() if k not in ("versions", "machine")]
         rows += [[f"version: {k}", v or "not installed"] for k, v in data["versions"].items()]
+        rows += _probe_rows(data["machine"])
         print_table("lmops info", ["what", "where / value"], rows)

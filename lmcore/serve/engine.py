@@ -203,7 +203,7 @@ class Batcher:
     def _run(self) -> None:
         from lmcore.generate import decode_threads
 
-        with decode_threads(self.lm.model.embed.weight.device, self.lm.model.cfg.n_weights):
+        with decode_threads(self.lm.model.embed.weight.device, self.lm.model.cfg):
             self._loop()
 
     def _loop(self) -> None:

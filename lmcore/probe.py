@@ -1,0 +1,476 @@
+"""What this machine is fast at, measured once and kept: the machine-dependent defaults follow it.
+
+Why measure instead of reading CPU flags: machines of one kind differ by 30-100x exactly where
+lmops makes choices. An AMX Xeon runs bf16 matrix products several times faster than fp32; an
+AVX2-only EPYC runs them 30-100x *slower* (1-3 GFLOP/s against ~80), and its int8 kernels lose
+to fp32. A flag in ``/proc/cpuinfo`` says neither what oneDNN will do under a capped ISA
+(``ONEDNN_MAX_CPU_ISA``) or in a VM, nor whether a tile pays at a model's small shapes. So the
+probe times the operations themselves, at the model's own shapes, once per machine (CPU, torch
+build, threads, ISA caps) and shape, and keeps the result as JSON under ``<home>/cache/probe``.
+
+The decisions, each made here and nowhere else (:func:`decide` is pure, so tests feed it numbers):
+
+- ``train_dtype``: bf16 autocast only where a real bf16 training step beat fp32 (``train.dtype: auto``);
+- ``muon_ns_dtype``: Muon's Newton-Schulz runs in bf16 only where bf16 matrix products are faster;
+- ``optimizer``: Muon unless its orthogonalisation costs more per step than it saves in steps
+  (``train.optimizer: auto``);
+- ``decode_threads`` (:func:`decode_probe`, per model shape without a batch): one thread or torch's
+  default for batch-1 decoding, whichever decoded clearly faster;
+- ``int8_engine``: the quantized engine whose int8 linear ran fastest at the model's shapes.
+
+CUDA needs no probe: bf16 autocast and Muon's bf16 iteration are right on every GPU lmops supports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+PROBE_VERSION = 1
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+# Thresholds of the decisions, each with the reason it has this value.
+BF16_MIN_GAIN = 1.10  # bf16 autocast casts every weight each step: below a 10% faster step it is noise
+MUON_STEP_GAIN = 1.30  # Muon reached a given loss in ~1/1.3 of AdamW's steps here (-0.12 bpb at a fixed budget)
+PROBE_TOKENS = 2048  # tokens per timed training step: lmops's default batch (16 x 128)
+DECODE_THREADS_MIN_GAIN = 1.15  # more threads must clearly win: they collapse when another process shares the cores
+
+
+# ----------------------------------------------------------------------------- the CPU
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), set()
+    lines = text.splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith(("flags", "Features"))), [])
+    return model, set(flags)
+
+
+def _isa_caps() -> dict[str, str]:
+    return {k: os.environ[k] for k in ISA_CAP_VARS if os.environ.get(k)}
+
+
+def effective_isa(flags: set[str], caps: dict[str, str]) -> list[str]:
+    """The vector ISA torch may use: the CPU's flags less what the env vars cap away (``as-avx2``)."""
+    isa = [f for f in ISA_FLAGS if f in flags]
+    cap = " ".join(caps.values()).upper()
+    if "AVX2" in cap and "512" not in cap and "AMX" not in cap:
+        isa = [f for f in isa if f in ("avx2", "fma", "avx_vnni")]
+    return isa
+
+
+def cpu_class(isa: list[str]) -> str:
+    if "amx_bf16" in isa:
+        return "amx"
+    if "avx512f" in isa:
+        return "avx512"
+    return "avx2" if "avx2" in isa else "other"
+
+
+def machine_identity() -> dict:
+    """Everything a measurement depends on besides the shape: the cache key's contents."""
+    model, flags = _cpuinfo()
+    caps = _isa_caps()
+    isa = effective_isa(flags, caps)
+    return {"cpu": model, "cpu_class": cpu_class(isa), "isa": isa,
+            "aten_capability": torch.backends.cpu.get_cpu_capability(), "isa_caps": caps,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([PROBE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _best_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 2) -> float:
+    """Best wall time of ``fn`` after one warm-up call, repeating for about ``budget_s``."""
+    fn()
+    best, reps, end = math.inf, 0, time.perf_counter() + budget_s
+    while reps < min_reps or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return best
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, budget_s: float = 0.2,
+                  screen_below: float = 0.0) -> float:
+    """GFLOP/s of (m, k) @ (k, n) in ``dtype``.
+
+    With ``screen_below``, one cold product of at most 256 rows comes first, and if it runs under
+    that many GFLOP/s its figure is returned: timing bf16 without bf16 units (1-3 GFLOP/s) at
+    full size would only cost seconds to learn the same.
+    """
+    b = torch.randn(k, n).to(dtype)
+    if screen_below:
+        rows = min(m, 256)
+        a = torch.randn(rows, k).to(dtype)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        screen = 2 * rows * k * n / (time.perf_counter() - t0) / 1e9
+        if screen < screen_below:
+            return screen
+    a = torch.randn(m, k).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    return 2 * m * k * n / _best_seconds(lambda: torch.mm(a, b, out=out), budget_s) / 1e9
+
+
+# ----------------------------------------------------------------------------- machine summary
+
+
+def _cache_dir(home: Path | None) -> Path:
+    if home is None:
+        from lmcore.settings import get_settings
+
+        home = get_settings().home
+    return Path(home) / "cache" / "probe"
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("version") == PROBE_VERSION else None
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def cpu_profile(refresh: bool = False, home: Path | None = None) -> dict:
+    """The machine in one dict: identity plus fp32 and bf16 matmul GFLOP/s at a mid-size shape.
+
+    For reports and benchmark JSON; the training and decoding decisions use :func:`probe` at the
+    model's own shapes. Cached like the probe.
+    """
+    ident = machine_identity()
+    path = _cache_dir(home) / f"cpu-{_key(ident)}.json"
+    if not refresh and (hit := _read(path)):
+        return hit["profile"]
+    fp32 = matmul_gflops(1024, 384, 1024, torch.float32)
+    bf16 = matmul_gflops(1024, 384, 1024, torch.bfloat16, screen_below=fp32 / 4)
+    profile = {**ident, "fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
+               "bf16_over_fp32": round(bf16 / fp32, 3), "shape": "1024x384x1024"}
+    _write(path, {"version": PROBE_VERSION, "profile": profile})
+    return profile
+
+
+def describe_cpu(p: dict) -> str:
+    """One line: ``AMD EPYC (avx2, 2 threads): fp32 80 GFLOP/s, bf16 1.5 GFLOP/s``."""
+    return (f"{p['cpu']} ({p['cpu_class']}, {p['threads']} threads): fp32 {p['fp32_gflops']:.0f} GFLOP/s, "
+            f"bf16 {p['bf16_gflops']:.1f} GFLOP/s")
+
+
+# ----------------------------------------------------------------------------- the model-shaped probe
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the probe times at: one model configuration and its training batch."""
+
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    hidden: int
+    vocab_size: int
+    block_size: int
+    batch_size: int
+
+    @classmethod
+    def of(cls, cfg, batch_size: int) -> Shape:
+        """From a ``lmcore.model.ModelConfig`` and the training batch size."""
+        return cls(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_model, cfg.hidden, cfg.vocab_size,
+                   cfg.block_size, batch_size)
+
+    def config(self):
+        from lmcore.model import ModelConfig
+
+        return ModelConfig(vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
+                           n_kv_head=self.n_kv_head, d_model=self.d_model, block_size=self.block_size,
+                           ffn_hidden=self.hidden)
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """Times at one shape (milliseconds; ``None`` = not worth timing, e.g. bf16 steps without bf16 units)."""
+
+    fp32_gflops: float  # the MLP's (B*T, C) @ (C, hidden) product
+    bf16_gflops: float
+    step_ms_fp32: float  # one forward + backward of the model
+    step_ms_bf16: float | None
+    ns_ms_fp32: float  # Muon's Newton-Schulz over every hidden matrix, one optimizer step
+    ns_ms_bf16: float | None
+
+
+@dataclass(frozen=True)
+class Decisions:
+    train_dtype: str  # "bfloat16" | "float32": what train.dtype auto means here
+    muon_ns_dtype: str
+    optimizer: str  # what train.optimizer auto means here
+    muon_overhead: float  # Newton-Schulz time / step time
+
+
+def decide(m: Measurements) -> Decisions:
+    """The machine-dependent defaults from the measured times (pure)."""
+    bf16_step = m.step_ms_bf16 is not None and m.step_ms_fp32 / m.step_ms_bf16 >= BF16_MIN_GAIN
+    ns_bf16 = m.ns_ms_bf16 is not None and m.ns_ms_bf16 < m.ns_ms_fp32
+    ns_ms = m.ns_ms_bf16 if ns_bf16 else m.ns_ms_fp32
+    step_ms = m.step_ms_bf16 if bf16_step else m.step_ms_fp32
+    overhead = ns_ms / max(step_ms, 1e-9)
+    # Muon loses per wall-clock second once a step costs more than the steps it saves: 1 + overhead > gain
+    optimizer = "muon" if 1.0 + overhead <= MUON_STEP_GAIN else "adamw"
+    return Decisions(train_dtype="bfloat16" if bf16_step else "float32",
+                     muon_ns_dtype="bfloat16" if ns_bf16 else "float32", optimizer=optimizer,
+                     muon_overhead=round(overhead, 3))
+
+
+def _train_step(cfg, batch: int, dtype: torch.dtype | None) -> tuple[Callable[[], None], float]:
+    """One forward + backward on rows of about ``PROBE_TOKENS`` tokens, and the factor to ``batch`` rows.
+
+    Fewer rows than the batch keep a large model's probe short; not fewer than that many tokens,
+    or per-op overhead (not matrix work) dominates and the scaled time is too long.
+    """
+    from lmcore.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    rows = min(batch, max(1, -(-PROBE_TOKENS // cfg.block_size)))
+    x = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            _, loss = model(x, x)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step, batch / rows
+
+
+def _hidden_matrix_shapes(cfg) -> list[tuple[int, int]]:
+    """(out, in) of the matrices Muon orthogonalises (lmcore.optim): qkv, proj, gate_up, down per layer."""
+    D = cfg.head_dim
+    return [((cfg.n_head + 2 * cfg.n_kv_head) * D, cfg.d_model), (cfg.d_model, cfg.n_head * D),
+            (2 * cfg.hidden, cfg.d_model), (cfg.d_model, cfg.hidden)]
+
+
+def _newton_schulz(cfg, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+    """One Newton-Schulz iteration over one layer's matrices, and the factor to Muon's 5 over every layer."""
+    from lmcore.optim import newton_schulz
+
+    grads = [torch.randn(shape) for shape in _hidden_matrix_shapes(cfg)]
+    coeffs = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults
+
+    def iteration() -> None:
+        for g in grads:
+            newton_schulz(g, 1, coeffs, 1e-7, dtype)
+
+    return iteration, 5.0 * cfg.n_layer
+
+
+def _interleaved_ms(jobs: dict[str, tuple[Callable[[], None], float]], rounds: int = 3) -> dict[str, float]:
+    """Best scaled time of each job over ``rounds``, the jobs taking turns: a burst of load from
+    another process then hits one round of each, not all rounds of one (ratios are what decide)."""
+    for fn, _ in jobs.values():
+        fn()  # warm-up: allocations, oneDNN primitive creation
+    best = dict.fromkeys(jobs, math.inf)
+    for _ in range(rounds):
+        for name, (fn, _) in jobs.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: round(best[name] * factor * 1e3, 2) for name, (_, factor) in jobs.items()}
+
+
+@torch.inference_mode()
+def _decode_ms(cfg, threads: int, steps: int = 24) -> float:
+    from lmcore.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        tok = torch.zeros(1, 1, dtype=torch.long)
+
+        def run() -> None:
+            cache = model.new_cache(1, steps)
+            for _ in range(steps):
+                model(tok, cache=cache, last_only=True)
+
+        return _best_seconds(run, 0.15) / steps * 1e3
+    finally:
+        torch.set_num_threads(saved)
+
+
+@torch.inference_mode()
+def _int8_over_fp32(cfg, budget_s: float = 0.1) -> dict[str, float]:
+    """Per quantized engine: batch-1 speed of torch's int8 dynamic linear over fp32, on the MLP's matrices."""
+    import warnings
+
+    import torch.nn as nn
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    shapes = [(2 * cfg.hidden, cfg.d_model), (cfg.d_model, cfg.hidden)]
+    x = {s: torch.randn(1, s[1]) for s in shapes}
+    fp32 = {s: nn.Linear(s[1], s[0], bias=False) for s in shapes}
+    fp32_s = _best_seconds(lambda: [fp32[s](x[s]) for s in shapes], budget_s)
+    saved, out = torch.backends.quantized.engine, {}
+    try:
+        for engine in torch.backends.quantized.supported_engines:
+            if engine in ("none", "qnnpack"):  # qnnpack is for ARM phones
+                continue
+            torch.backends.quantized.engine = engine
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                q = {s: DynamicLinear(s[1], s[0], bias_=False, dtype=torch.qint8) for s in shapes}
+                for s in shapes:
+                    w = fp32[s].weight.detach()
+                    scale = (w.abs().amax(1) / 127).double().clamp(min=1e-12)
+                    q[s].set_weight_bias(torch.quantize_per_channel(w, scale, torch.zeros(s[0], dtype=torch.long),
+                                                                    0, torch.qint8), None)
+                try:
+                    out[engine] = round(fp32_s / _best_seconds(lambda q=q: [q[s](x[s]) for s in shapes], budget_s), 3)
+                except RuntimeError:  # an engine listed but unusable on this CPU
+                    continue
+    finally:
+        torch.backends.quantized.engine = saved
+    return out
+
+
+def measure(shape: Shape, budget_s: float = 0.1) -> Measurements:
+    """Time everything :func:`decide` needs at ``shape`` (~1-3 s for lmops's default model on 2 cores)."""
+    cfg = shape.config()
+    tokens = max(shape.batch_size * shape.block_size, 1024)  # fewer rows time dispatch, not arithmetic
+    fp32 = matmul_gflops(tokens, shape.d_model, shape.hidden, torch.float32, budget_s / 3)
+    bf16 = matmul_gflops(tokens, shape.d_model, shape.hidden, torch.bfloat16, budget_s / 3, screen_below=fp32 / 4)
+    jobs = {"step_ms_fp32": _train_step(cfg, shape.batch_size, None), "ns_ms_fp32": _newton_schulz(cfg, torch.float32)}
+    if bf16 > fp32:  # else timing bf16 steps and iterations only costs minutes to learn they are slower
+        jobs.update(step_ms_bf16=_train_step(cfg, shape.batch_size, torch.bfloat16),
+                    ns_ms_bf16=_newton_schulz(cfg, torch.bfloat16))
+    times = _interleaved_ms(jobs)
+    return Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=times["step_ms_fp32"],
+                        step_ms_bf16=times.get("step_ms_bf16"), ns_ms_fp32=times["ns_ms_fp32"],
+                        ns_ms_bf16=times.get("ns_ms_bf16"))
+
+
+@dataclass(frozen=True)
+class DecodeProbe:
+    """Batch-1 decoding at one model shape: thread count and int8 kernels (no training batch involved)."""
+
+    decode_ms_1: float  # one cached decode step on one thread
+    decode_ms_n: float  # ... on torch's thread count
+    threads: int  # torch's thread count when measured
+    int8_over_fp32: dict[str, float]  # quantized engine -> int8 dynamic linear speed / fp32, batch 1
+
+    @property
+    def decode_threads(self) -> int:
+        """1, or 0 = leave torch's setting: more threads only where they clearly won."""
+        many = self.threads > 1 and self.decode_ms_1 / max(self.decode_ms_n, 1e-9) >= DECODE_THREADS_MIN_GAIN
+        return 0 if many else 1
+
+    @property
+    def int8_engine(self) -> str | None:
+        return max(self.int8_over_fp32, key=self.int8_over_fp32.__getitem__, default=None)
+
+    @property
+    def int8_speedup(self) -> float:
+        return self.int8_over_fp32.get(self.int8_engine, 0.0) if self.int8_engine else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "decode_threads": self.decode_threads, "int8_engine": self.int8_engine,
+                "int8_speedup": self.int8_speedup}
+
+
+def _decode_shape(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "d_model", "hidden", "vocab_size")}
+
+
+def decode_probe(cfg, refresh: bool = False, home: Path | None = None) -> DecodeProbe:
+    """Decode threads and int8 kernels for a model ``cfg`` (``ModelConfig``): cached, else measured (~0.5 s)."""
+    ident = machine_identity()
+    path = _cache_dir(home) / f"decode-{_key(ident, _decode_shape(cfg))}.json"
+    if not refresh and (hit := _read(path)):
+        d = hit["decode"]
+        return DecodeProbe(d["decode_ms_1"], d["decode_ms_n"], d["threads"], d["int8_over_fp32"])
+    threads = ident["threads"]
+    one = _decode_ms(cfg, 1)
+    result = DecodeProbe(round(one, 3), round(_decode_ms(cfg, threads), 3) if threads > 1 else round(one, 3),
+                         threads, _int8_over_fp32(cfg))
+    _write(path, {"version": PROBE_VERSION, "machine": ident, "shape": _decode_shape(cfg),
+                  "decode": result.to_dict()})
+    return result
+
+
+@dataclass(frozen=True)
+class Probe:
+    machine: dict
+    shape: Shape
+    measurements: Measurements
+    decisions: Decisions
+    measured_at: str
+    seconds: float  # what measuring cost, once
+    cached: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, cached: bool = False) -> Probe:
+        return cls(machine=d["machine"], shape=Shape(**d["shape"]), measurements=Measurements(**d["measurements"]),
+                   decisions=Decisions(**d["decisions"]), measured_at=d["measured_at"], seconds=d["seconds"],
+                   cached=cached)
+
+
+def probe(shape: Shape, refresh: bool = False, home: Path | None = None) -> Probe:
+    """The training measurements and decisions for ``shape`` on this machine: cached, else measured now."""
+    ident = machine_identity()
+    path = _cache_dir(home) / f"probe-{_key(ident, asdict(shape))}.json"
+    if not refresh and (hit := _read(path)):
+        return Probe.from_dict(hit["probe"], cached=True)
+    t0 = time.perf_counter()
+    m = measure(shape)
+    result = Probe(machine=ident, shape=shape, measurements=m, decisions=decide(m),
+                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   seconds=round(time.perf_counter() - t0, 2))
+    _write(path, {"version": PROBE_VERSION, "probe": result.to_dict()})
+    return result
+
+
+def cached_probes(home: Path | None = None) -> list[Probe]:
+    """Every training probe this home has for this machine, newest first (for ``lmops info``)."""
+    ident = machine_identity()
+    out = []
+    for path in _cache_dir(home).glob("probe-*.json"):
+        hit = _read(path)
+        if hit and hit["probe"]["machine"] == ident:
+            out.append(Probe.from_dict(hit["probe"], cached=True))
+    return sorted(out, key=lambda p: p.measured_at, reverse=True)
+
+
+def cached_decode_probes(home: Path | None = None) -> list[dict]:
+    """Every decode probe this home has for this machine: ``{"shape": ..., "decode": ...}`` (for ``lmops info``)."""
+    ident = machine_identity()
+    hits = (_read(path) for path in sorted(_cache_dir(home).glob("decode-*.json")))
+    return [{"shape": h["shape"], "decode": h["decode"]} for h in hits if h and h.get("machine") == ident]
