@@ -22,7 +22,8 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,11 +104,28 @@ def load_quantized(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transfor
     missing = set(model.state_dict()) - set(float_state) - {f"{n}.weight" for n in linears}
     if missing:
         raise LmopsError(f"quantized weights lack {sorted(missing)[0]}")
-    for name in linears:
-        key = f"{name}.weight"
-        bias = state.get(f"{name}.bias")
-        _set_module(model, name, _dynamic_linear(state[key], state[key + SCALE_SUFFIX], bias))
+    with _quantized_engine(cfg):  # weights are packed for, and later run by, the engine packing them
+        for name in linears:
+            key = f"{name}.weight"
+            bias = state.get(f"{name}.bias")
+            _set_module(model, name, _dynamic_linear(state[key], state[key + SCALE_SUFFIX], bias))
     return model.eval()
+
+
+@contextmanager
+def _quantized_engine(cfg: ModelConfig) -> Iterator[None]:
+    """Pack with the quantized engine (x86, fbgemm, onednn) that ran int8 linears fastest at this
+    model's shapes on this machine (``lmcore.probe.decode_probe``): they differ by up to 3x by CPU."""
+    from lmcore.probe import decode_probe
+
+    engine = decode_probe(cfg).int8_engine
+    saved = torch.backends.quantized.engine
+    if engine and engine != saved:
+        torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = saved
 
 
 def quantize_model(model: Transformer) -> Transformer:
@@ -185,6 +203,92 @@ def weight_only_model(int8: Transformer) -> Transformer:
     if missing:
         raise LmopsError(f"not an int8 model of this shape: {missing[0]} is missing")
     return model.eval()
+
+
+ACT_LEVELS = 127  # activation steps of the coarsest int8 kernel (reduce_range: 7-bit activations)
+
+
+def logit_error_bound(model: Transformer, idx: torch.Tensor, sigmas: float = 6.0, act_levels: int = ACT_LEVELS,
+                      chunk: int = 512) -> torch.Tensor:
+    """Per-logit tolerance for int8-dynamic vs fp32 logits of a CPU ``model`` on ``idx`` (1, T): (1, T, V).
+
+    The defence, in one line: ``sigmas`` x the std of the logit error when every int8 rounding error
+    is independent and uniform in +-step/2 (weights: step max|W_i|/127 per output row; activations:
+    range(x and 0)/``act_levels`` per tensor), propagated to first order through the fp32 model.
+
+    Why not a fixed tolerance: int8 kernels round activations differently per CPU and engine (to 7
+    bits with ``reduce_range``, as fbgemm and oneDNN do on an AVX2 EPYC; to 8 where it is ignored,
+    as qnnpack does), so one machine's error is another's failure: ``act_levels=127`` is the
+    coarser grid, so the bound holds on either. On the 2-layer test model the
+    7-bit error's rms is 0.94 sigma and its worst of 6425 logits 3.4 sigma, while one layer's
+    scales doubled reach 34 sigma. Computed from the fp32 weights, never through
+    :func:`quantize_weight`, so a broken quantizer cannot widen its own bound. Cost: one batched
+    backward per ``chunk`` rows of the final hidden state's Jacobian (T x d_model rows, not
+    T x vocab: the logits are linear in it); ~1 s for that model on one thread.
+    """
+    model = getattr(model, "_orig_mod", model).eval()
+    if idx.dim() != 2 or idx.shape[0] != 1:
+        raise ValueError(f"idx must be (1, T) token ids, got {tuple(idx.shape)}")
+    head = model.lm_head
+    upstream = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    xs: dict[str, torch.Tensor] = {}  # linear -> its fp32 input (T, in)
+
+    def capture(name: str, inputs: tuple[torch.Tensor, ...]) -> None:
+        xs[name] = inputs[0].detach().float()[0]
+
+    def act_var(x: torch.Tensor) -> torch.Tensor:  # variance of one activation's rounding error
+        return ((x.max().clamp(min=0) - x.min().clamp(max=0)) / act_levels) ** 2 / 12
+
+    def weight_var(w: torch.Tensor) -> torch.Tensor:  # (out,) variance of each row's weight rounding error
+        return (w.detach().float().abs().amax(dim=1) / 127.0) ** 2 / 12
+
+    named = [*upstream, ("lm_head", head)]
+    handles = [m.register_forward_pre_hook(lambda _m, i, n=n: capture(n, i)) for n, m in named]
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        for hook in handles:
+            hook.remove()
+    T, C = xs["lm_head"].shape
+    cov = torch.zeros(T, C, C)  # cov[t]: covariance of the final hidden state's error at position t
+    gx: dict[str, torch.Tensor] = {}  # zero perturbations of each linear's input and output
+    gy: dict[str, torch.Tensor] = {}
+    hidden: list[torch.Tensor] = []
+    handles = [m.register_forward_pre_hook(lambda _m, i, n=n: (i[0] + gx[n],)) for n, m in upstream]
+    handles += [m.register_forward_hook(lambda _m, _i, o, n=n: o + gy[n]) for n, m in upstream]
+    handles.append(head.register_forward_pre_hook(lambda _m, i: hidden.append(i[0])))
+    per = max(1, chunk // C)  # positions per batched backward; each position is C rows
+    try:
+        with torch.enable_grad():
+            for t0 in range(0, T, per):
+                ts = torch.arange(t0, min(t0 + per, T))
+                P, N = len(ts), len(ts) * C
+                for n, m in upstream:
+                    gx[n] = torch.zeros(N, T, m.in_features, requires_grad=True)
+                    gy[n] = torch.zeros(N, T, m.out_features, requires_grad=True)
+                hidden.clear()
+                model(idx.expand(N, T))
+                rows = torch.arange(N)
+                h = hidden[0][rows, ts.repeat_interleave(C), torch.arange(C).repeat(P)].sum()  # row r: h[t, c]
+                grads = torch.autograd.grad(h, [*gx.values(), *gy.values()])
+                for k, (n, m) in enumerate(upstream):
+                    dx = grads[k].view(P, C, -1)  # d h[t, c] / d input of layer n, flattened over (T, in)
+                    dy = grads[len(upstream) + k].view(P, C, T, -1)  # d h[t, c] / d output (T, out)
+                    cov[ts] += act_var(xs[n]) * (dx @ dx.transpose(1, 2))
+                    # d h / d W = dy^T x, so sum over W of products of two rows is sum_o var_o dy_o^T (x x^T) dy_o
+                    kdy = (xs[n] @ xs[n].T) @ dy * weight_var(m.weight)  # (P, C, T, out)
+                    cov[ts] += kdy.flatten(2) @ dy.flatten(2).transpose(1, 2)
+    finally:
+        for hook in handles:
+            hook.remove()
+        gx.clear()
+        gy.clear()
+    w = head.weight.detach().float()  # (V, C)
+    var = torch.einsum("vc,tcd,vd->tv", w, cov, w)  # upstream errors through the head
+    var += act_var(xs["lm_head"]) * w.square().sum(dim=1)[None, :]  # rounding of the head's input
+    var += xs["lm_head"].square().sum(dim=1)[:, None] * weight_var(w)[None, :]  # rounding of the head's rows
+    return (sigmas * var.clamp(min=0).sqrt())[None]
 
 
 @torch.inference_mode()
@@ -281,16 +385,23 @@ def _eval_texts_for(meta: dict[str, Any], data: str | Path | None) -> list[str] 
 def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path | None = None,
                  out_dir: str | Path | None = None, data: str | Path | None = None, register: bool = True,
                  experiment: str = "lmops", new_tokens: int = 64, repeats: int = 3, compiled: bool = True,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 min_speedup: float = 1.0, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Quantize a registry version (default: champion) or a folder, measure it, register it as a variant.
 
     The int8 folder goes to ``out_dir`` (default ``<home>/models/<name>/v<V>-int8``). A registry
     source becomes a new version (alias ``challenger``) tagged ``lmops.quantized_from=<V>`` and
     ``lmops.quantization=int8-dynamic``, with ``speedup`` and ``bpb_change`` as tags and as
     metrics of the registering run, so the gate judges it like any other challenger.
+
+    Unless int8 decodes at least ``min_speedup`` x fp32 on this CPU: then nothing is registered
+    (``registered: False``, ``declined``: the measured reason in one line) and the folder stays on
+    disk. Why: int8 only pays where the CPU has fast int8 kernels (VNNI/AMX); on an AVX2-only CPU
+    it measured 0.92x fp32, and a slower variant in the registry invites the gate to serve it.
+    The CPU it was measured on (``lmcore.probe.cpu_profile``) goes into the result and the tags.
     """
     from lmcore.checkpoint import load_model
     from lmcore.optimize.export import resolve_source
+    from lmcore.probe import cpu_profile
     from lmcore.settings import get_settings
 
     src, info = resolve_source(name, version, model_dir)
@@ -307,9 +418,14 @@ def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path
                       compiled=compiled)
     metrics["fp32_bytes"] = float(model_bytes(src))
     metrics["int8_bytes"] = float(model_bytes(out))
+    cpu = cpu_profile()
     result: dict[str, Any] = {"out_dir": str(out), "source": str(src), "source_version": src_version,
-                              "quantization": QUANTIZATION, "version": None, "metrics": metrics}
+                              "quantization": QUANTIZATION, "version": None, "registered": False,
+                              "declined": None, "cpu": cpu, "metrics": metrics}
     if not (register and src_version):
+        return result
+    if metrics["speedup"] < min_speedup:
+        result["declined"] = decline_reason(metrics, cpu, min_speedup, out)  # the caller shows it
         return result
 
     from lmcore.registry import log_model, register_version
@@ -318,12 +434,13 @@ def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path
     src_tags = dict(get_client().get_model_version(info["name"], src_version).tags or {})
     lineage = {k: v for k, v in src_tags.items() if k in LINEAGE_KEYS}
     variant = {"lmops.quantized_from": src_version, "lmops.quantization": QUANTIZATION,
-               "lmops.speedup": f"{metrics['speedup']:.3f}"}
+               "lmops.speedup": f"{metrics['speedup']:.3f}", "lmops.cpu": cpu_label(cpu)}
     if "bpb_change" in metrics:
         variant["lmops.bpb_change"] = f"{metrics['bpb_change']:.5f}"
     tracker = RunTracker.start(experiment, f"quantize-{info['name']}-v{src_version}",
                                params={"quantization": QUANTIZATION, "source_version": src_version},
-                               tags={**lineage, **variant, "lmops.kind": "quantize"}, system_metrics=False)
+                               tags={**lineage, **variant, "lmops.kind": "quantize",
+                                     "lmops.cpu_profile": json.dumps(cpu, sort_keys=True)}, system_metrics=False)
     try:
         tracker.log_summary(metrics)
         uri = log_model(tracker, out)
@@ -332,5 +449,20 @@ def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
-    result.update(version=new_version, run_id=tracker.run_id)
+    result.update(version=new_version, run_id=tracker.run_id, registered=True)
     return result
+
+
+def cpu_label(cpu: dict[str, Any]) -> str:
+    """``AMD EPYC (avx2)``: the model name and the class that decides whether int8/bf16 pay."""
+    return f"{cpu.get('cpu') or 'unknown CPU'} ({cpu.get('cpu_class', 'other')})"
+
+
+def decline_reason(metrics: dict[str, float], cpu: dict[str, Any], min_speedup: float, out: str | Path) -> str:
+    """One line saying why an int8 variant was not registered, with the numbers measured."""
+    speed = (f"int8 {metrics['int8_tokens_per_s']:.0f} vs fp32 {metrics['fp32_tokens_per_s']:.0f} tok/s"
+             f"{', compiled decode' if metrics.get('compiled_decode') else ''}")
+    need = "" if min_speedup == 1.0 else f" (needs {min_speedup:g}x)"
+    where = f"{cpu.get('cpu') or 'unknown CPU'}, {cpu.get('cpu_class', 'other')}"
+    return (f"int8 decodes at {metrics['speedup']:.2f}x fp32 on this CPU ({where}): {speed}{need}; "
+            f"not registered, int8 folder kept at {out} (use --min-speedup 0 to register anyway)")
