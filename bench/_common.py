@@ -3,13 +3,17 @@
 Conventions: each benchmark measures lmops and its reference side by side in one run,
 interleaving repeats so that noise from other processes hits both alike, and reports
 medians and the ratio lmops / reference. With ``--json`` the last printed line is one JSON
-object (human-readable lines may come before it).
+object (human-readable lines may come before it). Every benchmark's first line names the CPU
+and its final JSON carries it as ``"cpu"`` (:func:`cpu_header`, :func:`with_cpu`): the same code
+runs bf16 30-100x slower on an AVX2-only EPYC than on an AMX Xeon, so a figure without its CPU
+cannot be compared with another.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -20,6 +24,39 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared/data/tinyshakespeare.txt"
+
+# The lmops home as the benchmark starts, before some point LMOPS_HOME at a temporary one: the CPU
+# profile is cached there, so a benchmark pays its ~1-2 s measurement once per machine, not per run.
+_PROFILE_HOME = Path(os.environ.get("LMOPS_HOME") or ROOT / ".lmops")
+_cpu: dict | None = None
+
+
+def cpu_profile() -> dict:
+    """This machine's ``lmcore.probe.cpu_profile()`` (CPU, class, effective ISA, ISA caps, threads, torch,
+    fp32/bf16 GFLOP/s), taken once per process at the torch thread count then in force."""
+    global _cpu
+    if _cpu is None:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from lmcore.probe import cpu_profile as probe_cpu
+
+        _cpu = probe_cpu(home=_PROFILE_HOME)
+    return _cpu
+
+
+def cpu_header() -> dict:
+    """Print ``cpu: AMD EPYC (avx2, 2 threads): fp32 80 GFLOP/s, bf16 1.5 GFLOP/s``; call it first thing,
+    after setting the benchmark's thread count (the profile is measured at it)."""
+    from lmcore.probe import describe_cpu
+
+    profile = cpu_profile()
+    print(f"cpu: {describe_cpu(profile)}", flush=True)
+    return profile
+
+
+def with_cpu(result: dict) -> dict:
+    """``result`` plus ``"cpu"``: the profile of the machine that measured it (every benchmark's final JSON)."""
+    return {**result, "cpu": cpu_profile()}
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -94,10 +131,10 @@ def emit(result: dict, as_json: bool) -> None:
                                                                         "reference_tokens_per_s", "ratio"))
         print(f"{name:>6}: lmops {r['lmops_tokens_per_s']:>10.1f} tok/s   reference "
               f"{r['reference_tokens_per_s']:>10.1f} tok/s   ratio {r['ratio']:.2f}x{extra}")
-    others = {k: v for k, v in result.items() if k != "sizes"}
+    others = {k: v for k, v in result.items() if k not in ("sizes", "cpu")}
     print("  ".join(f"{k}={v}" for k, v in others.items()))
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(with_cpu(result)))
 
 
 # The two sizes both benchmarks use: (layers, heads, width, batch, sequence length).

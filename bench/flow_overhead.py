@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_header, with_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -109,6 +111,7 @@ def main() -> None:
     args = ap.parse_args()
     if not CORPUS.is_file():
         sys.exit(f"benchmark corpus not found: {CORPUS}")
+    cpu_header()
     with tempfile.TemporaryDirectory(prefix="lmops-flow-bench-") as tmp:
         direct_ws = workspace(Path(tmp) / "direct", args.steps)
         flow_ws = workspace(Path(tmp) / "flow", args.steps)
@@ -133,7 +136,7 @@ def main() -> None:
         print(f"direct lmcore calls   {direct_s:7.1f} s")
         print(f"training flow         {flow_s:7.1f} s   overhead {overhead:+.1f} s ({flow_s / direct_s:.2f}x)")
         print(f"cached re-run (flow)  {cached_s:7.1f} s")
-    print(json.dumps(result))
+    print(json.dumps(with_cpu(result)))
 
 
 if __name__ == "__main__":

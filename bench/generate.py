@@ -20,7 +20,7 @@ lmcore use ``--threads`` too, or pass ``--threads 1`` for a strictly single-thre
 from __future__ import annotations
 
 import torch
-from _common import SIZES, char_corpus, emit, interleaved, model_pair, parser, setup, timed
+from _common import SIZES, char_corpus, cpu_header, emit, interleaved, model_pair, parser, setup, timed
 
 PROMPT_CHARS = 32
 
@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=500, help="tokens generated per run")
     args = p.parse_args()
     setup(args)
+    cpu_header()
     from _common import quiet_transformers
 
     quiet_transformers()

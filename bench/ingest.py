@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_header, with_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
@@ -76,6 +78,7 @@ def main() -> None:
     p.add_argument("--records", type=int, default=1_000_000)
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
+    cpu_header()
     import pandas as pd
 
     tmp = Path(tempfile.mkdtemp(prefix="lmops-bench-ingest-"))
@@ -107,7 +110,7 @@ def main() -> None:
               f"({res['read_json_records_per_s']:,} rec/s); cost_ratio {res['cost_ratio']}; "
               f"peak RSS {res['peak_rss_mb']} MB")
         if args.json:
-            print(json.dumps(res))
+            print(json.dumps(with_cpu(res)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

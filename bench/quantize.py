@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CORPUS, interleaved, parser, setup
+from _common import CORPUS, cpu_header, interleaved, parser, setup, with_cpu
 
 
 def main() -> None:
@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192, help="validation tokens for bits per byte")
     args = p.parse_args()
     setup(args)
+    cpu_header()
     import torch
 
     from lmcore.checkpoint import load_model
@@ -117,7 +118,7 @@ def main() -> None:
           f"int8 weight-only {result['int8_wo_bpb']} ({result['bpb_change_wo']:+.4%})")
     print("  ".join(f"{k}={v}" for k, v in result.items()))
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(with_cpu(result)))
 
 
 if __name__ == "__main__":

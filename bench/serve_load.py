@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _common import cpu_header, with_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,6 +157,7 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("LMOPS_DECODE_THREADS", "1")
+    cpu_header()
     out: dict = {"model": "random 4x4x128, block 128, byte-level", "tokens_per_request": args.tokens}
     with tempfile.TemporaryDirectory(prefix="lmops-bench-serve-") as tmp:
         tmp = Path(tmp)
@@ -191,7 +193,7 @@ def main() -> None:
     print(f"feedback burst: {f['posts']} POSTs at c32 in {f['wall_s']} s ({f['posts_per_s']}/s), "
           f"acked {f['acked']}, rows in DB {f['rows_in_db']}, feedback_lost {out['feedback_lost']}")
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(with_cpu(out)))
 
 
 if __name__ == "__main__":

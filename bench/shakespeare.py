@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_header, with_cpu
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -190,6 +192,7 @@ def main() -> None:
     apply_environment()
     if args.threads:
         torch.set_num_threads(args.threads)
+    cpu_header()
     sets = dict(parse_override(s) for s in args.sets)
     with tempfile.TemporaryDirectory(prefix="lmops-bench-") as tmp:
         ours = run_lmops(args.seconds, sets, Path(tmp), args.steps)
@@ -206,7 +209,7 @@ def main() -> None:
         out["ratio_bits_per_char"] = round(ours["val_bits_per_char"] / ref["val_bits_per_char"], 4)
         print(f"ratio lmops/reference bits per char: {out['ratio_bits_per_char']:.3f} (lower is better)")
     if args.json:
-        print(json.dumps(out))
+        print(json.dumps(with_cpu(out)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CORPUS, ROOT, parser, setup
+from _common import CORPUS, ROOT, cpu_header, parser, setup, with_cpu
 
 SPACE = {
     "lr": {"low": 3.0e-4, "high": 3.0e-2, "log": True},
@@ -71,6 +71,7 @@ def main() -> None:
                    "the noise of one trial's val loss")
     args = p.parse_args()
     setup(args)
+    cpu_header()
     with tempfile.TemporaryDirectory(prefix="lmops-bench-sweep-") as tmp:
         tmp = Path(tmp)
         os.environ["LMOPS_HOME"] = str(tmp / "home")
@@ -134,7 +135,7 @@ def main() -> None:
           f"(one config's sd over {args.noise_seeds} train seeds: {result['best_loss_seed_sd']})")
     print("  ".join(f"{k}={v}" for k, v in result.items()))
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(with_cpu(result)))
 
 
 if __name__ == "__main__":

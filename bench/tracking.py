@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import cpu_header, with_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared/data/tinyshakespeare.txt"
 
@@ -48,6 +50,7 @@ def main() -> None:
 
     apply_environment()
     torch.set_num_threads(args.threads)
+    cpu_header()
     text = CORPUS.read_text(encoding="utf-8")[:200_000]
     cut = int(len(text) * 0.9)
     data = prepare_split_texts([text[:cut]], [text[cut:]], work / "data", TokenizerParams(kind="byte")).dir
@@ -106,7 +109,7 @@ def main() -> None:
     print(f"train {args.steps} steps: untracked {plain:.3f} s  tracked (every step) {trk:.3f} s  "
           f"overhead ratio {trk / plain:.3f} (target <= 1.05); run setup {result['run_setup_s']} s")
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(with_cpu(result)))
     shutil.rmtree(work, ignore_errors=True)
 
 
