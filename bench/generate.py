@@ -10,9 +10,9 @@ lmops decodes with its compiled step (``generate_tokens(..., compiled=True)``, s
 ``lmcore.decode``); its eager loop runs in the same rounds and is reported beside it
 (``lmops_eager_tokens_per_s``, ``eager_ratio``), with the one-off compile time (``compile_s``).
 
-Threads: both sides start from ``--threads`` (default: torch's). lmcore decodes on
-``LMOPS_DECODE_THREADS`` threads (default 1, see ``lmcore.generate``); set it to 0 to make
-lmcore use ``--threads`` too, or pass ``--threads 1`` for a strictly single-threaded match.
+Threads: both sides start from ``--threads`` (default: torch's). lmcore decodes on the thread
+count ``lmcore.probe.decode_probe`` measured faster for each size on this machine (1 or all),
+or on ``LMOPS_DECODE_THREADS``; pass ``--threads 1`` for a strictly single-threaded match.
 
     python bench/generate.py [--json] [--threads N] [--sizes small,large] [--repeats 3] [--new-tokens 500]
 """
@@ -64,8 +64,10 @@ def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, dev
     sec = interleaved(runs, repeats)
     lm, rf = n / sec["lmops"], n / sec["reference"]
     agree = next((i for i, (a, b) in enumerate(zip(out["lmops"], out["reference"], strict=True)) if a != b), n)
+    from lmcore.probe import decode_probe
+
     result = {"lmops_tokens_per_s": round(lm, 1), "reference_tokens_per_s": round(rf, 1), "ratio": round(lm / rf, 3),
-              "same_tokens": agree}
+              "same_tokens": agree, "lmops_threads": decode_probe(ours.cfg).decode_threads or torch.get_num_threads()}
     if compiled:
         result |= {"lmops_eager_tokens_per_s": round(n / sec["lmops_eager"], 1),
                    "eager_ratio": round(sec["reference"] / sec["lmops_eager"], 3),
@@ -88,7 +90,7 @@ def main() -> None:
     prompt = data[:PROMPT_CHARS].tolist()
     result = {"sizes": {}, "vocab": vocab, "new_tokens": args.new_tokens, "prompt_tokens": PROMPT_CHARS,
               "threads": torch.get_num_threads(),
-              "lmops_decode_threads": os.environ.get("LMOPS_DECODE_THREADS") or "auto (1 below 4M params)"}
+              "lmops_decode_threads": os.environ.get("LMOPS_DECODE_THREADS") or "probe (per size)"}
     for name in args.sizes.split(","):
         result["sizes"][name] = measure(SIZES[name], vocab, prompt, args.new_tokens, args.repeats or 3)
     emit(result, args.json)

@@ -5,8 +5,8 @@ vocab (65: char-level tinyshakespeare), batch and sequence, same initial weights
 same batches. lmops trains with its real optimizer (``lmcore.optim.build_optimizers`` with
 the default ``TrainParams``: AdamW, decay on matrices only) in the precision ``lmops train``
 picks (``lmcore.device.training_choices``: bf16 autocast where this machine's probe measured a
-faster bf16 step at this shape, else fp32); the reference with a plain ``torch.optim.AdamW`` and ``F.cross_entropy`` on its
-logits, in fp32 (transformers' default). Where lmops picks bf16, lmops in fp32 is timed too
+faster bf16 step at this shape, else fp32); the reference with a plain ``torch.optim.AdamW`` and
+``F.cross_entropy`` on its logits, in fp32 (transformers' default). Where lmops picks bf16, lmops in fp32 is timed too
 (``ratio_fp32``: the same precision on both sides). Each side runs several optimizer steps
 per round, rounds alternate (ABBA...), medians are reported, plus lmcore's MFU against the
 matmul peak of the precision it ran in (best of 1536^2 matmuls, measured before, between and
