@@ -23,21 +23,52 @@ from lmcore.errors import LmopsError
 
 def newton_schulz(g: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
-    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation of a 2D ``g``, in ``dtype``."""
+    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation, in ``dtype``, of a matrix ``g``
+    (m, n) or of each matrix of a stack (k, m, n): one batched product instead of k small ones.
+
+    In float32 a rectangular matrix iterates on its small Gram matrix instead (:func:`_gram_iteration`):
+    the same polynomial, in about half the FLOPs. bf16 keeps torch's own sequence of products.
+    """
     a, b, c = coefficients
     x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
+    tall = g.size(-2) > g.size(-1)
     if tall:
-        x = x.T  # (small, large): the Gram matrix is the small side squared
-    x = x / x.norm().clamp(min=eps)  # spectral norm <= 1
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        x = x.mT  # (small, large): the Gram matrix is the small side squared
+    if x.dim() == 2:
+        x, mm = x / x.norm().clamp(min=eps), torch.addmm  # spectral norm <= 1
+    else:
+        x, mm = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps), torch.baddbmm
+    if dtype == torch.float32 and x.size(-1) > x.size(-2) and steps > 1:
+        x = _gram_iteration(x, steps, coefficients, mm)
+    else:
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = mm(x, mm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+def _gram_iteration(x: torch.Tensor, steps: int, coefficients: tuple[float, float, float], mm) -> torch.Tensor:
+    """The iteration X <- aX + (bA + cA^2)X, A = XX^T, carried out on (m, m) matrices for X (m, n), m < n.
+
+    Every iterate is X_k = Q_k X_0 with Q_k a polynomial in G = X_0 X_0^T, so A_k = Q_k^2 G and
+    Q_{k+1} = (aI + bA_k + cA_k^2) Q_k: products of m x m matrices, and X_0 is touched twice (G and
+    the final Q X_0): 4m^2 n + 26m^3 FLOPs for 5 steps against 20m^2 n + 10m^3. Float32 only: Q
+    grows to ~3.4^5 on the smallest singular directions, too coarse for bf16's 8 bits.
+    """
+    a, b, c = coefficients
+    gram = x @ x.mT  # G: (m, m)
+    eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
+    q = mm(gram, gram, gram, beta=b, alpha=c) + a * eye  # Q_1 = aI + bG + cG^2
+    for _ in range(steps - 1):
+        qa = q @ (q @ gram)  # A = Q^2 G
+        q = mm(q, mm(qa, qa, qa, beta=b, alpha=c), q, beta=a)
+    return q @ x
 
 
 class Muon(torch.optim.Muon):
-    """``torch.optim.Muon`` with Newton-Schulz in ``ns_dtype`` (torch's own hard-codes bf16).
+    """``torch.optim.Muon`` with Newton-Schulz in ``ns_dtype`` (torch's own hard-codes bf16), and
+    same-shape matrices (one per layer) orthogonalised together in one batched iteration: on a
+    CPU a 128-wide model's 16 small iterations per step cost more in dispatch than in arithmetic.
 
     The update is torch's single-tensor one (momentum, Nesterov, decoupled weight decay, the
     learning-rate adjustment), so state dicts are interchangeable with ``torch.optim.Muon``.
@@ -61,13 +92,20 @@ class Muon(torch.optim.Muon):
             bufs: list[torch.Tensor] = []
             self._init_group(group, params, grads, bufs)
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p, grad, buf in zip(params, grads, bufs, strict=True):
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            updates = []
+            for i, (grad, buf) in enumerate(zip(grads, bufs, strict=True)):
                 buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                       self.ns_dtype)
-                p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                updates.append(grad.lerp(buf, momentum) if group["nesterov"] else buf)
+                by_shape.setdefault(tuple(grad.shape), []).append(i)
+            for shape, idx in by_shape.items():
+                stack = updates[idx[0]] if len(idx) == 1 else torch.stack([updates[i] for i in idx])
+                ortho = newton_schulz(stack, group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                      self.ns_dtype)
+                adjusted = _adjust_lr(lr, group["adjust_lr_fn"], torch.Size(shape))
+                for j, i in enumerate(idx):
+                    params[i].mul_(1 - lr * wd)
+                    params[i].add_((ortho if len(idx) == 1 else ortho[j]).to(params[i].dtype), alpha=-adjusted)
         return loss
 
 

@@ -170,3 +170,18 @@ def test_lmops_info_shows_the_cpu_and_what_the_probe_chose(lmops_home, tmp_path,
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run_cli("info", capsys=capsys)
     assert code == 0 and "probe 1L x 32" in out and f"optimizer {probed['decisions']['optimizer']}" in out
+
+
+def test_float32_newton_schulz_on_the_gram_matrix_is_closer_to_exact_than_torchs_bf16():
+    """The (m, m) Gram route is the same polynomial: on gradient-like (nearly low-rank) matrices it
+    lands nearer the float64 iteration than torch's bf16 Muon does, stacked or not."""
+    torch.manual_seed(0)
+    coeffs = (3.4445, -4.775, 2.0315)
+    g = torch.randn(3, 96, 4) @ torch.randn(4, 32) + 1e-3 * torch.randn(3, 96, 32)  # tall: (k, m, n), m > n
+    exact = torch.stack([newton_schulz(m.double(), 5, coeffs, 1e-7, torch.float64) for m in g])
+    ours = newton_schulz(g, 5, coeffs, 1e-7, torch.float32)
+    bf16 = torch.stack([newton_schulz(m, 5, coeffs, 1e-7, torch.bfloat16) for m in g]).double()
+    err, err_bf16 = (ours.double() - exact).abs().max(), (bf16 - exact).abs().max()
+    assert ours.shape == g.shape and ours.dtype is torch.float32
+    assert err < err_bf16 / 3  # measured 0.039 vs 0.166 (outputs up to 0.22): noise directions are amplified
+    assert torch.allclose(ours[1], newton_schulz(g[1], 5, coeffs, 1e-7, torch.float32), atol=1e-5)
