@@ -61,7 +61,7 @@ CPU_INDUCTOR_OPTIONS = {
 CPU_INT8_OPTIONS = {"cpp.min_chunk_size": 8}
 
 
-def _cache_dir() -> None:
+def compiled_cache_dir() -> None:
     """Inductor's on-disk cache under the lmops home, not /tmp (``apply_environment`` sets it for the CLI)."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         from lmcore.settings import get_settings
@@ -69,14 +69,35 @@ def _cache_dir() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(get_settings().inductor_cache)
 
 
-def _weight(mod: nn.Module) -> Weight:
+def _weight(mod: nn.Module, int8_kernels: bool = True) -> Weight:
+    """What the step reads for a linear layer: its float weight, or for an int8 layer its int8
+    values and scales, or (``int8_kernels`` off) their float32 product, made once per module."""
     q = getattr(mod, "int8_weight", None)
-    if q is not None:
+    if q is None:
+        return mod.weight
+    if int8_kernels:
         return q, mod.int8_scale
-    return mod.weight
+    if getattr(mod, "int8_as_float", None) is None:
+        mod.int8_as_float = q.float() * mod.int8_scale[:, None]  # = weight_only_model's weights
+    return mod.int8_as_float
 
 
-def _linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
+def use_int8_kernels(model: nn.Module) -> bool:
+    """Whether compiled decoding of ``model`` reads int8 weights: not on CPUs where the probe found
+    the weight-only int8 kernel slower than float32 (``LMOPS_INT8_KERNELS=0/1`` decides instead)."""
+    if not any(getattr(m, "int8_weight", None) is not None for m in model.modules()):
+        return False
+    env = os.environ.get("LMOPS_INT8_KERNELS", "").strip()
+    if env:
+        return env != "0"
+    if model.embed.weight.device.type != "cpu":
+        return True
+    from lmcore.probe import int8_matvec_speedup
+
+    return int8_matvec_speedup()["speedup"] >= 1.0
+
+
+def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """x (1, 1, in) -> (1, 1, out); an int8 weight becomes one fused widen-multiply-sum over its rows."""
     if isinstance(w, tuple):
         q, scale = w
@@ -97,17 +118,17 @@ def _step(token, pos, slots, weights, ks, vs, rope_cos, rope_sin, n_head: int, e
     cos, sin = rope_cos[pos], rope_sin[pos]  # (1, D), sin's first half negated as in lmcore.model
     x = F.embedding(token, embed)  # (1, 1, C)
     for (attn_norm, qkv_w, proj_w, mlp_norm, gate_up_w, down_w), kc, vc in zip(blocks, ks, vs, strict=True):
-        qkv = _linear(_rms(x, attn_norm, eps), qkv_w).view(n_head + 2 * Hkv, D)
+        qkv = linear(_rms(x, attn_norm, eps), qkv_w).view(n_head + 2 * Hkv, D)
         qk, v = qkv.split((n_head + Hkv, Hkv), dim=0)
         q, k = apply_rope(qk, cos, sin).split((n_head, Hkv), dim=0)  # (H, D), (Hkv, D)
         kc.index_copy_(2, pos, k.view(1, Hkv, 1, D))  # kc, vc: (1, Hkv, L, D)
         vc.index_copy_(2, pos, v.view(1, Hkv, 1, D))
         att = (q.view(Hkv, G, D) @ kc[0, :, :n].transpose(-1, -2)) * D**-0.5  # (Hkv, G, n)
         y = att.softmax(dim=-1) @ vc[0, :, :n]  # (Hkv, G, D)
-        x = x + _linear(y.reshape(1, 1, n_head * D), proj_w)
-        gate, up = _linear(_rms(x, mlp_norm, eps), gate_up_w).chunk(2, dim=-1)
-        x = x + _linear(F.silu(gate) * up, down_w)
-    return _linear(_rms(x, norm, eps), head)[0]  # (1, V)
+        x = x + linear(y.reshape(1, 1, n_head * D), proj_w)
+        gate, up = linear(_rms(x, mlp_norm, eps), gate_up_w).chunk(2, dim=-1)
+        x = x + linear(F.silu(gate) * up, down_w)
+    return linear(_rms(x, norm, eps), head)[0]  # (1, V)
 
 
 class _Step(nn.Module):
@@ -140,6 +161,9 @@ def _cpu_runner(args: tuple, n_head: int, eps: float) -> Runner:
     sig = [torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), n_head, eps,
            sorted(options.items())]
     sig += [(tuple(t.shape), str(t.dtype)) for i, t in enumerate(leaves) if i != 2]  # leaf 2: slots, dynamic
+    # which inputs are one tensor (a tied embedding and head): export folds aliased inputs into one,
+    # so a library built for a tied model would read the embedding as the head of an untied one
+    sig.append([next(j for j, u in enumerate(leaves) if u is t) for t in leaves])
     key = hashlib.sha256(repr(sig).encode()).hexdigest()[:24]
     with _compile_lock:
         if key not in _runners:
@@ -187,7 +211,7 @@ class CompiledDecoder:
     """
 
     def __init__(self, model: Transformer, max_len: int):
-        _cache_dir()  # before anything imports torch._dynamo, which fixes Inductor's cache folder
+        compiled_cache_dir()  # before anything imports torch._dynamo, which fixes Inductor's cache folder
         model = getattr(model, "_orig_mod", model)
         cfg = model.cfg
         self.model, self.cfg, self.max_len = model, cfg, max_len
@@ -196,12 +220,13 @@ class CompiledDecoder:
         shape = (1, cfg.n_kv_head, max_len + 1, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device) for _ in range(cfg.n_layer)]
+        self.int8_kernels = k = use_int8_kernels(model)
         self.weights = weights = (
             model.embed.weight,
-            tuple((b.attn_norm.weight, _weight(b.attn.qkv), _weight(b.attn.proj), b.mlp_norm.weight,
-                   _weight(b.mlp.gate_up), _weight(b.mlp.down)) for b in model.blocks),
+            tuple((b.attn_norm.weight, _weight(b.attn.qkv, k), _weight(b.attn.proj, k), b.mlp_norm.weight,
+                   _weight(b.mlp.gate_up, k), _weight(b.mlp.down, k)) for b in model.blocks),
             model.norm.weight,
-            _weight(model.lm_head),
+            _weight(model.lm_head, k),
         )
         model._rope(0, max_len)  # grow the RoPE table now, not inside the compiled step
         self._slots = torch.empty(max_len + 1, device=device)  # its slices carry the attended length

@@ -16,7 +16,9 @@ The decisions, each made here and nowhere else (:func:`decide` is pure, so tests
   (``train.optimizer: auto``);
 - ``decode_threads`` (:func:`decode_probe`, per model shape without a batch): one thread or torch's
   default for batch-1 decoding, whichever decoded clearly faster;
-- ``int8_engine``: the quantized engine whose int8 linear ran fastest at the model's shapes.
+- ``int8_engine``: the quantized engine whose int8 linear ran fastest at the model's shapes;
+- int8 compiled decoding (:func:`int8_matvec_speedup`, per machine): int8 weights in the kernel only
+  where that kernel beat float32's.
 
 CUDA needs no probe: bf16 autocast and Muon's bf16 iteration are right on every GPU lmops supports.
 """
@@ -422,6 +424,51 @@ def decode_probe(cfg, refresh: bool = False, home: Path | None = None) -> Decode
                          threads, _int8_over_fp32(cfg))
     _write(path, {"version": PROBE_VERSION, "machine": ident, "shape": _decode_shape(cfg),
                   "decode": result.to_dict()})
+    return result
+
+
+INT8_PROBE_SHAPE = (1024, 384)  # (out, in): a mid-size decode matrix; the ratio is a property of the kernels
+
+
+def int8_matvec_speedup(refresh: bool = False, home: Path | None = None) -> dict:
+    """Speed of lmcore.decode's compiled weight-only int8 matrix-vector product over its fp32 one.
+
+    Measured once per machine (~10-20 s: two small Inductor compiles), at 1 thread and at all,
+    best of each side. It decides whether compiled decoding of an int8 model reads int8 weights
+    (a quarter of the bytes, but each widened in registers: 1.6x faster on an AMX Xeon) or their
+    float32 values (0.35-0.38x of fp32's speed on an AVX2-only EPYC, which lacks int8 dot products).
+    """
+    ident = machine_identity()
+    path = _cache_dir(home) / f"int8-{_key(ident)}.json"
+    if not refresh and (hit := _read(path)):
+        return hit["int8"]
+    from lmcore.decode import CPU_INDUCTOR_OPTIONS, CPU_INT8_OPTIONS, compiled_cache_dir, linear
+
+    compiled_cache_dir()
+    torch.manual_seed(0)
+    out_f, in_f = INT8_PROBE_SHAPE
+    w, x, norm = torch.randn(out_f, in_f), torch.randn(1, 1, in_f), torch.ones(in_f)
+    scale = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+
+    def step(x, weight, norm):  # what a decode step does around each product: norm, then matvec
+        return linear(torch.rms_norm(x, (in_f,), norm, 1e-5), weight)
+
+    fp32 = torch.compile(step, options=CPU_INDUCTOR_OPTIONS, dynamic=False)
+    int8 = torch.compile(step, options={**CPU_INDUCTOR_OPTIONS, **CPU_INT8_OPTIONS}, dynamic=False)
+    saved, best = torch.get_num_threads(), {"fp32": math.inf, "int8": math.inf}
+    try:
+        with torch.inference_mode():
+            for threads in sorted({1, saved}):
+                torch.set_num_threads(threads)
+                times = _interleaved_ms({"fp32": (lambda: fp32(x, w, norm), 1.0),
+                                         "int8": (lambda: int8(x, (q, scale), norm), 1.0)}, rounds=200)
+                best = {k: min(best[k], times[k]) for k in best}
+    finally:
+        torch.set_num_threads(saved)
+    result = {"fp32_us": round(best["fp32"] * 1e3, 1), "int8_us": round(best["int8"] * 1e3, 1),
+              "speedup": round(best["fp32"] / best["int8"], 3), "shape": list(INT8_PROBE_SHAPE)}
+    _write(path, {"version": PROBE_VERSION, "machine": ident, "int8": result})
     return result
 
 

@@ -97,12 +97,21 @@ def test_a_full_cache_and_an_oversized_prompt_are_refused(model):
             dec.step(torch.tensor([[5]]))
 
 
-def test_an_int8_model_decodes_weight_only_with_int8_weights(model):
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_an_int8_model_decodes_weight_only(model, monkeypatch, kernels):
+    """With int8 kernels the decoder reads the int8 tensors; without (a CPU where they lose to
+    fp32) their float values: either way the numerics of the weight-only model."""
+    monkeypatch.setenv("LMOPS_INT8_KERNELS", kernels)
     int8 = quantize_model(model)
     qkv = int8.blocks[0].attn.qkv
     assert qkv.int8_weight.dtype == torch.int8 and qkv.int8_scale.shape == (qkv.int8_weight.shape[0],)
     dec = CompiledDecoder(int8, 32)
-    assert dec.weights[1][0][1][0] is qkv.int8_weight  # the decoder reads the int8 tensor itself
+    read = dec.weights[1][0][1]
+    if kernels == "1":
+        assert read[0] is qkv.int8_weight  # the decoder reads the int8 tensor itself
+    else:
+        assert read.dtype == torch.float32 and torch.equal(read, qkv.int8_weight.float() * qkv.int8_scale[:, None])
+        assert CompiledDecoder(int8, 32).weights[1][0][1] is read  # made once per module, not per decoder
     seq = [5, 9, 2, 44, 17, 3, 3, 60, 1, 28, 11, 12]
     reference = weight_only_model(int8)  # float weights equal to q * scale
     with torch.inference_mode():
@@ -116,6 +125,19 @@ def test_an_int8_model_decodes_weight_only_with_int8_weights(model):
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     float_logits = eager_logits(model, seq)[4:]
     assert 0 < (got - float_logits).abs().max() < 0.5  # int8 rounding shows, but stays small
+
+
+def test_int8_kernels_follow_the_machines_probe(model, monkeypatch, tmp_path):
+    """Measured once per machine and cached; the decoder's choice is the measurement's."""
+    from lmcore.decode import use_int8_kernels
+    from lmcore.probe import int8_matvec_speedup
+
+    monkeypatch.delenv("LMOPS_INT8_KERNELS", raising=False)
+    first = int8_matvec_speedup(home=tmp_path)
+    assert first["fp32_us"] > 0 and first["int8_us"] > 0 and first["speedup"] > 0
+    assert int8_matvec_speedup(home=tmp_path) == first  # cached: a second measurement would differ
+    assert use_int8_kernels(quantize_model(model)) is (int8_matvec_speedup()["speedup"] >= 1.0)
+    assert use_int8_kernels(model) is False  # a float model has no int8 weights to read
 
 
 def test_a_new_process_loads_the_compiled_step_from_disk(model, monkeypatch):

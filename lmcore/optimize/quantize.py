@@ -346,6 +346,10 @@ def compare(fp32: Transformer, int8: Transformer, tokenizer, texts: list[str] | 
         decode_tokens_per_s(fp32, prompt, 8, 1, compiled)  # warm up (and compile) both
         decode_tokens_per_s(int8, prompt, 8, 1, compiled)
         out: dict[str, float] = {"compiled_decode": float(compiled)}
+        if compiled:  # 0: this CPU's int8 kernel lost to fp32 (lmcore.probe), so int8 decodes from float weights
+            from lmcore.decode import use_int8_kernels
+
+            out["int8_kernels"] = float(use_int8_kernels(int8))
         out["fp32_tokens_per_s"] = decode_tokens_per_s(fp32, prompt, new_tokens, repeats, compiled)
         out["int8_tokens_per_s"] = decode_tokens_per_s(int8, prompt, new_tokens, repeats, compiled)
         out["speedup"] = out["int8_tokens_per_s"] / out["fp32_tokens_per_s"]
@@ -424,7 +428,7 @@ def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path
                               "declined": None, "cpu": cpu, "metrics": metrics}
     if not (register and src_version):
         return result
-    if metrics["speedup"] < min_speedup:
+    if metrics["speedup"] < min_speedup or (metrics.get("int8_kernels") == 0.0 and min_speedup > 0):
         result["declined"] = decline_reason(metrics, cpu, min_speedup, out)  # the caller shows it
         return result
 
@@ -464,5 +468,10 @@ def decline_reason(metrics: dict[str, float], cpu: dict[str, Any], min_speedup: 
              f"{', compiled decode' if metrics.get('compiled_decode') else ''}")
     need = "" if min_speedup == 1.0 else f" (needs {min_speedup:g}x)"
     where = f"{cpu.get('cpu') or 'unknown CPU'}, {cpu.get('cpu_class', 'other')}"
+    if metrics.get("int8_kernels") == 0.0:  # the decoder read float weights: the speed is fp32's by design
+        from lmcore.probe import int8_matvec_speedup
+
+        need = (f"; this CPU's int8 kernel runs at {int8_matvec_speedup()['speedup']:.2f}x fp32 (lmops info), "
+                f"so int8 models decode from float weights here and gain nothing but size")
     return (f"int8 decodes at {metrics['speedup']:.2f}x fp32 on this CPU ({where}): {speed}{need}; "
             f"not registered, int8 folder kept at {out} (use --min-speedup 0 to register anyway)")
