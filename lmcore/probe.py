@@ -481,6 +481,7 @@ class Probe:
     measured_at: str
     seconds: float  # what measuring cost, once
     cached: bool = False
+    busy: bool = False  # other processes kept the cores busy while it measured: provisional, see probe()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -489,20 +490,34 @@ class Probe:
     def from_dict(cls, d: dict, cached: bool = False) -> Probe:
         return cls(machine=d["machine"], shape=Shape(**d["shape"]), measurements=Measurements(**d["measurements"]),
                    decisions=Decisions(**d["decisions"]), measured_at=d["measured_at"], seconds=d["seconds"],
-                   cached=cached)
+                   cached=cached, busy=d.get("busy", False))
+
+
+def machine_busy() -> bool:
+    """Whether other work keeps the cores busy: a 1-minute load above the core count, this process included."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return False
 
 
 def probe(shape: Shape, refresh: bool = False, home: Path | None = None) -> Probe:
-    """The training measurements and decisions for ``shape`` on this machine: cached, else measured now."""
+    """The training measurements and decisions for ``shape`` on this machine: cached, else measured now.
+
+    A probe taken while the machine was busy is kept but measured again by the next caller, until
+    one is taken on a quiet machine: with threads fighting over two cores, times swing 10x and a
+    ratio taken then could pin a wrong default for good.
+    """
     ident = machine_identity()
     path = _cache_dir(home) / f"probe-{_key(ident, asdict(shape))}.json"
-    if not refresh and (hit := _read(path)):
+    if not refresh and (hit := _read(path)) and not hit["probe"].get("busy"):
         return Probe.from_dict(hit["probe"], cached=True)
     t0 = time.perf_counter()
+    busy = machine_busy()
     m = measure(shape)
     result = Probe(machine=ident, shape=shape, measurements=m, decisions=decide(m),
                    measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                   seconds=round(time.perf_counter() - t0, 2))
+                   seconds=round(time.perf_counter() - t0, 2), busy=busy or machine_busy())
     _write(path, {"version": PROBE_VERSION, "probe": result.to_dict()})
     return result
 
