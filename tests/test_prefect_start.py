@@ -107,7 +107,7 @@ def test_database_is_prepared_once_then_a_flow_runs_on_it(tmp_path):
 
 def test_nothing_to_prepare_when_an_api_url_is_set(tmp_path):
     """With PREFECT_API_URL the server owns its database: nothing is announced and no file is made."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL, PREFECT_HOME, temporary_settings
 
     from flows.prefect_home import ephemeral_database_path, prepare_prefect_database
 
@@ -116,7 +116,9 @@ def test_nothing_to_prepare_when_an_api_url_is_set(tmp_path):
         assert ephemeral_database_path() is None
         assert prepare_prefect_database(echo=said.append) is None
     assert said == [] and not (tmp_path / "p").exists()
-    with temporary_settings(updates={PREFECT_HOME: tmp_path / "p"}):
+    # the session's test harness may have set an API URL and a database: back to Prefect's defaults
+    with temporary_settings(updates={PREFECT_HOME: tmp_path / "p"},
+                            restore_defaults={PREFECT_API_URL, PREFECT_API_DATABASE_CONNECTION_URL}):
         assert ephemeral_database_path() == tmp_path / "p" / "prefect.db"
 
 
