@@ -43,7 +43,7 @@ ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
 
 # Thresholds of the decisions, each with the reason it has this value.
 BF16_MIN_GAIN = 1.10  # bf16 autocast casts every weight each step: below a 10% faster step it is noise
-MUON_STEP_GAIN = 1.5  # Muon needs fewer steps: on a 2-core EPYC it won a fixed budget with 1.37x fewer (see note)
+MUON_STEP_GAIN = 1.5  # Muon saves steps: on a 2-core EPYC 860 Muon steps beat 1,176 AdamW ones (2.41 vs 2.64 bits/char)
 PROBE_TOKENS = 2048  # tokens per timed training step: lmops's default batch (16 x 128)
 DECODE_THREADS_MIN_GAIN = 1.15  # more threads must clearly win: they collapse when another process shares the cores
 

@@ -13,6 +13,7 @@ exactly the batches the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -286,6 +287,8 @@ def train(
             elapsed_before = float(state.get("elapsed", 0.0))
             history = [r for r in state.get("history", []) if r["step"] <= step]
             opt_states = state.get("optimizers")
+            if tp.optimizer == "auto" and state.get("choices", {}).get("optimizer"):  # keep what auto meant
+                choices = dataclasses.replace(choices, optimizer=state["choices"]["optimizer"])
             if "rng_cpu" in state:
                 torch.set_rng_state(state["rng_cpu"])
             if device.type == "cuda" and "rng_cuda" in state:
@@ -328,7 +331,7 @@ def train(
             st = {"step": step, "tokens": tokens, "elapsed": elapsed, "model": cfg.to_dict(),
                   "optimizers": [o.state_dict() for o in optimizers], "rng_cpu": torch.get_rng_state(),
                   "dataset_version": dataset_version, "train": to_dict(tp), "history": history,
-                  "world_size": d.world}
+                  "world_size": d.world, "choices": choices.to_dict()}
             if device.type == "cuda":
                 st["rng_cuda"] = torch.cuda.get_rng_state(device)
             return st

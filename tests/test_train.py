@@ -171,6 +171,27 @@ def test_resume_refuses_corrupt_or_mismatched_checkpoint(prepared, tmp_path):
         train(prepared, tmp_path / "run", p.model, p.train, resume=True, progress=False)
 
 
+def test_resume_keeps_what_optimizer_auto_meant_when_the_run_began(prepared, tmp_path):
+    """A resumed run must not switch optimizers because the probe (or the machine) changed its mind."""
+    from lmcore.model import ModelConfig, Transformer
+    from lmcore.probe import Shape, cached_probes
+
+    p = tiny_params(train__optimizer="auto", train__max_steps=6, train__eval_interval=0, train__checkpoint_interval=3)
+    first = train(prepared, tmp_path / "run", p.model, p.train, progress=False)
+    shape = Shape.of(ModelConfig.from_params(p.model, 257), p.train.batch_size)
+    probed = next(pr for pr in cached_probes() if pr.shape == shape).decisions.optimizer
+    assert first.choices["optimizer"] == probed
+    state = torch.load(tmp_path / "run" / "checkpoint" / STATE, weights_only=True)
+    other = "muon" if probed == "adamw" else "adamw"
+    state["choices"]["optimizer"] = other  # as if the run had begun where the probe chose the other one
+    net = Transformer(ModelConfig.from_params(p.model, 257))
+    state["optimizers"] = [o.state_dict() for o in build_optimizers(net, p.train, other)]
+    torch.save(state, tmp_path / "run" / "checkpoint" / STATE)
+    longer = tiny_params(train__optimizer="auto", train__max_steps=9, train__eval_interval=0)
+    resumed = train(prepared, tmp_path / "run", longer.model, longer.train, resume=True, progress=False)
+    assert resumed.steps == 9 and resumed.choices["optimizer"] == other
+
+
 RUNNER = """
 import sys, time, torch
 torch.set_num_threads(1)
