@@ -117,8 +117,10 @@ class TrainParams:
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     zero_init_residual: bool = False
+    threads: int = 0
 
     def check(self) -> None:
+        _require(self.threads >= 0, "train.threads must be >= 0 (0 = auto)")
         _require(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
         _require(0 <= self.min_lr <= self.lr, "train.min_lr must be within [0, train.lr]")
         _require(self.batch_size > 0 and self.grad_accum > 0, "train.batch_size and train.grad_accum must be > 0")

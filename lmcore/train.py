@@ -237,7 +237,7 @@ def train(
     """
     from lmcore.checkpoint import save_model
     from lmcore.config import to_dict
-    from lmcore.device import pick_device, training_choices
+    from lmcore.device import ThreadTuner, pick_device, training_choices
     from lmcore.model import ModelConfig, Transformer
     from lmcore.optim import build_optimizers, lr_multiplier, set_lr
     from lmcore.prepare import load_prepared
@@ -254,6 +254,7 @@ def train(
     tokenizer = Tokenizer.load(data.dir / "tokenizer.json")
 
     d, device = _dist_setup(pick_device(tp.device))
+    threads = torch.get_num_threads()
     try:
         cfg = ModelConfig.from_params(mp, data.vocab_size)
         choices = _rank0_choices(lambda: training_choices(device, tp, cfg), d, device)
@@ -348,6 +349,10 @@ def train(
                                      device, amp)
 
         fwd.train()
+        if tp.threads:
+            torch.set_num_threads(tp.threads)
+        tuner = ThreadTuner(threads) if (device.type == "cpu" and d.world == 1 and not tp.threads
+                                         and threads > 1) else None
         t0 = time.perf_counter()
         elapsed = elapsed_before
         window_loss = torch.zeros((), device=device)
@@ -359,6 +364,8 @@ def train(
             if budget_s > 0:
                 frac = max(frac, elapsed / budget_s)
             set_lr(optimizers, lr_multiplier(step, frac, tp))
+            if tuner:
+                tuner.before_step()
             for micro in range(tp.grad_accum):
                 x, y = batches.get(step, micro, d.rank)
                 sync = nullcontext() if (d.world == 1 or micro == tp.grad_accum - 1) else fwd.no_sync()
@@ -373,6 +380,8 @@ def train(
                 opt.step()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
+            if tuner:
+                tuner.after_step()
             step += 1
             tokens += per_step_tokens
             window_steps += 1
@@ -415,6 +424,10 @@ def train(
                 break
         if bar is not None:
             bar.close()
+        if tuner:
+            choices = dataclasses.replace(choices, threads=tuner.current, thread_switches=tuner.switches)
+        elif tp.threads:
+            choices = dataclasses.replace(choices, threads=tp.threads)
         if step == 0 or not history or history[-1]["step"] != step:  # resumed at/after the budget
             last_val = evaluate_now()
             if not history or history[-1]["step"] != step:
@@ -445,5 +458,6 @@ def train(
             torch.distributed.barrier()
         return result
     finally:
+        torch.set_num_threads(threads)  # the process's own setting again (ThreadTuner, train.threads)
         if d.owned:
             torch.distributed.destroy_process_group()

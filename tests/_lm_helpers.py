@@ -17,6 +17,7 @@ TINY = {
     "train.warmup_steps": 5, "train.eval_interval": 20, "train.eval_iters": 2, "train.checkpoint_interval": 20,
     "train.log_interval": 5, "train.lr": 1e-2, "train.min_lr": 1e-3, "eval.max_batches": 4, "eval.batch_size": 8,
     "eval.n_samples": 2, "eval.sample_max_new_tokens": 8,
+    "train.threads": 1,  # pinned: tests compare runs bit for bit, and the ThreadTuner follows the load
 }
 
 

@@ -242,3 +242,27 @@ def test_resume_after_sigkill_continues_and_matches_uninterrupted(prepared, tmp_
     b, _, _ = load_model(ref.model_dir)
     for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.allclose(x, y, atol=1e-5), n
+
+
+@pytest.mark.slow
+def test_training_drops_to_one_thread_while_other_work_holds_the_cores(prepared, tmp_path):
+    """Busy processes on every core: threads that wait for each other at each op collapse, and the
+    ThreadTuner measures its way to one thread; pinned threads are left alone."""
+    cores = os.cpu_count() or 1
+    if cores < 2:
+        pytest.skip("a one-core machine has one thread already")
+    torch.set_num_threads(cores)  # this module's fixture runs tests on one; _one_thread restores it after
+    p = tiny_params(model__d_model=128, model__n_head=4, model__n_kv_head=4, model__block_size=128,
+                    train__batch_size=16, train__threads=0, train__max_steps=10**6, train__max_minutes=0.3,
+                    train__eval_interval=0, train__checkpoint_interval=0, train__optimizer="adamw")
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        r = train(prepared, tmp_path / "run", p.model, p.train, progress=False)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert r.choices["threads"] == 1 and r.choices["thread_switches"] >= 1, r.choices
+    assert torch.get_num_threads() == cores  # the process's own setting is back
+    pinned = tiny_params(train__threads=1, train__max_steps=3, train__eval_interval=0)
+    assert train(prepared, tmp_path / "pinned", pinned.model, pinned.train, progress=False).choices["threads"] == 1
