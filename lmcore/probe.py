@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-PROBE_VERSION = 1
+PROBE_VERSION = 2  # 2: Muon timed as lmcore.optim runs it (stacked, Gram route); busy flag
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 

@@ -70,8 +70,8 @@ def _probe_rows(machine: dict) -> list[list]:
     for pr in machine["probes"]:
         s, d, m = pr["shape"], pr["decisions"], pr["measurements"]
         name = f"probe {s['n_layer']}L x {s['d_model']} (batch {s['batch_size']}x{s['block_size']})"
-        bf16 = f"{m['step_ms_fp32'] / m['step_ms_bf16']:.2f}x" if m["step_ms_bf16"] else "not timed (bf16 matmul slow)"
-        rows.append([name, f"dtype {d['train_dtype']} (bf16 step {bf16}); optimizer {d['optimizer']} "
+        bf16 = f"{m['step_ms_fp32'] / m['step_ms_bf16']:.2f}x" if m["step_ms_bf16"] else "not timed, its matmul is slow"
+        rows.append([name, f"dtype {d['train_dtype']} (bf16 step: {bf16}); optimizer {d['optimizer']} "
                            f"(Muon iteration {d['muon_ns_dtype']}, {d['muon_overhead']:.0%} of a step)"])
     for pr in machine["decode_probes"]:
         s, d = pr["shape"], pr["decode"]
