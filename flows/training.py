@@ -85,8 +85,8 @@ def training_flow(
             train_task, lambda t: (Path(t["model_dir"]) / "config.json").is_file(), prepared, data, params, lineage
         )
         trained = trained_state.result()
-        note["done"] = "cached, no training work" if _cached(trained_state) else (
-            f"{trained['steps']} steps, {_choices_line(trained.get('choices'))}")
+        note["done"] = "cached, no training work" if _cached(trained_state) else ", ".join(
+            filter(None, [f"{trained['steps']} steps", _choices_line(trained.get("choices"))]))
 
     with stage(4, steps, "evaluate + track") as note:
         eval_state = run_cached(
