@@ -48,28 +48,17 @@ def decode_threads(device: torch.device | str = "cpu", cfg=None) -> Iterator[Non
     """Run CPU decoding of a model (``cfg``: its ``ModelConfig``) on the thread count its probe chose.
 
     Reference-counted, so overlapping generations in several threads restore the original
-    setting only when the last one leaves.
+    setting only when the last one leaves; the first one decides (at the process's own count).
     """
     global _threads_users, _threads_saved
     if torch.device(device).type != "cpu":
         yield
         return
-    env = os.environ.get("LMOPS_DECODE_THREADS", "")
-    if env.strip():
-        want = int(env)
-    elif cfg is not None:
-        from lmcore.probe import decode_probe
-
-        want = decode_probe(cfg).decode_threads
-    else:
-        want = 0
-    if want <= 0:
-        yield
-        return
     with _threads_lock:
         if _threads_users == 0:
             _threads_saved = torch.get_num_threads()
-            if _threads_saved != want:
+            want = _wanted_threads(cfg)
+            if want > 0 and want != _threads_saved:
                 torch.set_num_threads(want)
         _threads_users += 1
     try:
@@ -79,6 +68,18 @@ def decode_threads(device: torch.device | str = "cpu", cfg=None) -> Iterator[Non
             _threads_users -= 1
             if _threads_users == 0 and torch.get_num_threads() != _threads_saved:
                 torch.set_num_threads(_threads_saved)
+
+
+def _wanted_threads(cfg) -> int:
+    """``LMOPS_DECODE_THREADS``, else the decode probe's pick for ``cfg``; 0 = leave torch's setting."""
+    env = os.environ.get("LMOPS_DECODE_THREADS", "")
+    if env.strip():
+        return int(env)
+    if cfg is None:
+        return 0
+    from lmcore.probe import decode_probe
+
+    return decode_probe(cfg).decode_threads
 
 
 def pick_next(

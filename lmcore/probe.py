@@ -25,6 +25,7 @@ CUDA needs no probe: bf16 autocast and Muon's bf16 iteration are right on every 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -51,6 +52,7 @@ DECODE_THREADS_MIN_GAIN = 1.15  # more threads must clearly win: they collapse w
 # ----------------------------------------------------------------------------- the CPU
 
 
+@functools.cache  # the CPU does not change under a running process
 def _cpuinfo() -> tuple[str, set[str]]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -145,6 +147,16 @@ def _cache_dir(home: Path | None) -> Path:
     return Path(home) / "cache" / "probe"
 
 
+_memo: dict[Path, dict] = {}  # decode-time reads, kept per process: a generation asks for every sequence
+
+
+def _read_memo(path: Path) -> dict | None:
+    """:func:`_read`, remembered in this process (for the lookups on decoding's hot path)."""
+    if path not in _memo and (hit := _read(path)) is not None:
+        _memo[path] = hit
+    return _memo.get(path)
+
+
 def _read(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -154,6 +166,7 @@ def _read(path: Path) -> dict | None:
 
 
 def _write(path: Path, data: dict) -> None:
+    _memo.pop(path, None)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
@@ -415,7 +428,7 @@ def decode_probe(cfg, refresh: bool = False, home: Path | None = None) -> Decode
     """Decode threads and int8 kernels for a model ``cfg`` (``ModelConfig``): cached, else measured (~0.5 s)."""
     ident = machine_identity()
     path = _cache_dir(home) / f"decode-{_key(ident, _decode_shape(cfg))}.json"
-    if not refresh and (hit := _read(path)):
+    if not refresh and (hit := _read_memo(path)):
         d = hit["decode"]
         return DecodeProbe(d["decode_ms_1"], d["decode_ms_n"], d["threads"], d["int8_over_fp32"])
     threads = ident["threads"]
@@ -440,7 +453,7 @@ def int8_matvec_speedup(refresh: bool = False, home: Path | None = None) -> dict
     """
     ident = machine_identity()
     path = _cache_dir(home) / f"int8-{_key(ident)}.json"
-    if not refresh and (hit := _read(path)):
+    if not refresh and (hit := _read_memo(path)):
         return hit["int8"]
     from lmcore.decode import CPU_INDUCTOR_OPTIONS, CPU_INT8_OPTIONS, compiled_cache_dir, linear
 
