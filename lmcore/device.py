@@ -12,7 +12,6 @@ alone took half the step.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -115,12 +114,12 @@ class ThreadTuner:
     def __init__(self, many: int, every_s: float = 20.0, gain: float = 1.2):
         self.many, self.every_s, self.gain = many, every_s, gain
         self.current, self.trial, self.switches = many, 0, 0
-        self.last = math.inf  # seconds of the latest step on the current count
+        self.recent: list[float] = []  # seconds of the latest steps on the current count (up to 3)
         self.next_trial = time.perf_counter() + every_s / 4
         self._t0 = 0.0
 
     def before_step(self) -> None:
-        if not self.trial and time.perf_counter() >= self.next_trial and self.last < math.inf:
+        if not self.trial and time.perf_counter() >= self.next_trial and self.recent:
             self.trial = 1 if self.current == self.many else self.many
             torch.set_num_threads(self.trial)
         self._t0 = time.perf_counter()
@@ -128,11 +127,12 @@ class ThreadTuner:
     def after_step(self) -> None:
         took = time.perf_counter() - self._t0
         if not self.trial:
-            self.last = took
+            self.recent = [*self.recent[-2:], took]
             return
-        wins = took * self.gain < self.last if self.trial == 1 else took < self.last
+        usual = sorted(self.recent)[len(self.recent) // 2]  # the median: one lucky or unlucky step decides nothing
+        wins = took * self.gain < usual if self.trial == 1 else took < usual
         if wins:
-            self.current, self.switches, self.last = self.trial, self.switches + 1, took
+            self.current, self.switches, self.recent = self.trial, self.switches + 1, [took]
         torch.set_num_threads(self.current)
         self.trial, self.next_trial = 0, time.perf_counter() + self.every_s
 

@@ -244,25 +244,56 @@ def test_resume_after_sigkill_continues_and_matches_uninterrupted(prepared, tmp_
         assert torch.allclose(x, y, atol=1e-5), n
 
 
+def test_thread_tuner_keeps_the_thread_count_that_measured_faster():
+    """The decision on controlled step times: a step that is faster on one thread (as beside busy
+    processes) moves training there, and back once all threads are faster again."""
+    from lmcore.device import ThreadTuner
+
+    cost = {1: 0.01, 4: 0.05}  # seconds per step by thread count: one thread wins, as under load
+    torch.set_num_threads(4)
+    tuner = ThreadTuner(4, every_s=0.0)
+
+    def step() -> None:
+        tuner.before_step()
+        time.sleep(cost[torch.get_num_threads()])
+        tuner.after_step()
+
+    for _ in range(4):
+        step()
+    assert tuner.current == 1 and tuner.switches == 1 and torch.get_num_threads() == 1
+    cost.update({1: 0.05, 4: 0.01})  # the other work ended: all threads win again
+    for _ in range(4):
+        step()
+    assert tuner.current == 4 and tuner.switches == 2 and torch.get_num_threads() == 4
+    cost.update({1: 0.045})  # one thread only slightly faster: not worth a switch (gain 1.2)
+    cost[4] = 0.05
+    for _ in range(4):
+        step()
+    assert tuner.current == 4
+
+
 @pytest.mark.slow
-def test_training_drops_to_one_thread_while_other_work_holds_the_cores(prepared, tmp_path):
-    """Busy processes on every core: threads that wait for each other at each op collapse, and the
-    ThreadTuner measures its way to one thread; pinned threads are left alone."""
+def test_training_tunes_its_threads_beside_busy_processes(prepared, tmp_path):
+    """In train(): busy processes on every core, threads auto -> the tuner runs and reports; pinned -> it does not.
+
+    Which count wins under real load is the OS's call (2 threads collapsed 9x in most runs on the
+    2-core EPYC, not all), so the decision itself is tested above on controlled times."""
     cores = os.cpu_count() or 1
     if cores < 2:
         pytest.skip("a one-core machine has one thread already")
     torch.set_num_threads(cores)  # this module's fixture runs tests on one; _one_thread restores it after
     p = tiny_params(model__d_model=128, model__n_head=4, model__n_kv_head=4, model__block_size=128,
-                    train__batch_size=16, train__threads=0, train__max_steps=10**6, train__max_minutes=0.3,
+                    train__batch_size=16, train__threads=0, train__max_steps=10**6, train__max_minutes=0.2,
                     train__eval_interval=0, train__checkpoint_interval=0, train__optimizer="adamw")
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
         r = train(prepared, tmp_path / "run", p.model, p.train, progress=False)
     finally:
         for proc in busy:
             proc.kill()
             proc.wait()
-    assert r.choices["threads"] == 1 and r.choices["thread_switches"] >= 1, r.choices
+    assert r.choices["threads"] in (1, cores) and r.choices["thread_switches"] >= 0, r.choices
     assert torch.get_num_threads() == cores  # the process's own setting is back
     pinned = tiny_params(train__threads=1, train__max_steps=3, train__eval_interval=0)
-    assert train(prepared, tmp_path / "pinned", pinned.model, pinned.train, progress=False).choices["threads"] == 1
+    out = train(prepared, tmp_path / "pinned", pinned.model, pinned.train, progress=False).choices
+    assert out["threads"] == 1 and "thread_switches" in out and out["thread_switches"] == 0
