@@ -82,8 +82,8 @@ def training_choices(device: torch.device, train, cfg=None, probe_result=None) -
     follows the machine's probe at ``cfg``'s shapes; ``probe_result`` passes one in (tests, DDP ranks).
     """
     _check_dtype(train.dtype)
-    explicit = train.dtype != "auto" and train.optimizer != "auto"
-    if device.type == "cuda" or (explicit and train.optimizer != "muon"):
+    nothing_to_measure = train.dtype != "auto" and train.optimizer == "adamw"  # Muon needs its precision
+    if device.type == "cuda" or nothing_to_measure:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = DTYPES.get(train.dtype, torch.bfloat16 if bf16 else None)
         optimizer = "muon" if train.optimizer == "auto" else train.optimizer
