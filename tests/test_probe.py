@@ -166,7 +166,8 @@ def test_lmops_info_shows_the_cpu_and_what_the_probe_chose(lmops_home, tmp_path,
     machine = json.loads(out)["machine"]
     assert code == 0 and machine["cpu"]["fp32_gflops"] > 0 and machine["cpu"]["cpu_class"]
     assert machine["probes"] == []  # nothing trained in this home yet
-    code, out, _ = run_cli("info", "--probe", "--params", str(params), "--json", capsys=capsys)
+    monkeypatch.setenv("LMOPS_WORKSPACE", str(tmp_path))  # --probe reads the workspace's params.yaml
+    code, out, _ = run_cli("info", "--probe", "--json", capsys=capsys)
     (probed,) = json.loads(out)["machine"]["probes"]
     assert code == 0 and probed["shape"]["d_model"] == 32 and probed["shape"]["vocab_size"] == 257
     assert probed["decisions"]["optimizer"] in ("adamw", "muon")

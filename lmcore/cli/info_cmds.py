@@ -43,17 +43,17 @@ def collect_info() -> dict:
     }
 
 
-def machine_info(measure_params: str | None = None) -> dict:
-    """The CPU profile and every model probe this home holds (``lmcore.probe``); with
-    ``measure_params``, the model of that params file is probed now if it was not yet."""
+def machine_info(measure: bool = False, params: str | None = None) -> dict:
+    """The CPU profile and every model probe this home holds (``lmcore.probe``); with ``measure``,
+    the model of ``params`` (default: the workspace's) is probed now if it was not yet."""
     from lmcore.probe import cached_decode_probes, cached_probes, cpu_profile, probe
 
-    if measure_params is not None:
+    if measure:
         from lmcore.cli._common import load_params_cli
         from lmcore.model import ModelConfig
         from lmcore.probe import Shape
 
-        p = load_params_cli(measure_params, None)
+        p = load_params_cli(params, None)
         vocab = p.tokenizer.vocab_size if p.tokenizer.kind == "bpe" else 257
         probe(Shape.of(ModelConfig.from_params(p.model, vocab), p.train.batch_size))
     probes = [{"shape": pr.shape.__dict__, "decisions": pr.decisions.__dict__,
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         `train.optimizer: auto` follow it.
         """
         data = collect_info()
-        data["machine"] = machine_info(params if measure else None)
+        data["machine"] = machine_info(measure, params)
         if as_json:
             emit_json(data)
             return
