@@ -21,17 +21,17 @@ from safetensors.torch import load_file, save_file
 from lmcore.errors import LmopsError
 from lmcore.model import ModelConfig, Transformer
 from lmcore.tokenizer import Tokenizer
+from lmcore.weights import HEAD, tie_head, unwrap
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Weights without the tied duplicate (safetensors refuses shared storage)."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+        sd.pop(HEAD, None)
     return sd
 
 
@@ -55,7 +55,7 @@ def commit_dir(tmp: Path, target: Path) -> Path:
 
 def write_model_files(folder: Path, model: torch.nn.Module, tokenizer: Tokenizer, meta: dict[str, Any]) -> None:
     """Write weights, config and tokenizer into an existing folder (no atomicity here)."""
-    cfg: ModelConfig = getattr(getattr(model, "module", model), "cfg", None) or model._orig_mod.cfg
+    cfg: ModelConfig = unwrap(model).cfg
     save_file(model_state(model), str(folder / WEIGHTS))
     (folder / CONFIG).write_text(json.dumps({"model": cfg.to_dict(), **meta}, indent=2, default=str))
     tokenizer.save(folder / TOKENIZER)
@@ -105,11 +105,10 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if meta.get("quantization"):  # int8 variant (lmops optimize quantize): CPU-only kernels
         if meta["quantization"] != "int8-dynamic":
             raise LmopsError(f"model in {folder} uses unknown quantization {meta['quantization']!r}")
-        from lmcore.optimize.quantize import load_quantized
+        from lmcore.optimize.int8 import load_quantized  # the format, not the quantize job: no import cycle
 
         return load_quantized(cfg, state), tokenizer, meta
-    if cfg.tie_embeddings:
-        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    tie_head(state, cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

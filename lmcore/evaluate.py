@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lmcore.errors import LmopsError
+from lmcore.weights import unwrap
 
 
 def _val_ids(tokenizer, data_dir: Path) -> np.ndarray:
@@ -66,6 +67,35 @@ def score_tokens(model: torch.nn.Module, ids: np.ndarray, byte_len: np.ndarray, 
     return {"nats": nats, "correct": correct, "tokens": count, "bytes": nbytes}
 
 
+def _bpb(nats: float, nbytes: int) -> float:
+    """Total nats over the UTF-8 bytes the scored target tokens stand for, in bits."""
+    return nats / (math.log(2) * max(nbytes, 1))
+
+
+def bits_per_byte(model: torch.nn.Module, tokenizer, texts: list[str], max_tokens: int = 20_000) -> float:
+    """Bits per UTF-8 byte of ``texts`` (each ended by EOS; the first ``max_tokens`` targets).
+
+    The same windows and byte accounting as :func:`evaluate_model` (:func:`score_tokens` over
+    non-overlapping block-size windows, bytes from ``token_byte_lengths``), one window per forward
+    pass: an int8-dynamic model quantizes activations per call, so batching windows would change
+    its numbers. ``lmcore.optimize.quantize`` compares fp32 and int8 with it.
+    """
+    from lmcore.prepare import token_byte_lengths
+
+    ids: list[int] = []
+    for t in texts:
+        ids.extend([*tokenizer.encode(t), tokenizer.eos_id])
+        if len(ids) > max_tokens:
+            break
+    arr = np.asarray(ids[: max_tokens + 1], dtype=np.int64)
+    if len(arr) < 2:
+        raise LmopsError("not enough text to measure bits per byte")
+    net = unwrap(model)
+    device = next(net.parameters()).device
+    s = score_tokens(net, arr, token_byte_lengths(tokenizer), net.cfg.block_size, 1, 0, device)
+    return _bpb(s["nats"], s["bytes"])
+
+
 def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, device: str | torch.device = "auto"
                    ) -> dict:
     """Metrics of an in-memory model (eval ``params`` = ``EvalParams``) on ``data_dir``'s val split."""
@@ -74,8 +104,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, de
     from lmcore.prepare import token_byte_lengths
 
     dev = device if isinstance(device, torch.device) else pick_device(device)
-    net = getattr(model, "module", model)
-    net = getattr(net, "_orig_mod", net)
+    net = unwrap(model)
     was_training = net.training
     net.to(dev).eval()
     ids = _val_ids(tokenizer, Path(data_dir))
@@ -97,7 +126,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, de
     return {
         "val_loss": val_loss,
         "perplexity": math.exp(min(val_loss, 700.0)),
-        "bits_per_byte": s["nats"] / (math.log(2) * max(s["bytes"], 1)),
+        "bits_per_byte": _bpb(s["nats"], s["bytes"]),
         "accuracy": s["correct"] / s["tokens"],
         "tokens": s["tokens"],
         "bytes": s["bytes"],

@@ -19,18 +19,14 @@ import torch
 from lmcore.errors import LmopsError
 from lmcore.model import ModelConfig, Transformer
 from lmcore.tokenizer import EOS, Tokenizer
+from lmcore.weights import tie_head, unwrap
 
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
-def _unwrap(model: torch.nn.Module) -> Transformer:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DDP
-
-
 def to_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """lmops weights -> ``LlamaForCausalLM`` names (contiguous CPU tensors; no tied duplicate)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     cfg = model.cfg
     H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -61,7 +57,9 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     try:
         embed = sd["model.embed_tokens.weight"]
         out = {"embed.weight": embed, "norm.weight": sd["model.norm.weight"]}
-        out["lm_head.weight"] = embed if cfg.tie_embeddings else sd["lm_head.weight"]
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = sd["lm_head.weight"]
+        tie_head(out, cfg)
         for i in range(cfg.n_layer):
             p, o = f"blocks.{i}.", f"model.layers.{i}."
             qkv = [sd[o + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]

@@ -1,25 +1,32 @@
-"""The MLflow model registry: pyfunc logging, versions, aliases and the promotion gate.
+"""The MLflow model registry: pyfunc logging, versions, aliases, and tracking the promotion gate.
 
 One registered model (``params.registry.model_name``). Every new version gets the alias
 ``challenger``; ``champion`` is what serving uses. Only the gate (or a person through
 ``promote``/``rollback``, with a reason) moves ``champion``; every move is recorded in the
 version's tags and in an alias history kept as a registered-model tag. Aliases, not stages.
+What the gate decides lives in :mod:`lmcore.gate`; here it is evaluated, recorded and acted on.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmcore.errors import LmopsError
+from lmcore.gate import (
+    GateDecision,
+    behaviour_checks,
+    decide,
+    finite_logits,
+    is_champion,
+    prompt_completions,
+)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "lmops.alias_history"
@@ -392,74 +399,13 @@ def rollback(name: str, reason: str) -> str:
 
 
 # --------------------------------------------------------------------------- the gate
-@dataclass(frozen=True)
-class GateDecision:
-    promoted: bool
-    reason: str
-    challenger: str
-    champion: str | None
-    challenger_bpb: float
-    champion_bpb: float | None
-    checks: dict[str, bool] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _finite_logits(model: Any, tokenizer: Any, prompts: tuple[str, ...]) -> bool:
-    import torch
-
-    device = next(model.parameters()).device
-    ids = tokenizer.encode(" ".join(prompts))[: model.cfg.block_size] or [tokenizer.eos_id]
-    with torch.inference_mode():
-        logits, _ = model(torch.tensor([ids], dtype=torch.long, device=device))  # (1, T, V)
-    return bool(torch.isfinite(logits).all().item())
-
-
-def behaviour_checks(model: Any, tokenizer: Any, prompts: tuple[str, ...], seed: int, metrics: dict) -> dict[str, bool]:
-    """Cheap sanity checks a challenger must pass: text comes out, a seed pins it, numbers are finite."""
-    from lmcore.generate import SamplingParams, generate_text
-
-    prompts = prompts or ("\n",)
-    finite_numbers = all(math.isfinite(float(metrics.get(k, float("nan")))) for k in ("val_loss", "bits_per_byte"))
-    if not _finite_logits(model, tokenizer, prompts):  # sampling from NaN logits would just crash
-        return {"non_empty_text": False, "deterministic_under_seed": False, "finite_logits": False,
-                "finite_loss": finite_numbers}
-    sp = SamplingParams(max_new_tokens=24, temperature=1.0, top_p=1.0, seed=seed, stop_at_eos=False)
-    first = [generate_text(model, tokenizer, p, sp) for p in prompts]
-    second = [generate_text(model, tokenizer, p, sp) for p in prompts]
-    return {
-        "non_empty_text": any(s.strip() for s in first),
-        "deterministic_under_seed": first == second,
-        "finite_logits": True,
-        "finite_loss": finite_numbers,
-    }
-
-
-def prompt_completions(model: Any, tokenizer: Any, eval_params: Any) -> list[dict]:
-    """Seeded completions of the fixed prompt set (``params.eval.prompts``), the same for every version."""
-    from lmcore.generate import SamplingParams, generate_text
-
-    sp = SamplingParams(max_new_tokens=eval_params.sample_max_new_tokens, temperature=eval_params.temperature,
-                        top_k=eval_params.top_k, top_p=eval_params.top_p, seed=eval_params.seed)
-    return [{"prompt": p, "completion": generate_text(model, tokenizer, p, sp)} for p in eval_params.prompts]
-
-
-def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, device: str) -> tuple[dict, list, Any]:
+def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, device: Any) -> tuple[dict, list, Any]:
     from lmcore.checkpoint import load_model
     from lmcore.evaluate import evaluate_model
 
     folder, _ = fetch_model_dir(f"models:/{name}/{version}")
     model, tokenizer, _ = load_model(folder, device=device)
-    if not _finite_logits(model, tokenizer, tuple(params.eval.prompts) or ("\n",)):
+    if not finite_logits(model, tokenizer, tuple(params.eval.prompts)):
         nan = float("nan")
         return {"val_loss": nan, "bits_per_byte": nan, "perplexity": nan, "accuracy": 0.0}, [], (model, tokenizer)
     metrics = evaluate_model(model, tokenizer, Path(data_dir), params.eval, device)
@@ -467,55 +413,63 @@ def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, devi
     return metrics, completions, (model, tokenizer)
 
 
+def _recorded_bpb(client: Any, name: str, version: str) -> float | None:
+    """Bits per byte the version's own run recorded at evaluation (None if it has none)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = client.get_model_version(name, version).run_id
+    if not run_id:
+        return None
+    try:
+        metrics = client.get_run(run_id).data.metrics
+    except MlflowException:
+        return None
+    value = metrics.get("eval/bits_per_byte", metrics.get("bits_per_byte"))
+    return None if value is None else float(value)
+
+
 def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
          parent_run_id: str | None = None) -> GateDecision:
-    """Evaluate challenger and champion on the same current validation set and decide.
+    """Evaluate challenger and champion on the same current validation set and decide (:func:`lmcore.gate.decide`).
 
     The challenger becomes ``champion`` when it passes the behaviour checks and there is no
     champion or it beats the champion's bits per byte by at least ``params.gate.min_improvement``.
     The decision is written to the version's tags/description and logged as a ``gate`` run with
-    a side-by-side comparison artifact. A failed gate never moves ``champion``.
+    a side-by-side comparison artifact. A failed gate never moves ``champion``. A challenger
+    that already is the champion has nothing to decide: ``promoted=False``, nothing is evaluated,
+    logged or tagged (its earlier gate record stands), and the alias stays where it is.
     """
+    from lmcore.device import pick_device
     from lmcore.reports import comparison_markdown, comparison_table
     from lmcore.tracking import RunTracker, get_client
 
     client = get_client()
     challenger_version = str(challenger_version)
     _require_version(client, name, challenger_version)
-    device = resolve_device(params.train.device)
     champion = resolve_alias(name, CHAMPION)
+    min_imp = float(params.gate.min_improvement)
+    if is_champion(challenger_version, champion):
+        bpb = _recorded_bpb(client, name, challenger_version)
+        return decide(challenger_version, champion, checks={}, challenger_bpb=bpb, champion_bpb=bpb,
+                      min_improvement=min_imp)
 
+    device = pick_device(params.train.device)
     ch_metrics, ch_samples, (model, tok) = _evaluate_version(name, challenger_version, data_dir, params, device)
     checks = behaviour_checks(model, tok, tuple(params.eval.prompts), params.eval.seed, ch_metrics)
     del model, tok
     champ_metrics: dict | None = None
     champ_samples: list = []
     champ_note = ""
-    if champion is not None and champion != challenger_version:
+    if champion is not None:
         try:
             champ_metrics, champ_samples, _ = _evaluate_version(name, champion, data_dir, params, device)
         except LmopsError as e:  # an unreadable champion must not block a good challenger
             champ_note = f"; champion v{champion} could not be evaluated ({e})"
     ch_bpb = float(ch_metrics["bits_per_byte"])
     champ_bpb = float(champ_metrics["bits_per_byte"]) if champ_metrics else None
-    min_imp = float(params.gate.min_improvement)
-
-    failed = [k for k, ok in checks.items() if not ok]
-    if failed:
-        promoted, reason = False, f"failed behaviour checks: {', '.join(failed)}"
-    elif champion == challenger_version:
-        promoted, reason = True, f"v{challenger_version} is already the champion"
-    elif champ_bpb is None:
-        promoted, reason = True, f"no comparable champion; challenger bpb {ch_bpb:.4f}{champ_note}"
-    elif champ_bpb - ch_bpb >= min_imp:
-        promoted, reason = True, (f"challenger bpb {ch_bpb:.4f} beats champion v{champion} {champ_bpb:.4f} "
-                                  f"by {champ_bpb - ch_bpb:.4f} >= {min_imp}")
-    else:
-        promoted, reason = False, (f"challenger bpb {ch_bpb:.4f} does not beat champion v{champion} {champ_bpb:.4f} "
-                                   f"by >= {min_imp} (improvement {champ_bpb - ch_bpb:.4f})")
-    decision = GateDecision(promoted=promoted, reason=reason, challenger=challenger_version,
-                            champion=champion,
-                            challenger_bpb=ch_bpb, champion_bpb=champ_bpb, checks=checks)
+    decision = decide(challenger_version, champion, checks=checks, challenger_bpb=ch_bpb, champion_bpb=champ_bpb,
+                      min_improvement=min_imp, champion_note=champ_note)
+    promoted, reason = decision.promoted, decision.reason
 
     # The record first (a gate run + version tags), then the only alias move.
     run_tags = {"lmops.kind": "gate", "lmops.model_name": name, "lmops.challenger": challenger_version,
@@ -546,6 +500,6 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
     client.update_model_version(name, challenger_version, description=(
         f"Gate {'PASSED' if promoted else 'FAILED'}: {reason}. Checks: "
         + ", ".join(f"{k}={'ok' if ok else 'FAIL'}" for k, ok in checks.items())))
-    if promoted and champion != challenger_version:
+    if promoted:
         _move_champion(client, name, challenger_version, "gate", reason)
     return decision

@@ -78,3 +78,21 @@ def test_bad_inputs(trained, tmp_path):
         evaluate(model_dir, tmp_path / "nope", tiny_params().eval)
     with pytest.raises(LmopsError, match="not a model folder"):
         evaluate(tmp_path, data.dir, tiny_params().eval)
+
+
+def test_text_bits_per_byte_is_evaluate_models_measure(trained):
+    """One bits-per-byte: the text-level measure (int8 comparisons) equals evaluate's on the same tokens."""
+    from lmcore.evaluate import bits_per_byte
+    from lmcore.optimize.quantize import bits_per_byte as quantize_bpb
+
+    model_dir, data, _ = trained
+    model, tok, _ = load_model(model_dir)
+    m = evaluate_model(model, tok, data.dir, tiny_params(eval__max_batches=0, eval__n_samples=0).eval, "cpu")
+    docs = [json.loads(line) for line in (data.dir / "val_docs.jsonl").read_text().splitlines() if line.strip()]
+    bpb = bits_per_byte(model, tok, docs, max_tokens=10**9)
+    assert bpb == pytest.approx(m["bits_per_byte"], rel=1e-5) and quantize_bpb is bits_per_byte
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = model  # what torch.compile wraps it in
+    assert bits_per_byte(wrapped, tok, docs[:2], max_tokens=100) == bits_per_byte(model, tok, docs[:2], 100)
+    with pytest.raises(LmopsError, match="not enough text"):
+        bits_per_byte(model, tok, [], max_tokens=100)

@@ -65,6 +65,13 @@ def test_gate_promotes_first_and_never_promotes_a_worse_model(env):
     d1 = gate(name, v1, env["data"], env["params"])
     assert d1.promoted and d1.champion is None and all(d1.checks.values()), d1
     assert resolve_alias(name, CHAMPION) == v1
+    # gating the champion again (a flow re-run that reused it) decides nothing: the same answer the flow gives
+    again = gate(name, v1, env["data"], env["params"])
+    assert not again.promoted and again.already_champion and "already the champion" in again.reason
+    assert again.challenger_bpb == again.champion_bpb and again.checks == {}
+    tags_v1 = {v["version"]: v for v in list_versions(name)}[v1]["tags"]
+    assert tags_v1["lmops.gate.decision"] == "promoted", "a no-op gate overwrote the champion's gate record"
+    assert resolve_alias(name, CHAMPION) == v1
 
     v2 = _register(env["untrained"], name)  # deliberately worse: random weights
     d2 = gate(name, v2, env["data"], env["params"])

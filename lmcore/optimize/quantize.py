@@ -7,23 +7,22 @@ modules directly instead of calling ``torch.ao.quantization.quantize_dynamic``: 
 is deprecated in torch 2.13 (the kernels and modules are not), and torchao's replacement
 (``Int8DynamicActivationInt8WeightConfig``, torchao 0.18) ran ~2x *slower* than fp32 in eager
 mode on this CPU. torch 2.13 also warns that quantized tensor dtypes (qint8) will go in a future
-release; when they do, only :func:`_dynamic_linear` needs a new backend.
+release; when they do, only ``lmcore.optimize.int8._dynamic_linear`` needs a new backend.
 
 On disk a quantized model folder is an ordinary model folder whose ``config.json`` carries
 ``"quantization": "int8-dynamic"``; ``model.safetensors`` holds each linear weight as an int8
 tensor plus a float32 ``<name>_scale`` per output row, the rest in fp32. No pickle anywhere:
-:func:`lmcore.checkpoint.load_model` sees the key and calls :func:`load_quantized`.
+:func:`lmcore.checkpoint.load_model` sees the key and calls :func:`load_quantized`. The format itself
+(writing, reading, rebuilding the model) is :mod:`lmcore.optimize.int8`; this module quantizes
+folders, measures what int8 buys and costs, and registers variants.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,106 +30,22 @@ import torch
 import torch.nn as nn
 
 from lmcore.errors import LmopsError
-from lmcore.model import ModelConfig, Transformer
-
-QUANTIZATION = "int8-dynamic"
-SCALE_SUFFIX = "_scale"
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
-
-
-def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float weight -> (out, in) int8 values and (out,) float32 scales, w ~= q * scale."""
-    w = w.detach().float().cpu()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
-    return q, scale
-
-
-def _dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """A ``DynamicQuantizedLinear`` holding exactly ``q * scale`` (per-channel qint8)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
-    out_f, in_f = q.shape
-    with warnings.catch_warnings():  # quantized tensor creation warns of a future removal (see module doc)
-        warnings.simplefilter("ignore", UserWarning)
-        mod = DynamicLinear(in_f, out_f, bias_=bias is not None, dtype=torch.qint8)
-        w = q.float() * scale[:, None]  # exact multiples of scale, so re-quantizing returns q
-        qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
-        mod.set_weight_bias(qw, bias)
-    mod.int8_weight, mod.int8_scale = q, scale  # the same values in plain tensors, for lmcore.decode
-    return mod
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def quantized_state(model: Transformer) -> dict[str, torch.Tensor]:
-    """The safetensors payload: int8 + scales for every linear weight, fp32 for the rest."""
-    linears = set(_linear_names(model))
-    state: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        mod_name, _, leaf = name.rpartition(".")
-        if mod_name in linears and leaf == "weight":
-            q, scale = quantize_weight(t)
-            state[name] = q.contiguous()
-            state[name + SCALE_SUFFIX] = scale.contiguous()
-        else:
-            state[name] = t.detach().float().cpu().contiguous().clone()  # clone: tied weights share storage
-    return state
-
-
-def load_quantized(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
-    """Rebuild a CPU model from :func:`quantized_state` output: linear layers become int8 dynamic."""
-    model = Transformer(cfg)
-    linears = _linear_names(model)
-    float_state = {k: v for k, v in state.items() if not k.endswith(SCALE_SUFFIX)}
-    for name in linears:
-        key = f"{name}.weight"
-        if key not in state or key + SCALE_SUFFIX not in state:
-            raise LmopsError(f"quantized weights lack {key} or its scale")
-        float_state.pop(key)
-    if cfg.tie_embeddings:  # the float model ties lm_head to embed; fill the (unused) slot
-        float_state["lm_head.weight"] = state.get("embed.weight")
-    try:
-        model.load_state_dict(float_state, strict=False)
-    except RuntimeError as e:
-        raise LmopsError(f"quantized weights do not match their config: {str(e).splitlines()[0]}") from None
-    missing = set(model.state_dict()) - set(float_state) - {f"{n}.weight" for n in linears}
-    if missing:
-        raise LmopsError(f"quantized weights lack {sorted(missing)[0]}")
-    with _quantized_engine(cfg):  # weights are packed for, and later run by, the engine packing them
-        for name in linears:
-            key = f"{name}.weight"
-            bias = state.get(f"{name}.bias")
-            _set_module(model, name, _dynamic_linear(state[key], state[key + SCALE_SUFFIX], bias))
-    return model.eval()
-
-
-@contextmanager
-def _quantized_engine(cfg: ModelConfig) -> Iterator[None]:
-    """Pack with the quantized engine (x86, fbgemm, onednn) that ran int8 linears fastest at this
-    model's shapes on this machine (``lmcore.probe.decode_probe``): they differ by up to 3x by CPU."""
-    from lmcore.probe import decode_probe
-
-    engine = decode_probe(cfg).int8_engine
-    saved = torch.backends.quantized.engine
-    if engine and engine != saved:
-        torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = saved
+from lmcore.evaluate import bits_per_byte  # the one bits-per-byte measure (evaluate and the gate use it too)
+from lmcore.model import Transformer
+from lmcore.optimize.int8 import (  # noqa: F401 - the format's names, re-exported: callers import them from here
+    QUANTIZATION,
+    SCALE_SUFFIX,
+    _linear_names,
+    load_quantized,
+    quantize_weight,
+    quantized_state,
+)
+from lmcore.weights import unwrap
 
 
 def quantize_model(model: Transformer) -> Transformer:
     """An int8-dynamic copy of a float model (exactly what a quantized folder loads back as)."""
-    model = getattr(model, "_orig_mod", model)
+    model = unwrap(model)
     return load_quantized(model.cfg, quantized_state(model.cpu()))
 
 
@@ -158,32 +73,6 @@ def save_quantized(src_dir: str | Path, out_dir: str | Path, extra_meta: dict[st
 
 
 # --- measuring what quantization buys and costs -------------------------------------------------
-
-
-@torch.inference_mode()
-def bits_per_byte(model: Transformer, tokenizer, texts: list[str], max_tokens: int = 20_000) -> float:
-    """Bits per UTF-8 byte on ``texts`` (non-overlapping block-size windows, first ``max_tokens``)."""
-    ids: list[int] = []
-    n_bytes = 0
-    for t in texts:
-        ids.extend([*tokenizer.encode(t), tokenizer.eos_id])
-        n_bytes += len(t.encode("utf-8"))
-        if len(ids) > max_tokens:
-            break
-    ids = ids[: max_tokens + 1]
-    if len(ids) < 2:
-        raise LmopsError("not enough text to measure bits per byte")
-    # bytes actually scored, from the tokenizer's own decoding of the targets
-    scored_bytes = len(tokenizer.decode(ids[1:]).encode("utf-8")) or n_bytes
-    block = model.cfg.block_size
-    total_nll = 0.0
-    for s in range(0, len(ids) - 1, block):
-        x = torch.tensor([ids[s : s + block]])  # (1, T)
-        y = torch.tensor([ids[s + 1 : s + 1 + block]])  # (1, T')
-        x = x[:, : y.shape[1]]
-        logits, _ = model(x)  # (1, T, V)
-        total_nll += float(torch.nn.functional.cross_entropy(logits[0].float(), y[0], reduction="sum"))
-    return total_nll / math.log(2) / scored_bytes
 
 
 def weight_only_model(int8: Transformer) -> Transformer:
@@ -226,7 +115,7 @@ def logit_error_bound(model: Transformer, idx: torch.Tensor, sigmas: float = 6.0
     backward per ``chunk`` rows of the final hidden state's Jacobian (T x d_model rows, not
     T x vocab: the logits are linear in it); ~1 s for that model on one thread.
     """
-    model = getattr(model, "_orig_mod", model).eval()
+    model = unwrap(model).eval()
     if idx.dim() != 2 or idx.shape[0] != 1:
         raise ValueError(f"idx must be (1, T) token ids, got {tuple(idx.shape)}")
     head = model.lm_head

@@ -23,7 +23,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,57 +56,16 @@ class SweepResult:
 # --------------------------------------------------------------------------- data
 
 
-def _hash(*parts: str) -> str:
-    import hashlib
-
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
 def resolve_data(data: str | Path | None, params: Any) -> tuple[Path, str | None]:
-    """A prepared data folder for the sweep, and its dataset version.
+    """A prepared data folder for the sweep, and its dataset version (``lmcore.prepared_data``).
 
     ``data`` may be a prepared folder (has ``meta.json``), a text file or folder (prepared once
     into ``<home>/runs/prepared/text-<hash>``), or None: the data registry's current version,
     prepared into ``<home>/runs/prepared/<key>`` with the same key the training flow uses.
     """
-    from lmcore.locks import file_lock
-    from lmcore.prepare import load_prepared, prepare_dataset, prepared_dir, read_text_source
-    from lmcore.settings import get_settings
+    from lmcore.prepared_data import resolve_prepared
 
-    root = get_settings().runs_dir / "prepared"
-    prep_hash = params.slice_hash("prepare", "tokenizer")
-    if data is not None:
-        path = Path(data)
-        if (path / "meta.json").is_file():
-            prepared = load_prepared(path)
-            return prepared.dir, prepared.dataset_version
-        if not path.exists():
-            raise LmopsError(f"--data not found: {path}")
-        stamp = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
-                         for p in sorted([path] if path.is_file() else path.rglob("*")) if p.is_file())
-        out = root / f"text-{_hash('text', str(path.resolve()), stamp, prep_hash)}"
-        version = None
-        records: Callable[[], Iterable[tuple[str, str]]] = lambda: read_text_source(path)  # noqa: E731
-    else:
-        try:
-            from lmcore.data.registry import DataRegistry
-        except ImportError:
-            raise LmopsError("no data registry available: pass --data PATH (a prepared folder or text)") from None
-        registry = DataRegistry.open()
-        current = registry.current()
-        if current is None:
-            raise LmopsError("no dataset version yet: run `lmops data ingest ...` first, or pass --data PATH")
-        version = current.id
-        out = prepared_dir(version, params)  # the training flow's prepared folder
-
-        def records() -> Iterable[tuple[str, str]]:
-            return registry.iter_records(version)
-
-    root.mkdir(parents=True, exist_ok=True)
-    with file_lock(root / f".{out.name}.lock"):
-        if not (out / "meta.json").is_file():
-            prepare_dataset(records(), out, params.tokenizer, params.prepare, dataset_version=version)
-    return out, version or load_prepared(out).dataset_version
+    return resolve_prepared(data, params)
 
 
 # --------------------------------------------------------------------------- storage
@@ -239,9 +198,8 @@ def run_sweep(
     ``on_trial(row)`` is called after each trial, ``on_metrics(trial, step, metrics)`` at each
     training log/eval step. Returns the study's best trial over *all* its trials.
     """
-    import optuna
-
-    from lmcore.train import train
+    from lmcore.prepare import load_prepared
+    from lmcore.settings import get_settings
 
     opt = params.optimize
     dims = parse_space(opt.search_space)
@@ -252,89 +210,117 @@ def run_sweep(
     budget_min = opt.minutes if minutes is None else minutes
     if budget_min < 0:
         raise LmopsError("--minutes must be >= 0 (0 = no limit)")
-    eval_interval = trial_eval_interval(opt)
     data_dir = Path(data_dir)
-    from lmcore.prepare import load_prepared
-
     prepared = load_prepared(data_dir)  # fail before creating anything when the data is missing
     dataset_version = dataset_version or prepared.dataset_version
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_url = storage or opt.storage or default_storage()
+    study, name, sampler_seed = _open_study(opt, storage_url, study_name, seed, pruning, n_trials)
+    work = Path(work_dir) if work_dir else get_settings().runs_dir / "sweeps" / name
+    work.mkdir(parents=True, exist_ok=True)
+    worker = uuid.uuid4().hex[:8]  # this call, in trial attributes and tags (several may share a study)
+    parent = None
+    if track:
+        parent = _start_parent(params, name, storage_url, n_trials, budget_min, pruning, sampler_seed,
+                               dataset_version, worker)
+    objective = _Objective(params, dims, data_dir, work, name, worker, dataset_version, parent, on_metrics)
+
+    def after(study: Any, frozen: Any) -> None:
+        if on_trial is not None:
+            on_trial(_trial_row(frozen))
+
+    t0 = time.perf_counter()
+    try:
+        study.optimize(objective, n_trials=n_trials, timeout=budget_min * 60 or None, catch=(_InvalidTrial,),
+                       callbacks=[after], gc_after_trial=False)
+    except BaseException:
+        if parent is not None:
+            _finish_parent(parent, study, name, "FAILED")
+        raise
+    result = _summarize(study, params, name, storage_url, parent, objective.ran, time.perf_counter() - t0)
+    if parent is not None:
+        _finish_parent(parent, study, name, "FINISHED", result)
+    return result
+
+
+def _open_study(opt: Any, storage_url: str, study_name: str | None, seed: int | None, pruning: bool,
+                n_trials: int) -> tuple[Any, str, int]:
+    """The study (created, or resumed by name) and its sampler's seed.
+
+    A resumed study's seed moves past the trials already there, so it repeats no start-up draws.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage_url)
     name = study_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    pruner = make_pruner(opt) if pruning else optuna.pruners.NopPruner()
-    # A resumed study: the sampler's seed moves past the trials already there (no repeated startup draws).
-    base_seed = opt.seed if seed is None else seed
     try:
         offset = len(rdb.get_all_trials(rdb.get_study_id_from_name(name), deepcopy=False))
     except KeyError:  # a new study
         offset = 0
-    sampler = optuna.samplers.TPESampler(seed=base_seed + offset, n_startup_trials=min(10, max(1, n_trials // 2)))
+    sampler_seed = (opt.seed if seed is None else seed) + offset
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=min(10, max(1, n_trials // 2)))
+    pruner = make_pruner(opt) if pruning else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=name, storage=rdb, direction="minimize", sampler=sampler, pruner=pruner,
                                 load_if_exists=True)
-    worker = uuid.uuid4().hex[:8]
+    return study, name, sampler_seed
 
-    from lmcore.settings import get_settings
 
-    work = Path(work_dir) if work_dir else get_settings().runs_dir / "sweeps" / name
-    work.mkdir(parents=True, exist_ok=True)
+def _start_parent(params: Any, name: str, storage_url: str, n_trials: int, budget_min: float, pruning: bool,
+                  sampler_seed: int, dataset_version: str | None, worker: str) -> Any:
+    """The sweep's MLflow parent run: the search's settings as params, the study as tags."""
+    from lmcore.tracking import RunTracker
 
-    parent = None
-    if track:
-        from lmcore.tracking import RunTracker
+    opt = params.optimize
+    return RunTracker.start(
+        params.registry.experiment, f"sweep-{name}",
+        params={"optimize.trials": n_trials, "optimize.minutes": budget_min, "optimize.pruning": pruning,
+                "optimize.prune_percentile": opt.prune_percentile, "optimize.startup_trials": opt.startup_trials,
+                "optimize.trial_max_steps": opt.trial_max_steps,
+                "optimize.trial_eval_interval": trial_eval_interval(opt), "optimize.seed": sampler_seed,
+                "optimize.search_space": json.dumps(opt.search_space, sort_keys=True),
+                "dataset_version": dataset_version or "unknown"},
+        tags={"lmops.study": name, "lmops.storage": _redact(storage_url), "lmops.kind": "sweep",
+              "lmops.dataset_version": dataset_version or "unknown", "lmops.worker": worker},
+        system_metrics=False,
+    )
 
-        parent = RunTracker.start(
-            params.registry.experiment, f"sweep-{name}",
-            params={"optimize.trials": n_trials, "optimize.minutes": budget_min, "optimize.pruning": pruning,
-                    "optimize.prune_percentile": opt.prune_percentile, "optimize.startup_trials": opt.startup_trials,
-                    "optimize.trial_max_steps": opt.trial_max_steps, "optimize.trial_eval_interval": eval_interval,
-                    "optimize.seed": base_seed + offset,
-                    "optimize.search_space": json.dumps(opt.search_space, sort_keys=True),
-                    "dataset_version": dataset_version or "unknown"},
-            tags={"lmops.study": name, "lmops.storage": _redact(storage_url), "lmops.kind": "sweep",
-                  "lmops.dataset_version": dataset_version or "unknown", "lmops.worker": worker},
-            system_metrics=False,
-        )
 
-    ran: list[int] = []  # trial numbers this call ran (enqueued trials already have numbers)
+@dataclass
+class _Objective:
+    """One trial: sample the values, train a short run in a scratch folder, report val_loss to the pruner."""
 
-    def objective(trial: Any) -> float:
-        ran.append(trial.number)
-        values = {d.key: d.suggest(trial) for d in dims}
-        trial.set_user_attr("worker", worker)
-        tracker = None
-        if parent is not None:
-            from lmcore.tracking import RunTracker
+    params: Any
+    dims: list[Dim]
+    data_dir: Path
+    work: Path
+    study: str
+    worker: str
+    dataset_version: str | None
+    parent: Any  # the MLflow parent run, or None when not tracking
+    on_metrics: MetricsCallback | None
+    ran: list[int] = field(default_factory=list)  # trial numbers this call ran (enqueued ones already have one)
 
-            tracker = RunTracker.start(
-                params.registry.experiment, f"{name}-trial-{trial.number}", params=values,
-                tags={"lmops.study": name, "lmops.trial": trial.number, "lmops.kind": "sweep-trial",
-                      "lmops.dataset_version": dataset_version or "unknown"},
-                parent_run_id=parent.run_id, system_metrics=False,
-            )
-            trial.set_user_attr("run_id", tracker.run_id)
-        out = work / f"trial-{trial.number:04d}-{worker}"
+    def __call__(self, trial: Any) -> float:
+        import optuna
+
+        from lmcore.train import train
+
+        self.ran.append(trial.number)
+        values = {d.key: d.suggest(trial) for d in self.dims}
+        trial.set_user_attr("worker", self.worker)
+        tracker = self._start_tracker(trial, values)
+        out = self.work / f"trial-{trial.number:04d}-{self.worker}"
         state, status = "FAIL", "FAILED"
         try:
             try:
-                p = trial_params(params, values)
+                p = trial_params(self.params, values)
             except LmopsError as e:
                 trial.set_user_attr("error", str(e))
                 raise _InvalidTrial(str(e)) from None
-
-            def report(step: int, metrics: dict[str, float]) -> None:
-                if tracker is not None:
-                    tracker.log_metrics(step, metrics)
-                if on_metrics is not None:
-                    on_metrics(trial.number, step, metrics)
-                if "val_loss" in metrics:
-                    trial.report(float(metrics["val_loss"]), step)
-                    if step < p.train.max_steps and trial.should_prune():  # a finished trial counts
-                        raise optuna.TrialPruned(f"pruned at step {step} (val_loss {metrics['val_loss']:.4f})")
-
-            result = train(data_dir, out, p.model, p.train, progress=False, on_metrics=report,
-                           dataset_version=dataset_version)
+            result = train(self.data_dir, out, p.model, p.train, progress=False,
+                           on_metrics=self._reporter(trial, tracker, p.train.max_steps),
+                           dataset_version=self.dataset_version)
             if result.final_val_loss is None:
                 raise _InvalidTrial("training produced no validation loss")
             state, status = "COMPLETE", "FINISHED"
@@ -351,25 +337,46 @@ def run_sweep(
                 tracker.set_tags({"trial_state": state})
                 tracker.finish(status)
 
-    def after(study: Any, frozen: Any) -> None:
-        if on_trial is not None:
-            on_trial(_trial_row(frozen))
+    def _start_tracker(self, trial: Any, values: dict[str, Any]) -> Any:
+        """The trial's nested MLflow run (None when the sweep is not tracked)."""
+        if self.parent is None:
+            return None
+        from lmcore.tracking import RunTracker
 
-    t0 = time.perf_counter()
-    try:
-        study.optimize(objective, n_trials=n_trials, timeout=budget_min * 60 or None, catch=(_InvalidTrial,),
-                       callbacks=[after], gc_after_trial=False)
-    except BaseException:
-        if parent is not None:
-            _finish_parent(parent, study, name, "FAILED")
-        raise
-    seconds = time.perf_counter() - t0
+        tracker = RunTracker.start(
+            self.params.registry.experiment, f"{self.study}-trial-{trial.number}", params=values,
+            tags={"lmops.study": self.study, "lmops.trial": trial.number, "lmops.kind": "sweep-trial",
+                  "lmops.dataset_version": self.dataset_version or "unknown"},
+            parent_run_id=self.parent.run_id, system_metrics=False,
+        )
+        trial.set_user_attr("run_id", tracker.run_id)
+        return tracker
 
+    def _reporter(self, trial: Any, tracker: Any, max_steps: int) -> Callable[[int, dict[str, float]], None]:
+        """Training's ``on_metrics``: log the step, pass it on, and prune a hopeless trial."""
+        import optuna
+
+        def report(step: int, metrics: dict[str, float]) -> None:
+            if tracker is not None:
+                tracker.log_metrics(step, metrics)
+            if self.on_metrics is not None:
+                self.on_metrics(trial.number, step, metrics)
+            if "val_loss" in metrics:
+                trial.report(float(metrics["val_loss"]), step)
+                if step < max_steps and trial.should_prune():  # a finished trial counts
+                    raise optuna.TrialPruned(f"pruned at step {step} (val_loss {metrics['val_loss']:.4f})")
+
+        return report
+
+
+def _summarize(study: Any, params: Any, name: str, storage_url: str, parent: Any, ran: list[int],
+               seconds: float) -> SweepResult:
+    """The study's outcome over all its trials (also those of earlier calls and other workers)."""
     all_trials = study.trials
     states = [t.state.name for t in all_trials]
     done = [t for t in all_trials if t.state.name == "COMPLETE"]
     best = min(done, key=lambda t: t.value) if done else None
-    result = SweepResult(
+    return SweepResult(
         study=name, storage=_redact(storage_url), parent_run_id=parent.run_id if parent else None,
         trials_run=len(ran), trials_total=len(all_trials), completed=states.count("COMPLETE"),
         pruned=states.count("PRUNED"), failed=states.count("FAIL"),
@@ -377,9 +384,6 @@ def run_sweep(
         best_trial=best.number if best else None, seconds=round(seconds, 3),
         trials=[_trial_row(t) for t in all_trials],
     )
-    if parent is not None:
-        _finish_parent(parent, study, name, "FINISHED", result)
-    return result
 
 
 class _InvalidTrial(Exception):
