@@ -34,12 +34,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import CORPUS, flops_per_token, interleaved, model_pair, parser, quiet_transformers, setup
+from _common import CORPUS, ROOT, flops_per_token, interleaved, model_pair, parser, quiet_transformers, setup
 
 SECTIONS = ("env", "parity", "train", "throughput", "generate", "ddp")
 GPU_SIZES = {
     "large": {"n_layer": 6, "n_head": 6, "d_model": 384, "batch": 16, "seq": 256},
     "gpt2s": {"n_layer": 12, "n_head": 12, "d_model": 768, "batch": 32, "seq": 1024},
+}
+# The train section is params.yaml's configuration (optimizer auto = Muon on CUDA, its lr schedule, ...)
+# with only these keys changed: the GPU-sized model and a fixed step budget on the card.
+TRAIN_OVERRIDES = {
+    "model.n_layer": 6, "model.n_head": 6, "model.n_kv_head": 6, "model.d_model": 384, "model.block_size": 256,
+    "train.device": "cuda", "train.batch_size": 64, "train.max_steps": 400,
+    "train.max_minutes": 0,  # the step budget decides, not the wall clock
+    "train.eval_interval": 200, "train.eval_iters": 20, "train.checkpoint_interval": 0, "train.log_interval": 50,
 }
 
 
@@ -98,28 +106,27 @@ def _prepared(ctx: dict) -> Path:
 
 
 def section_train(ctx: dict) -> dict:
-    from lmcore.config import ModelParams, TrainParams
+    from dataclasses import replace
+
+    from lmcore.config import load_params
     from lmcore.plots import read_history
     from lmcore.train import train
 
     data = _prepared(ctx)
-    mp = ModelParams(n_layer=6, n_head=6, n_kv_head=6, d_model=384, block_size=256, dropout=0.0)
-    base = dict(device="cuda", batch_size=64, max_steps=400, max_minutes=0, eval_interval=200, eval_iters=20,
-                checkpoint_interval=0, log_interval=50, optimizer="muon", lr=6e-3, muon_lr=0.01,
-                lr_schedule="wsd", cooldown_frac=0.6, min_lr=0.0, weight_decay=0.0, zero_init_residual=True)
+    params = load_params(ROOT / "params.yaml", TRAIN_OVERRIDES)
+    mp, base = params.model, params.train
     out: dict = {}
     for name, extra in (("eager_bf16", {}), ("compiled_bf16", {"compile": True})):
         t0 = time.perf_counter()
-        r = train(data, Path(ctx["tmp"]) / name, mp, TrainParams(**base, **extra), progress=False)
+        r = train(data, Path(ctx["tmp"]) / name, mp, replace(base, **extra), progress=False)
         rows = [h for h in read_history(r.history_csv) if h["tokens_per_s"]]
         out[name] = {"wall_s": round(time.perf_counter() - t0, 1), "steps": r.steps,
                      "val_loss": round(r.final_val_loss, 4), "bits_per_byte": round(r.final_val_loss / math.log(2), 4),
                      "tokens_per_s_last": rows[-1]["tokens_per_s"] if rows else None}
     run = Path(ctx["tmp"]) / "resume"
-    p1 = TrainParams(**{**base, "max_steps": 60, "checkpoint_interval": 30})
+    p1 = replace(base, max_steps=60, checkpoint_interval=30)
     train(data, run, mp, p1, progress=False)
-    r2 = train(data, run, mp, TrainParams(**{**base, "max_steps": 100, "checkpoint_interval": 30}), resume=True,
-               progress=False)
+    r2 = train(data, run, mp, replace(base, max_steps=100, checkpoint_interval=30), resume=True, progress=False)
     state = torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)
     out["resume"] = {"steps": r2.steps, "checkpoint_step": int(state["step"]), "has_cuda_rng": "rng_cuda" in state,
                      "ok": r2.steps == 100 and int(state["step"]) == 100}
@@ -142,14 +149,17 @@ def _train_steps(fwd, opts, x: torch.Tensor, y: torch.Tensor, steps: int, hf: bo
 
 
 def _throughput_at(name: str, size: dict, peak_tflops: float, steps: int = 10) -> dict:
-    from lmcore.config import TrainParams
+    from lmcore.config import load_params
     from lmcore.optim import build_optimizers
 
     ours, ref = model_pair(size, 50304 if name == "gpt2s" else 65, size["seq"])
     ours, ref = ours.cuda().train(), ref.cuda().train()
     compiled = torch.compile(ours)
-    opt_ours = build_optimizers(ours, TrainParams(optimizer="adamw"))
-    opt_ref = [torch.optim.AdamW(ref.parameters(), lr=3e-4, weight_decay=0.1, fused=True)]
+    # params.yaml's train slice with AdamW on both sides (the reference has no Muon), the same lr, decay, betas
+    tp = load_params(ROOT / "params.yaml", {"train.optimizer": "adamw"}).train
+    opt_ours = build_optimizers(ours, tp)
+    opt_ref = [torch.optim.AdamW(ref.parameters(), lr=tp.lr, weight_decay=tp.weight_decay,
+                                 betas=(tp.beta1, tp.beta2), fused=True)]
     x, y = (torch.randint(0, ours.cfg.vocab_size, (size["batch"], size["seq"]), device="cuda") for _ in range(2))
     runs = {"eager": lambda: _train_steps(ours, opt_ours, x, y, steps, False),
             "compiled": lambda: _train_steps(compiled, opt_ours, x, y, steps, False),

@@ -26,7 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import CORPUS, cpu_header, interleaved, parser, setup, with_cpu
+from _common import CORPUS, ROOT, cpu_header, interleaved, parser, setup, with_cpu
+
+# params.yaml's configuration with only these keys changed: the 6 x 6 x 384 model, CPU, a small batch,
+# a short warmup, no evaluation or checkpoint during the brief training (step cap and budget: the flags).
+OVERRIDES = {
+    "model.n_layer": 6, "model.n_head": 6, "model.n_kv_head": 6, "model.d_model": 384, "model.block_size": 256,
+    "train.device": "cpu", "train.batch_size": 4, "train.warmup_steps": 10, "train.eval_interval": 0,
+    "train.eval_iters": 4, "train.checkpoint_interval": 0, "train.log_interval": 50,
+}
 
 
 def main() -> None:
@@ -42,7 +50,7 @@ def main() -> None:
     import torch
 
     from lmcore.checkpoint import load_model
-    from lmcore.config import ModelParams, TokenizerParams, TrainParams
+    from lmcore.config import TokenizerParams, load_params
     from lmcore.generate import SamplingParams, generate_tokens
     from lmcore.optimize.quantize import bits_per_byte, model_bytes, save_quantized, weight_only_model
     from lmcore.prepare import prepare_split_texts
@@ -54,10 +62,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lmops-bench-quantize-") as tmp:
         tmp = Path(tmp)
         data = prepare_split_texts([text[:cut]], [text[cut:]], tmp / "data", TokenizerParams(kind="byte"))
-        mp = ModelParams(n_layer=6, n_head=6, n_kv_head=6, d_model=384, block_size=256)
-        tp = TrainParams(device="cpu", batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=10,
-                         max_steps=args.train_steps, max_minutes=args.train_minutes, eval_interval=0, eval_iters=4,
-                         checkpoint_interval=0, log_interval=50)
+        params = load_params(ROOT / "params.yaml", {**OVERRIDES, "train.max_steps": args.train_steps,
+                                                    "train.max_minutes": args.train_minutes})
+        mp, tp = params.model, params.train
         torch.set_num_threads(args.train_threads or os.cpu_count() or 1)
         trained = train(data.dir, tmp / "run", mp, tp, progress=False)
         torch.set_num_threads(args.threads)  # measure at the thread count asked for

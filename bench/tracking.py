@@ -25,6 +25,13 @@ from _common import cpu_header, with_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared/data/tinyshakespeare.txt"
+# params.yaml's configuration with only these keys changed: a tiny model, CPU, a fixed number of steps,
+# no evaluation or checkpoint inside the timed span, and a metrics row (an MLflow log call) every step.
+OVERRIDES = {
+    "model.n_layer": 2, "model.n_head": 2, "model.n_kv_head": 2, "model.d_model": 64, "model.block_size": 64,
+    "train.device": "cpu", "train.batch_size": 8, "train.max_minutes": 0, "train.warmup_steps": 10,
+    "train.eval_interval": 10**9, "train.eval_iters": 1, "train.checkpoint_interval": 10**9, "train.log_interval": 1,
+}
 
 
 def main() -> None:
@@ -42,7 +49,7 @@ def main() -> None:
 
     import torch
 
-    from lmcore.config import ModelParams, Params, TokenizerParams, TrainParams
+    from lmcore.config import TokenizerParams, load_params
     from lmcore.prepare import prepare_split_texts
     from lmcore.settings import apply_environment
     from lmcore.tracking import RunTracker, configure_mlflow
@@ -54,10 +61,9 @@ def main() -> None:
     text = CORPUS.read_text(encoding="utf-8")[:200_000]
     cut = int(len(text) * 0.9)
     data = prepare_split_texts([text[:cut]], [text[cut:]], work / "data", TokenizerParams(kind="byte")).dir
-    model = ModelParams(n_layer=2, n_head=2, n_kv_head=2, d_model=64, block_size=64)
-    tp = TrainParams(device="cpu", batch_size=8, max_steps=args.steps, max_minutes=0, warmup_steps=10,
-                     eval_interval=10**9, eval_iters=1, checkpoint_interval=10**9, log_interval=1)
-    flat = Params(model=model, train=tp).flat()
+    params = load_params(ROOT / "params.yaml", {**OVERRIDES, "train.max_steps": args.steps})
+    model, tp = params.model, params.train
+    flat = params.flat()
     configure_mlflow()
     RunTracker.start("bench", "warmup", {}, {}, system_metrics=False).finish()  # DB migrations, imports
 

@@ -3,10 +3,11 @@
 Same layers, heads, width, intermediate size (Llama rule: 384 / 1024), tied embeddings,
 vocab (65: char-level tinyshakespeare), batch and sequence, same initial weights and the
 same batches. lmops trains with its real optimizer (``lmcore.optim.build_optimizers`` with
-the default ``TrainParams``: AdamW, decay on matrices only) in the precision ``lmops train``
-picks (``lmcore.device.training_choices``: bf16 autocast where this machine's probe measured a
-faster bf16 step at this shape, else fp32); the reference with a plain ``torch.optim.AdamW`` and
-``F.cross_entropy`` on its logits, in fp32 (transformers' default). Where lmops picks bf16, lmops in fp32 is timed too
+params.yaml's ``train`` slice, optimizer AdamW like the reference's: decay on matrices only) in
+the precision ``lmops train`` picks (``lmcore.device.training_choices``: bf16 autocast where this
+machine's probe measured a faster bf16 step at this shape, else fp32); the reference with a plain
+``torch.optim.AdamW`` (same lr, decay and betas) and ``F.cross_entropy`` on its logits, in fp32
+(transformers' default). Where lmops picks bf16, lmops in fp32 is timed too
 (``ratio_fp32``: the same precision on both sides). Each side runs several optimizer steps
 per round, rounds alternate (ABBA...), medians are reported, plus lmcore's MFU against the
 matmul peak of the precision it ran in (best of 1536^2 matmuls, measured before, between and
@@ -23,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from _common import (
+    ROOT,
     SIZES,
     char_corpus,
     cpu_header,
@@ -47,18 +49,22 @@ def batches(data: torch.Tensor, batch: int, seq: int, n: int, seed: int = 0) -> 
             for row in starts]
 
 
+def train_params(**overrides):
+    """params.yaml's train slice with AdamW (what the reference runs) and the named ``overrides``."""
+    from lmcore.config import load_params
+
+    return load_params(ROOT / "params.yaml", {"train.optimizer": "adamw",
+                                              **{f"train.{k}": v for k, v in overrides.items()}}).train
+
+
 def lmops_optimizers(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
-    """What ``lmops train`` uses with default params (falls back to plain AdamW if optim is absent)."""
-    try:
-        from lmcore.config import TrainParams
-        from lmcore.optim import build_optimizers
-    except ImportError:
-        return [torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)]
-    return build_optimizers(model, TrainParams(optimizer="adamw"))
+    """What ``lmops train`` uses with params.yaml's train slice, AdamW."""
+    from lmcore.optim import build_optimizers
+
+    return build_optimizers(model, train_params())
 
 
 def measure(name: str, vocab: int, data: torch.Tensor, rounds: int, compile: bool = False) -> dict:
-    from lmcore.config import TrainParams
     from lmcore.device import training_choices
 
     size = SIZES[name]
@@ -67,12 +73,12 @@ def measure(name: str, vocab: int, data: torch.Tensor, rounds: int, compile: boo
     ours.train()
     ref.train()
     opts_ours = lmops_optimizers(ours)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-4, weight_decay=0.1)
+    tp = train_params()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=tp.lr, weight_decay=tp.weight_decay, betas=(tp.beta1, tp.beta2))
     data_batches = batches(data, size["batch"], size["seq"], steps)
     fwd = torch.compile(ours) if compile else ours
     # the precision `lmops train` picks here (train.dtype auto: this machine's probe at this shape)
-    amp = training_choices(torch.device("cpu"), TrainParams(optimizer="adamw", batch_size=size["batch"]),
-                           ours.cfg).autocast
+    amp = training_choices(torch.device("cpu"), train_params(batch_size=size["batch"]), ours.cfg).autocast
 
     def step_ours(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None = amp) -> None:
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):

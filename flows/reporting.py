@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lmcore.settings import MLFLOW_PORT
+
 METRIC_KEYS = ("val_loss", "perplexity", "bits_per_byte", "accuracy")
 
 
@@ -37,7 +39,7 @@ def _fmt(v: Any) -> str:
 
 def mlflow_run_link(run_id: str) -> str:
     """Where the run is in the MLflow UI that `lmops ui` starts."""
-    return f"http://127.0.0.1:5000/#/experiments/0/runs/{run_id}"
+    return f"http://127.0.0.1:{MLFLOW_PORT}/#/experiments/0/runs/{run_id}"
 
 
 def summary_markdown(s: dict[str, Any]) -> str:

@@ -3,17 +3,55 @@
 `lmops schedule` is the one-machine way: it starts a local Prefect server on 127.0.0.1 when
 none is configured (schedules need a server), then serves the deployments with their cron
 schedules until SIGINT/SIGTERM. Teams use `prefect.yaml` with a process work pool instead.
+
+The crons and their time zone come from params.yaml's ``schedule`` section. ``prefect deploy`` reads
+only `prefect.yaml`, so that file repeats them; ``prefect_yaml_differences`` (run by the tests) names
+every place where it no longer matches ``deployment_specs``.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from lmcore.config import Params
+from lmcore.settings import PREFECT_PORT
 
 TRAINING_DEPLOYMENT = "nightly"
 HARVEST_DEPLOYMENT = "hourly"
+
+
+def deployment_specs(params: Params) -> dict[str, dict[str, str]]:
+    """The scheduled deployments by name: entry point, cron and time zone (from ``params.schedule``)."""
+    s = params.schedule
+    return {
+        TRAINING_DEPLOYMENT: {"entrypoint": "flows/training.py:training_flow", "cron": s.training_cron,
+                              "timezone": s.timezone},
+        HARVEST_DEPLOYMENT: {"entrypoint": "flows/harvest.py:harvest_flow", "cron": s.harvest_cron,
+                             "timezone": s.timezone},
+    }
+
+
+def prefect_yaml_differences(params: Params, path: str | Path) -> list[str]:
+    """Where ``prefect.yaml``'s deployments differ from ``deployment_specs(params)``; empty when they agree."""
+    import yaml
+
+    declared = {d.get("name"): d for d in (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
+                .get("deployments") or []}
+    out = []
+    for name, spec in deployment_specs(params).items():
+        d = declared.pop(name, None)
+        if d is None:
+            out.append(f"deployment '{name}' is missing")
+            continue
+        if d.get("entrypoint") != spec["entrypoint"]:
+            out.append(f"{name}: entrypoint {d.get('entrypoint')!r}, expected {spec['entrypoint']!r}")
+        got = [(s.get("cron"), s.get("timezone")) for s in d.get("schedules") or []]
+        if got != [(spec["cron"], spec["timezone"])]:
+            out.append(f"{name}: schedules {got}, params.yaml says [{(spec['cron'], spec['timezone'])}]")
+    out += [f"deployment '{name}' is not one lmops serves" for name in declared]
+    return out
 
 
 def build_deployments(params: Params, params_path: str | None = None) -> list[Any]:
@@ -22,18 +60,18 @@ def build_deployments(params: Params, params_path: str | None = None) -> list[An
     from flows.harvest import harvest_flow
     from flows.training import training_flow
 
-    tz = params.schedule.timezone
+    specs = deployment_specs(params)
     return [
         training_flow.to_deployment(
             name=TRAINING_DEPLOYMENT,
-            schedules=[Cron(params.schedule.training_cron, timezone=tz)],
+            schedules=[Cron(specs[TRAINING_DEPLOYMENT]["cron"], timezone=specs[TRAINING_DEPLOYMENT]["timezone"])],
             parameters={"params_path": params_path},
             description="The whole loop on the configured sources, nightly.",
             tags=["lmops"],
         ),
         harvest_flow.to_deployment(
             name=HARVEST_DEPLOYMENT,
-            schedules=[Cron(params.schedule.harvest_cron, timezone=tz)],
+            schedules=[Cron(specs[HARVEST_DEPLOYMENT]["cron"], timezone=specs[HARVEST_DEPLOYMENT]["timezone"])],
             parameters={"params_path": params_path},
             description="Feedback -> training data, hourly; triggers training past feedback.min_new_records.",
             tags=["lmops"],
@@ -41,7 +79,7 @@ def build_deployments(params: Params, params_path: str | None = None) -> list[An
     ]
 
 
-def serve_schedules(params: Params, params_path: str | None = None, port: int = 4200, echo=print) -> None:
+def serve_schedules(params: Params, params_path: str | None = None, port: int = PREFECT_PORT, echo=print) -> None:
     """Serve the deployments (blocking); start and stop a local Prefect server if none is set."""
     import signal
 
@@ -58,7 +96,8 @@ def serve_schedules(params: Params, params_path: str | None = None, port: int = 
         stack.callback(signal.signal, signal.SIGTERM, previous)
         api_url = get_settings().prefect_api_url
         if api_url is None:
-            from lmcore.ui import start_prefect_server, stop_service
+            from flows.ui import start_prefect_server
+            from lmcore.ui import stop_service
 
             echo("starting a local Prefect server on 127.0.0.1 (10-20 s) ...")
             server = start_prefect_server(port=port)

@@ -27,6 +27,7 @@ from prefect.tasks import exponential_backoff
 from lmcore.config import Params
 from lmcore.prepare import prepare_key, prepared_dir
 from lmcore.settings import get_settings
+from lmcore.stages import STAGE_CODE, STAGE_PARAMS
 from lmcore.tracking import TAG_DATASET_VERSION
 
 CACHED: dict[str, Any] = {"cache_expiration": timedelta(days=30), "persist_result": True}
@@ -38,8 +39,8 @@ def _serializable(key_fn) -> CachePolicy:
     return CacheKeyFnPolicy(cache_key_fn=key_fn).configure(isolation_level="SERIALIZABLE", lock_manager=locks)
 
 
-PREPARE_CODE = ("lmcore.prepare", "lmcore.tokenizer")
-TRAIN_CODE = ("lmcore.train", "lmcore.model", "lmcore.optim")
+# The modules each step runs and the params slices it reads: the lists dvc.yaml's deps and params name too.
+PREPARE_CODE, TRAIN_CODE, EVALUATE_CODE = STAGE_CODE["prepare"], STAGE_CODE["train"], STAGE_CODE["evaluate"]
 
 
 def _hash(*parts: str) -> str:
@@ -57,7 +58,7 @@ def source_hash(*modules: str) -> str:
 
 def train_key(version: str, params: Params) -> str:
     return _hash("train", prepare_key(version, params), source_hash(*PREPARE_CODE),
-                 params.slice_hash("model", "train"), source_hash(*TRAIN_CODE))
+                 params.slice_hash(*STAGE_PARAMS["train"]), source_hash(*TRAIN_CODE))
 
 
 def train_dir(version: str, params: Params) -> Path:
@@ -145,7 +146,8 @@ def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: 
 
 
 def _evaluate_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    return f"evaluate-{p['trained']['run_id']}-{p['params'].slice_hash('eval')}"
+    evaluated = p["params"].slice_hash(*STAGE_PARAMS["evaluate"])
+    return f"evaluate-{p['trained']['run_id']}-{evaluated}-{source_hash(*EVALUATE_CODE)}"
 
 
 @task(name="evaluate", cache_policy=_serializable(_evaluate_cache_key), **CACHED)
@@ -192,16 +194,13 @@ def register_task(trained: dict[str, Any], model_uri: str, params: Params, linea
 def gate_task(registered: dict[str, Any], data_dir: str, params: Params, metrics: dict[str, float]) -> dict[str, Any]:
     """Challenger vs champion on the same validation set; moves `champion` only on a pass.
 
-    A re-run that reused the version already serving as champion has nothing to decide.
+    A re-run that reused the version already serving as champion has nothing to decide: the
+    gate itself says so (``promoted: False``, see ``lmcore.gate``). ``metrics`` (the evaluate
+    task's) are not needed: the gate re-evaluates, or reads the version's recorded numbers.
     """
-    from lmcore.registry import CHAMPION, gate, resolve_alias
+    from lmcore.registry import gate
 
-    name, version = params.registry.model_name, registered["version"]
-    if registered["reused"] and resolve_alias(name, CHAMPION) == version:
-        bpb = metrics.get("bits_per_byte")
-        return {"promoted": False, "reason": f"v{version} is already the champion (nothing new to gate)",
-                "challenger": version, "champion": version, "challenger_bpb": bpb, "champion_bpb": bpb, "checks": {}}
-    return gate(name, version, Path(data_dir), params).to_dict()
+    return gate(params.registry.model_name, registered["version"], Path(data_dir), params).to_dict()
 
 
 @task(name="deploy", retries=3, retry_delay_seconds=exponential_backoff(1))

@@ -1,13 +1,18 @@
 """Typed, frozen params loaded from ``params.yaml``: one dataclass per stage slice.
 
-``params.yaml`` is the single source of truth (``dvc.yaml`` reads the same slices). Loading
-is strict: an unknown key, a wrong type or an out-of-range value is an ``LmopsError`` that
-names the key, so a typo never silently falls back to a default.
+``params.yaml`` is the single source of truth (``dvc.yaml`` reads the same slices), defaults
+included: the dataclasses below name and type the keys and check their ranges, and every field's
+default is the value in the ``params.yaml`` lmops ships (``SHIPPED_PARAMS``, the repository's own
+file; a key a workspace's file leaves out takes that value). Loading is strict: an unknown key, a
+wrong type or an out-of-range value is an ``LmopsError`` that names the key, so a typo never
+silently falls back to a default.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -21,23 +26,47 @@ import yaml
 
 from lmcore.errors import LmopsError
 
+# The repository's params.yaml: ``lmcore/shipped_params.yaml`` is a link to it (package data in a wheel).
+SHIPPED_PARAMS = Path(__file__).with_name("shipped_params.yaml")
 
-@dataclass(frozen=True)
+
+def params_slice(section: str):
+    """Class decorator: a frozen dataclass for ``section`` of params.yaml whose defaults are the shipped file's.
+
+    The class only declares the keys, their types and a ``check()``; a field left out of a
+    constructor call (``TrainParams(lr=1e-3)``) or of a workspace's params.yaml takes the value in
+    ``SHIPPED_PARAMS``, read once, on first use.
+    """
+
+    def wrap(cls: type) -> type:
+        for name in cls.__dict__.get("__annotations__", {}):
+            default = functools.partial(_shipped_default, section, name)
+            setattr(cls, name, field(default_factory=default))
+        return dataclass(frozen=True)(cls)
+
+    return wrap
+
+
+def _shipped_default(section: str, name: str) -> Any:
+    return copy.deepcopy(getattr(getattr(shipped_params(), section), name))  # a fresh copy of a mutable value
+
+
+@params_slice("data")
 class DataParams:
-    sources: tuple[str, ...] = ("python-stdlib",)
-    allowed_sources: tuple[str, ...] = ("python-stdlib", "files", "jsonl", "csv", "parquet", "feedback")
-    min_chars: int = 16
-    max_chars: int = 100_000
-    max_failure_rate: float = 0.5
-    normalize_nfc: bool = True
-    normalize_newlines: bool = True
-    strip_trailing_whitespace: bool = True
-    stdlib_max_records: int = 4000
-    record_chars: int = 2000
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    chunk_rows: int = 250_000
-    git_commit: bool = False
+    sources: tuple[str, ...]
+    allowed_sources: tuple[str, ...]
+    min_chars: int
+    max_chars: int
+    max_failure_rate: float
+    normalize_nfc: bool
+    normalize_newlines: bool
+    strip_trailing_whitespace: bool
+    stdlib_max_records: int
+    record_chars: int
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    chunk_rows: int
+    git_commit: bool
 
     def check(self) -> None:
         _require(0 <= self.min_chars <= self.max_chars, "data.min_chars must be between 0 and data.max_chars")
@@ -47,19 +76,19 @@ class DataParams:
         _require(self.chunk_rows > 0, "data.chunk_rows must be > 0")
 
 
-@dataclass(frozen=True)
+@params_slice("prepare")
 class PrepareParams:
-    val_fraction: float = 0.05
-    seed: int = 1337
+    val_fraction: float
+    seed: int
 
     def check(self) -> None:
         _require(0.0 < self.val_fraction < 1.0, "prepare.val_fraction must be within (0, 1)")
 
 
-@dataclass(frozen=True)
+@params_slice("tokenizer")
 class TokenizerParams:
-    kind: str = "bpe"
-    vocab_size: int = 2048
+    kind: str
+    vocab_size: int
 
     def check(self) -> None:
         _require(self.kind in ("bpe", "byte"), "tokenizer.kind must be 'bpe' or 'byte'")
@@ -67,18 +96,18 @@ class TokenizerParams:
                  "tokenizer.vocab_size must be within [260, 65536]")
 
 
-@dataclass(frozen=True)
+@params_slice("model")
 class ModelParams:
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 4
-    d_model: int = 128
-    block_size: int = 128
-    ffn_hidden: int = 0
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    tie_embeddings: bool = True
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    block_size: int
+    ffn_hidden: int
+    rope_theta: float
+    norm_eps: float
+    dropout: float
+    tie_embeddings: bool
 
     def check(self) -> None:
         for name in ("n_layer", "n_head", "n_kv_head", "d_model", "block_size"):
@@ -90,34 +119,34 @@ class ModelParams:
         _require(0.0 <= self.dropout < 1.0, "model.dropout must be within [0, 1)")
 
 
-@dataclass(frozen=True)
+@params_slice("train")
 class TrainParams:
-    device: str = "auto"
-    seed: int = 1337
-    batch_size: int = 16
-    grad_accum: int = 1
-    optimizer: str = "adamw"
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    max_steps: int = 600
-    max_minutes: float = 2.0
-    eval_interval: int = 100
-    eval_iters: int = 10
-    checkpoint_interval: int = 100
-    compile: bool = False
-    dtype: str = "auto"
-    log_interval: int = 10
-    lr_schedule: str = "cosine"
-    cooldown_frac: float = 0.5
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    zero_init_residual: bool = False
-    threads: int = 0
+    device: str
+    seed: int
+    batch_size: int
+    grad_accum: int
+    optimizer: str
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    max_steps: int
+    max_minutes: float
+    eval_interval: int
+    eval_iters: int
+    checkpoint_interval: int
+    compile: bool
+    dtype: str
+    log_interval: int
+    lr_schedule: str
+    cooldown_frac: float
+    muon_lr: float
+    muon_momentum: float
+    zero_init_residual: bool
+    threads: int
 
     def check(self) -> None:
         _require(self.threads >= 0, "train.threads must be >= 0 (0 = auto)")
@@ -142,46 +171,46 @@ class TrainParams:
                  "train.muon_lr must be > 0 and train.muon_momentum within [0, 1)")
 
 
-@dataclass(frozen=True)
+@params_slice("eval")
 class EvalParams:
-    batch_size: int = 16
-    max_batches: int = 50
-    n_samples: int = 3
-    sample_max_new_tokens: int = 120
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 0.95
-    seed: int = 1234
-    prompts: tuple[str, ...] = ("def main(", "import os\n", "class Config:\n")
+    batch_size: int
+    max_batches: int
+    n_samples: int
+    sample_max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    prompts: tuple[str, ...]
 
     def check(self) -> None:
         _require(self.temperature >= 0, "eval.temperature must be >= 0")
         _require(0 < self.top_p <= 1, "eval.top_p must be within (0, 1]")
 
 
-@dataclass(frozen=True)
+@params_slice("registry")
 class RegistryParams:
-    model_name: str = "lmops-lm"
-    experiment: str = "lmops"
+    model_name: str
+    experiment: str
 
 
-@dataclass(frozen=True)
+@params_slice("gate")
 class GateParams:
-    min_improvement: float = 0.0
+    min_improvement: float
 
 
-@dataclass(frozen=True)
+@params_slice("serve")
 class ServeParams:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_prompt_chars: int = 4000
-    max_new_tokens: int = 256
-    request_timeout_s: float = 60.0
-    max_concurrent: int = 16
-    batch_window_ms: float = 5.0
-    poll_interval_s: float = 30.0
-    max_batch: int = 16
-    alias: str = "champion"
+    host: str
+    port: int
+    max_prompt_chars: int
+    max_new_tokens: int
+    request_timeout_s: float
+    max_concurrent: int
+    batch_window_ms: float
+    poll_interval_s: float
+    max_batch: int
+    alias: str
 
     def check(self) -> None:
         _require(0 < self.port < 65536, "serve.port must be within [1, 65535]")
@@ -192,12 +221,12 @@ class ServeParams:
         _require(self.poll_interval_s >= 0, "serve.poll_interval_s must be >= 0 (0 = no polling)")
 
 
-@dataclass(frozen=True)
+@params_slice("feedback")
 class FeedbackParams:
-    min_new_records: int = 50
-    holdout_fraction: float = 0.2
-    max_correction_chars: int = 8000
-    max_comment_chars: int = 2000
+    min_new_records: int
+    holdout_fraction: float
+    max_correction_chars: int
+    max_comment_chars: int
 
     def check(self) -> None:
         _require(self.min_new_records >= 0, "feedback.min_new_records must be >= 0")
@@ -206,24 +235,24 @@ class FeedbackParams:
                  "feedback.max_correction_chars and feedback.max_comment_chars must be > 0")
 
 
-@dataclass(frozen=True)
+@params_slice("schedule")
 class ScheduleParams:
-    timezone: str = "UTC"
-    training_cron: str = "0 2 * * *"
-    harvest_cron: str = "0 * * * *"
+    timezone: str
+    training_cron: str
+    harvest_cron: str
 
 
-@dataclass(frozen=True)
+@params_slice("optimize")
 class OptimizeParams:
-    trials: int = 20
-    minutes: float = 0.0
-    trial_max_steps: int = 150
-    trial_eval_interval: int = 0  # 0 = trial_max_steps // 10: how often the pruner sees val_loss
-    startup_trials: int = 3  # trials the pruner lets complete before it prunes
-    prune_percentile: float = 25.0  # prune a trial outside the best this-% of completed trials at a step (50 = median)
-    seed: int = 1337  # TPE sampler seed (offset by the trials a resumed study already holds)
-    storage: str = ""  # Optuna RDB URL; "" = sqlite:///<lmops home>/optuna.db
-    search_space: dict[str, Any] = field(default_factory=dict)
+    trials: int
+    minutes: float
+    trial_max_steps: int
+    trial_eval_interval: int  # 0 = trial_max_steps // 10: how often the pruner sees val_loss
+    startup_trials: int  # trials the pruner lets complete before it prunes
+    prune_percentile: float  # prune a trial outside the best this-% of completed trials at a step (50 = median)
+    seed: int  # TPE sampler seed (offset by the trials a resumed study already holds)
+    storage: str  # Optuna RDB URL; "" = sqlite:///<lmops home>/optuna.db
+    search_space: dict[str, Any]
 
     def check(self) -> None:
         _require(self.trials > 0, "optimize.trials must be > 0")
@@ -268,13 +297,13 @@ def _require(ok: bool, message: str) -> None:
         raise LmopsError(f"invalid params: {message}")
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
+def _coerce(value: Any, tp: Any, where: str, complete: bool = False) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], where)
+        return None if value is None else _coerce(value, args[0], where, complete)
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise LmopsError(f"invalid params: {where} must be a list")
@@ -301,12 +330,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise LmopsError(f"invalid params: {where} must be a string (got {value!r})")
         return value
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return from_dict(tp, value, where, complete)
     return value
 
 
-def from_dict(cls: type, raw: Any, where: str = "") -> Any:
-    """Build a frozen dataclass from a mapping, refusing unknown keys and wrong types."""
+def from_dict(cls: type, raw: Any, where: str = "", complete: bool = False) -> Any:
+    """Build a frozen dataclass from a mapping, refusing unknown keys and wrong types.
+
+    ``complete``: every key must be given (the shipped file, which the defaults come from).
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -317,7 +349,11 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise LmopsError(f"unknown params key '{key}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    missing = sorted(names - set(raw)) if complete else []
+    if missing:
+        key = f"{where}.{missing[0]}" if where else missing[0]
+        raise LmopsError(f"params key '{key}' is missing: the shipped params.yaml must give every key")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k, complete) for k, v in raw.items()}
     obj = cls(**kwargs)
     if hasattr(obj, "check"):
         obj.check()
@@ -329,24 +365,46 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
-    """Read ``params.yaml`` (default: the workspace's) with optional ``{"train.lr": 1e-3}`` overrides."""
-    if path is None:
-        from lmcore.settings import get_settings
-
-        path = get_settings().params_path
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise LmopsError(f"params file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise LmopsError(f"params file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise LmopsError(f"params file {path} must be a mapping of sections")
+    return raw
+
+
+@functools.cache
+def shipped_params() -> Params:
+    """The params.yaml lmops ships (every key given): where every default comes from."""
+    try:
+        return from_dict(Params, _read_yaml(SHIPPED_PARAMS), complete=True)
+    except LmopsError as e:
+        raise LmopsError(f"{e} (in the shipped defaults, {SHIPPED_PARAMS.resolve()})") from None
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Read ``params.yaml`` (default: the workspace's) with optional ``{"train.lr": 1e-3}`` overrides.
+
+    The one loader of params files: the CLI, the flows, the DVC stages and the benchmarks use it.
+    Keys the file leaves out take the shipped params.yaml's values.
+    """
+    if path is None:
+        from lmcore.settings import get_settings
+
+        path = get_settings().params_path
+    raw = _read_yaml(Path(path))
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:
             raise LmopsError(f"override '{dotted}' must look like section.key=value")
-        raw.setdefault(section, {})[key] = value
+        current = raw.get(section) or {}
+        if not isinstance(current, dict):
+            raise LmopsError(f"invalid params: {section} must be a mapping")
+        raw[section] = {**current, key: value}
     return from_dict(Params, raw)
 
 

@@ -24,6 +24,10 @@ QUIET_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 
+# The local web UIs' ports (each tool's own default), used by every command that starts or links to them.
+MLFLOW_PORT = 5000  # `lmops ui`'s MLflow server
+PREFECT_PORT = 4200  # the local Prefect server of `lmops ui` and `lmops schedule`
+
 
 def find_workspace(start: Path | None = None) -> Path:
     if env := os.environ.get("LMOPS_WORKSPACE"):

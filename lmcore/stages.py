@@ -1,9 +1,15 @@
 """DVC stage entry points: ``python -m lmcore.stages prepare|train|evaluate`` (see ``dvc.yaml``).
 
-Each stage reads only its own slices of ``params.yaml`` (the ones ``dvc.yaml`` lists under
-``params``, so DVC's change detection and the stage agree) and calls the same lmcore function
-the Prefect tasks call: ``prepare_dataset``, ``train``, ``evaluate``. Paths are relative to the
-workspace (the folder holding ``dvc.yaml``), where DVC runs the commands.
+Each stage reads ``params.yaml`` through ``lmcore.config.load_params`` (the one loader) and uses
+only its own slices, ``STAGE_PARAMS``: the ones ``dvc.yaml`` lists under ``params``, so DVC's change
+detection and the stage agree. It calls the same lmcore function the Prefect tasks call:
+``prepare_dataset``, ``train``, ``evaluate``. Paths are relative to the workspace (the folder
+holding ``dvc.yaml``), where DVC runs the commands.
+
+``STAGE_CODE`` names the modules that do each stage's work: ``dvc.yaml`` lists their files as the
+stage's deps and the Prefect tasks hash their source into their cache keys (``flows.tasks``), so
+``dvc repro`` and ``lmops run`` redo a stage on the same code changes (tests/test_config_agreement.py
+checks ``dvc.yaml`` against both lists).
 
 ``prepare`` reads the *current* dataset version of the registry (``data/versions.jsonl`` + the
 DVC cache), all kinds (raw and feedback), so the prepared data names its dataset version.
@@ -13,60 +19,62 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
-PREPARED = Path("data/prepared")
+from lmcore.prepared_data import WORKSPACE_PREPARED as PREPARED  # the one name of the workspace's prepared folder
+
 MODEL_OUT = Path("models/latest")
 EVAL_OUT = Path("metrics/eval.json")
 STAGES = ("prepare", "train", "evaluate")
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "prepare": ("prepare", "tokenizer"),
+    "train": ("model", "train"),
+    "evaluate": ("eval",),
+}
+STAGE_CODE: dict[str, tuple[str, ...]] = {
+    "prepare": ("lmcore.prepare", "lmcore.tokenizer"),
+    "train": ("lmcore.train", "lmcore.model", "lmcore.optim", "lmcore.device", "lmcore.checkpoint", "lmcore.weights"),
+    "evaluate": ("lmcore.evaluate", "lmcore.generate", "lmcore.weights"),
+}
 
 
-def _slice(section: str, cls: type, params_path: Path) -> Any:
-    import yaml
-
-    from lmcore.config import from_dict
-    from lmcore.errors import LmopsError
-
-    if not params_path.is_file():
-        raise LmopsError(f"params file not found: {params_path}")
-    raw = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
-    return from_dict(cls, raw.get(section), section)
+def code_files(stage: str) -> list[str]:
+    """``STAGE_CODE[stage]`` as paths relative to the repository root (how ``dvc.yaml`` names deps)."""
+    return [module.replace(".", "/") + ".py" for module in STAGE_CODE[stage]]
 
 
 def run_stage(stage: str, workspace: Path | None = None) -> dict:
     """Run one stage in ``workspace`` (default: cwd); returns a small summary."""
-    from lmcore.config import EvalParams, ModelParams, PrepareParams, TokenizerParams, TrainParams
+    from lmcore.config import load_params
     from lmcore.errors import LmopsError
 
+    if stage not in STAGES:
+        raise LmopsError(f"unknown stage '{stage}' (choose from {', '.join(STAGES)})")
     ws = Path(workspace or Path.cwd()).resolve()
-    params_path = ws / "params.yaml"
+    params = load_params(ws / "params.yaml")
     if stage == "prepare":
         from lmcore.data.registry import DataRegistry
         from lmcore.prepare import prepare_dataset
         from lmcore.settings import get_settings
 
         settings = get_settings()
+        from lmcore.prepared_data import current_dataset
+
         reg = DataRegistry(ws, settings.home)
-        current = reg.current()
-        if current is None:
-            raise LmopsError("no dataset version yet: run `lmops ingest` (or `dvc pull` in a clone) first")
+        current = current_dataset(reg)
         prepared = prepare_dataset(reg.iter_records(current.id), ws / PREPARED,
-                                   _slice("tokenizer", TokenizerParams, params_path),
-                                   _slice("prepare", PrepareParams, params_path), dataset_version=current.id)
+                                   params.tokenizer, params.prepare, dataset_version=current.id)
         return {"stage": stage, "dataset_version": current.id, "prepared": str(getattr(prepared, "out_dir", PREPARED))}
     if stage == "train":
         from lmcore.train import train
 
-        res = train(ws / PREPARED, ws / MODEL_OUT, _slice("model", ModelParams, params_path),
-                    _slice("train", TrainParams, params_path), progress=False)
+        res = train(ws / PREPARED, ws / MODEL_OUT, params.model, params.train, progress=False)
         return {"stage": stage, "steps": res.steps, "final_val_loss": res.final_val_loss}
     if stage == "evaluate":
         from lmcore.evaluate import evaluate
 
-        metrics = evaluate(ws / MODEL_OUT / "model", ws / PREPARED, _slice("eval", EvalParams, params_path),
-                           out_path=ws / EVAL_OUT)
+        metrics = evaluate(ws / MODEL_OUT / "model", ws / PREPARED, params.eval, out_path=ws / EVAL_OUT)
         return {"stage": stage, **{k: v for k, v in metrics.items() if isinstance(v, int | float)}}
-    raise LmopsError(f"unknown stage '{stage}' (choose from {', '.join(STAGES)})")
+    raise AssertionError(stage)  # every name in STAGES is handled above
 
 
 def main(argv: list[str] | None = None) -> int:
