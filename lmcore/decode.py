@@ -1,51 +1,69 @@
-"""A compiled single-token decode step: batch-1 generation without per-op overhead.
+"""The one incremental-decoding step: B sequences, one new token each, eager or compiled.
 
-Why: an eager decode step is a few hundred tiny ops, and on a CPU each costs 3-30 us of
+:func:`step` appends one token to each of the slots 0..B-1 of a :class:`lmcore.model.KVCache`
+(each slot at its own length) and returns next-token logits. :class:`Decoder` drives it over a
+cache: :meth:`Decoder.prefill` puts a prompt into a slot with the model's ordinary forward,
+:meth:`Decoder.step` decodes the leading B slots together. ``lmcore.generate`` uses one slot, the
+server's engine (``lmcore.serve.engine``) one slot per concurrent request; both run the same step,
+eagerly or compiled, over the same cache, so switching from one to the other mid-sequence is free.
+
+Why compile: an eager decode step is a few hundred tiny ops, and on a CPU each costs 3-30 us of
 dispatch, so a small model spends most of a token in overhead. Inductor fuses the element-wise
 work (RMSNorm, RoPE, residuals, SwiGLU, the attention softmax) into C++ loops around the matrix
 products. On a CPU the step is compiled ahead of time (``torch.export`` + AOTInductor) into a
 library that is called with a ready list of tensors: ``torch.compile`` would add Dynamo's guards
 and Python wrappers to every token (for the 6 x 6 x 384 model 0.17 ms of an fp32 token and
 0.26 ms of an int8 one: 11 % and 24 %). On GPUs it is ``torch.compile`` with Inductor's defaults.
-Three choices keep the step fast and compiled once per model shape:
+Four choices keep the step fast and compiled once (twice for batches) per model shape and cache length:
 
-- every layer's keys and values live in their own preallocated tensors, written in place with
-  ``index_copy_`` (a slice of one shared cache tensor makes the compiler copy the whole cache);
+- every layer's keys and values live in their own preallocated tensors, written in place
+  (a slice of one shared cache tensor makes the compiler copy the whole cache);
+- the batch is dynamic: the step gets the leading B slots of the cache (views, no copy); one
+  compiled step serves B = 1 (export fixes a dimension it sees at 1), another any B >= 2;
 - the attended length is a dynamic dimension, carried by the shape of a slice of a scratch
-  tensor, so the step reads the filled slots only and one graph serves every position;
+  tensor, so the step reads the filled slots only (up to the longest row; each row masks the
+  slots past its own length) and one graph serves every position;
 - the weights are inputs, not captured module attributes, so another model of the same shape
   (a reloaded version, a fresh decoder) reuses the compiled code.
 
-Int8 models (``lmcore.optimize.quantize``) stay int8 here: each matrix-vector product reads int8
-weights, widens them in registers and applies the per-row scale afterwards (weight-only int8;
-activations stay fp32), so a token reads a quarter of the weight bytes. This differs from the
-eager int8 path (torch's dynamic quantization, which also rounds activations); both are measured.
+Int8 models (``lmcore.optimize.quantize``) stay int8 when compiled: each matrix-vector product reads
+int8 weights, widens them in registers and applies the per-row scale afterwards (weight-only int8;
+activations stay fp32), so a token reads a quarter of the weight bytes. The eager step runs such a
+model's own modules instead (torch's dynamic quantization, which also rounds activations); both are
+measured.
 
-The prompt is prefilled by the model's ordinary forward (for an int8 model that is the eager,
-dynamically quantized one); its keys and values are then copied into the decoder's cache once.
-Compiling takes 20-30 s on 2 CPU cores the first time a shape is seen; the library is kept under
-the lmops home (``cache/decode``), so a later process loads it in ~4 s (mostly importing
-Inductor) and later decoders get it at once. This is for long generations and servers, not one-offs.
+Prompts are prefilled by the model's ordinary forward (for an int8 model the eager, dynamically
+quantized one), straight into their slot of the cache. Compiling takes 20-30 s on 2 CPU cores the
+first time a shape is seen (in a child process, so a server keeps decoding meanwhile); the library
+is kept under the lmops home (``cache/decode``), so a later process loads it in ~4 s (mostly
+importing Inductor) and later decoders get it at once.
 
-Shapes: H heads, Hkv kv-heads, G = H / Hkv, D head dim, L cache slots, n attended slots, V vocab.
+Shapes: B rows, H heads, Hkv kv-heads, G = H / Hkv, D head dim, L cache positions, n attended
+positions, C = d_model, V vocab.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
-from lmcore.model import Transformer, apply_rope
+from lmcore.model import KVCache, Transformer, apply_rope
 
 # A weight is a float matrix (out, in), or int8 values (out, in) with float32 scales (out,).
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+# What the step reads of a model: embedding, per block (attn norm, qkv, proj, mlp norm, gate_up, down), norm, head
+Weights = tuple[torch.Tensor, tuple[tuple, ...], torch.Tensor, Weight | nn.Module]
 
 CPU_INDUCTOR_OPTIONS = {
     # materialise each element-wise result once: left to itself Inductor inlines the RMSNorm or
@@ -97,171 +115,312 @@ def use_int8_kernels(model: nn.Module) -> bool:
     return int8_matvec_speedup()["speedup"] >= 1.0
 
 
-def linear(x: torch.Tensor, w: Weight) -> torch.Tensor:
-    """x (1, 1, in) -> (1, 1, out); an int8 weight becomes one fused widen-multiply-sum over its rows."""
+def linear(x: torch.Tensor, w: Weight | nn.Module) -> torch.Tensor:
+    """x (..., in) -> (..., out); an int8 weight becomes one fused widen-multiply-sum over its rows
+    (compiled only: eagerly it would materialise (..., out, in)); a module (eager int8) is called."""
     if isinstance(w, tuple):
         q, scale = w
-        return (x.unsqueeze(-2) * q).sum(-1) * scale  # (1, 1, out, in) is never materialised
+        return (x.unsqueeze(-2) * q).sum(-1) * scale  # (..., out, in) is never materialised when compiled
+    if isinstance(w, nn.Module):
+        return w(x)
     return F.linear(x, w)
+
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _step(token, pos, slots, weights, ks, vs, rope_cos, rope_sin, n_head: int, eps: float) -> torch.Tensor:
-    """One token through the model: token (1, 1), pos (1,) -> logits (1, V); writes slot ``pos`` of ks/vs."""
+def step(tokens, pos, span, weights: Weights, ks, vs, rope_cos, rope_sin, n_head: int, eps: float) -> torch.Tensor:
+    """One new token for each of B rows: tokens, pos (B,) -> next-token logits (B, V).
+
+    Row b's key and value go to position pos[b] of ks[i][b], vs[i][b] ((B, Hkv, L, D) per layer) and it
+    attends positions 0..pos[b]. ``span`` (n + 1,) carries the attended length in its shape only:
+    n = max(pos) + 1 (see :meth:`Decoder.step`). Computes what ``Transformer.forward`` with a cache does.
+    """
     embed, blocks, norm, head = weights
-    n = slots.shape[0] - 1  # attended slots: pos + 1
+    B, n = tokens.shape[0], span.shape[0] - 1
     Hkv, D = ks[0].shape[1], ks[0].shape[3]
     G = n_head // Hkv
-    cos, sin = rope_cos[pos], rope_sin[pos]  # (1, D), sin's first half negated as in lmcore.model
-    x = F.embedding(token, embed)  # (1, 1, C)
+    one = B == 1  # a single row (fixed when compiled): it attends all n positions, nothing to mask
+    cos, sin = rope_cos[pos][:, None], rope_sin[pos][:, None]  # (B, 1, D), sin's first half negated (lmcore.model)
+    if not one:
+        # where each row's new key and value go: (rows (B, 1), heads (1, Hkv), pos (B, 1)), broadcast to (B, Hkv);
+        # compiled, index_put_ writes the cache in place (scatter_ with a dynamic B made Inductor copy it twice)
+        at = (torch.arange(B, device=pos.device)[:, None], torch.arange(Hkv, device=pos.device)[None, :],
+              pos[:, None])
+        past = torch.arange(n, device=tokens.device)[None, :] > pos[:, None]  # (B, n): past a shorter row's end
+        bias = torch.zeros(B, n, dtype=embed.dtype, device=embed.device).masked_fill(past, float("-inf"))
+        bias = bias.view(B, 1, 1, n)
+    x = F.embedding(tokens, embed)  # (B, C)
     for (attn_norm, qkv_w, proj_w, mlp_norm, gate_up_w, down_w), kc, vc in zip(blocks, ks, vs, strict=True):
-        qkv = linear(_rms(x, attn_norm, eps), qkv_w).view(n_head + 2 * Hkv, D)
-        qk, v = qkv.split((n_head + Hkv, Hkv), dim=0)
-        q, k = apply_rope(qk, cos, sin).split((n_head, Hkv), dim=0)  # (H, D), (Hkv, D)
-        kc.index_copy_(2, pos, k.view(1, Hkv, 1, D))  # kc, vc: (1, Hkv, L, D)
-        vc.index_copy_(2, pos, v.view(1, Hkv, 1, D))
-        att = (q.view(Hkv, G, D) @ kc[0, :, :n].transpose(-1, -2)) * D**-0.5  # (Hkv, G, n)
-        y = att.softmax(dim=-1) @ vc[0, :, :n]  # (Hkv, G, D)
-        x = x + linear(y.reshape(1, 1, n_head * D), proj_w)
+        qkv = linear(_rms(x, attn_norm, eps), qkv_w).view(B, n_head + 2 * Hkv, D)
+        qk, v = qkv.split((n_head + Hkv, Hkv), dim=1)
+        q, k = apply_rope(qk, cos, sin).split((n_head, Hkv), dim=1)  # (B, H, D), (B, Hkv, D)
+        if one:  # kc, vc: (B, Hkv, L, D), written in place
+            kc.index_copy_(2, pos, k.view(1, Hkv, 1, D))
+            vc.index_copy_(2, pos, v.view(1, Hkv, 1, D))
+        else:  # kc[b, h, pos[b]] = k[b, h]
+            kc.index_put_(at, k)
+            vc.index_put_(at, v)
+        # 3-d products over B * Hkv (views of the cache): Inductor then fuses the softmax into C++ loops,
+        # where the 4-d form is matched to its SDPA kernel, ~10 us a call (1.3x slower at batch 1)
+        keys, vals = kc[:, :, :n].reshape(B * Hkv, n, D), vc[:, :, :n].reshape(B * Hkv, n, D)
+        att = (q.reshape(B * Hkv, G, D) @ keys.transpose(1, 2)) * D**-0.5  # (B * Hkv, G, n)
+        if not one:
+            att = (att.view(B, Hkv, G, n) + bias).view(B * Hkv, G, n)
+        y = att.softmax(dim=-1) @ vals  # (B * Hkv, G, D)
+        x = x + linear(y.reshape(B, n_head * D), proj_w)
         gate, up = linear(_rms(x, mlp_norm, eps), gate_up_w).chunk(2, dim=-1)
         x = x + linear(F.silu(gate) * up, down_w)
-    return linear(_rms(x, norm, eps), head)[0]  # (1, V)
+    return linear(_rms(x, norm, eps), head)  # (B, V)
 
 
 class _Step(nn.Module):
-    """``_step`` as a module: what ``torch.export`` traces (the int arguments become constants)."""
+    """``step`` as a module: what ``torch.export`` traces (the int arguments become constants)."""
 
     def __init__(self, n_head: int, eps: float):
         super().__init__()
         self.n_head, self.eps = n_head, eps
 
-    def forward(self, token, pos, slots, weights, ks, vs, rope_cos, rope_sin) -> torch.Tensor:
-        return _step(token, pos, slots, weights, ks, vs, rope_cos, rope_sin, self.n_head, self.eps)
+    def forward(self, tokens, pos, span, weights, ks, vs, rope_cos, rope_sin) -> torch.Tensor:
+        return step(tokens, pos, span, weights, ks, vs, rope_cos, rope_sin, self.n_head, self.eps)
 
 
-Runner = Callable[[list[torch.Tensor]], list[torch.Tensor]]  # flat inputs -> [logits (1, V)]
-_runners: dict[str, Runner] = {}
+def step_weights(model: Transformer, compiled: bool) -> Weights:
+    """What :func:`step` reads of ``model``. Eager: float weights, or an int8 model's own (dynamically
+    quantized) modules; compiled: float weights or int8 values and scales (see :func:`use_int8_kernels`)."""
+    if compiled:
+        k = use_int8_kernels(model)
+
+        def w(mod: nn.Module):
+            return _weight(mod, k)
+    else:
+
+        def w(mod: nn.Module):
+            weight = getattr(mod, "weight", None)  # a quantized module's ``weight`` is a method
+            return weight if isinstance(weight, torch.Tensor) else mod
+
+    return (
+        model.embed.weight,
+        tuple((b.attn_norm.weight, w(b.attn.qkv), w(b.attn.proj), b.mlp_norm.weight, w(b.mlp.gate_up),
+               w(b.mlp.down)) for b in model.blocks),
+        model.norm.weight,
+        w(model.lm_head),
+    )
+
+
+# (tokens (B,), pos (B,), span (n+1,), ks, vs: per layer (B, Hkv, L, D)) -> logits (B, V)
+Runner = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]], torch.Tensor]
+DECODER_SLOTS = 256  # compiled caches come in multiples of this, so one compiled step serves many lengths
+_libraries: dict[str, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}  # AOT-compiled steps by key
 _compile_lock = threading.Lock()
 
 
-def _cpu_runner(args: tuple, n_head: int, eps: float) -> Runner:
-    """The step AOT-compiled (AOTInductor) for these argument shapes: once per process, cached on disk.
+def _sample_inputs(cache: KVCache, rows: int) -> tuple:
+    """tokens, pos, span, ks, vs of ``rows`` rows shaped like ``cache``'s: what export traces."""
+    k0 = cache.k[0]
+    shape, kw = (rows, *k0.shape[1:]), {"device": k0.device, "dtype": k0.dtype}
+    tokens = torch.zeros(rows, dtype=torch.long, device=k0.device)
+    pos = torch.ones(rows, dtype=torch.long, device=k0.device)
+    ks = [torch.zeros(shape, **kw) for _ in cache.k]
+    vs = [torch.zeros(shape, **kw) for _ in cache.v]
+    return tokens, pos, torch.empty(3, device=k0.device), ks, vs
+
+
+def _cpu_runner(weights: Weights, rope: tuple, cache: KVCache, n_head: int, eps: float, rows: int) -> Runner:
+    """The step AOT-compiled (AOTInductor) for this model and cache shape: once per process, cached on disk.
 
     Why AOT rather than ``torch.compile``: a compiled function pays Dynamo's guards and Python
     wrappers on every call, about 0.2 ms of a 0.8-1.2 ms token here; the AOT-compiled library is
-    called with a ready list of tensors. The attended length (``slots``) stays dynamic.
+    called with a ready list of tensors. The attended length (``span``) stays dynamic, and so does B
+    for ``rows`` = 2 (a library for any B >= 2); ``rows`` = 1 is a library for single sequences, since
+    export fixes a dimension sampled at 1 and assumes a dynamic one is never 1 (matmul branches on it).
     """
+    tokens, pos, span, ks, vs = _sample_inputs(cache, rows)
+    args = (tokens, pos, span, weights, ks, vs, *rope)
     leaves = tree_flatten(args)[0]
     int8 = any(t.dtype == torch.int8 for t in leaves)
     options = {**CPU_INDUCTOR_OPTIONS, **(CPU_INT8_OPTIONS if int8 else {})}
     # the library is built for this CPU's vector ISA (a home shared with another machine gets its own)
-    sig = [torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), n_head, eps,
-           sorted(options.items())]
-    sig += [(tuple(t.shape), str(t.dtype)) for i, t in enumerate(leaves) if i != 2]  # leaf 2: slots, dynamic
+    sig = ["step-v5", torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), n_head,
+           eps, sorted(options.items())]
+    sig += [(tuple(t.shape), str(t.dtype)) for t in leaves]  # n is dynamic, sampled at 3; B = 1, or B >= 2
     # which inputs are one tensor (a tied embedding and head): export folds aliased inputs into one,
     # so a library built for a tied model would read the embedding as the head of an untied one
     sig.append([next(j for j, u in enumerate(leaves) if u is t) for t in leaves])
     key = hashlib.sha256(repr(sig).encode()).hexdigest()[:24]
     with _compile_lock:
-        if key not in _runners:
+        if key not in _libraries:
             from lmcore.settings import get_settings
 
             path = get_settings().decode_cache / f"step-{key}.pt2"
             if not path.is_file():
-                slots = torch.export.Dim("slots", min=3, max=args[4][0].shape[2])  # attended + 1 < cache slots
-                static = tree_map(lambda _: None, args)
-                shapes = (*static[:2], {0: slots}, *static[3:])
-                with torch.inference_mode():
-                    program = torch.export.export(_Step(n_head, eps), args, dynamic_shapes=shapes)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
-                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=options)
-                tmp.replace(path)
-            _runners[key] = torch._inductor.aoti_load_package(str(path)).loader.run
-        return _runners[key]
+                _compile_in_child(args, leaves, n_head, eps, rows, options, path)
+            _libraries[key] = torch._inductor.aoti_load_package(str(path)).loader.run
+        library = _libraries[key]
+    middle = leaves[3 : len(leaves) - 2 - 2 * len(ks)]  # the weights' leaves
+    cos, sin = rope
+
+    def run(tokens, pos, span, ks, vs) -> torch.Tensor:
+        return library([tokens, pos, span, *middle, *ks, *vs, cos, sin])[0]
+
+    return run
+
+
+def _compile_in_child(args: tuple, leaves: list[torch.Tensor], n_head: int, eps: float, rows: int, options: dict,
+                      path: Path) -> None:
+    """Export and AOT-compile the step in a child process, from zero tensors shaped like ``args``.
+
+    Why a child: export and Inductor hold the GIL for most of 20-30 s, which would stall a server's
+    decode loop, and export edits process-global tracing state (``torch.fx.traceback``) that other
+    threads' torch calls read. The weights are inputs, so their values do not matter.
+    """
+    payload = {
+        "treespec": treespec_dumps(tree_flatten(args)[1]),
+        "leaves": [(list(t.shape), str(t.dtype).removeprefix("torch.")) for t in leaves],
+        "alias": [next(j for j, u in enumerate(leaves) if u is t) for t in leaves],  # tied tensors stay one
+        "n_head": n_head, "eps": eps, "rows": rows, "options": options, "path": str(path),
+        "threads": torch.get_num_threads(),
+    }
+    code = "import json, sys; from lmcore.decode import _compile_main; _compile_main(json.loads(sys.stdin.read()))"
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(payload), capture_output=True, text=True)
+    if done.returncode != 0 or not path.is_file():
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise RuntimeError(f"compiling the decode step failed: {' / '.join(tail) or done.returncode}")
+
+
+def _compile_main(p: dict) -> None:
+    """The child's side of :func:`_compile_in_child`: export, compile, and move the library into place."""
+    torch.set_num_threads(p["threads"])  # the library runs on the thread count it is built for
+    leaves: list[torch.Tensor] = []
+    for i, ((shape, dtype), first) in enumerate(zip(p["leaves"], p["alias"], strict=True)):
+        leaves.append(leaves[first] if first != i else torch.zeros(shape, dtype=getattr(torch, dtype)))
+    args = tree_unflatten(leaves, treespec_loads(p["treespec"]))
+    weights, ks, path = args[3], args[4], Path(p["path"])
+    batch = torch.export.Dim("batch", min=2) if p["rows"] > 1 else None  # rows >= 2: any slot count
+    # the attended length + 1 (>= 3: clear of the sizes 0 and 1 the compiler specialises) <= L
+    span = torch.export.Dim("span", min=3, max=ks[0].shape[2])
+    by_row = {0: batch} if batch is not None else None
+    per_layer = [by_row] * len(ks)
+    shapes = (by_row, by_row, {0: span}, tree_map(lambda _: None, weights), per_layer, per_layer, None, None)
+    with torch.inference_mode():
+        program = torch.export.export(_Step(p["n_head"], p["eps"]), args, dynamic_shapes=shapes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.pt2")
+    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=p["options"])
+    tmp.replace(path)
 
 
 _gpu_step = None
 
 
-def _gpu_runner(args: tuple, n_head: int, eps: float) -> Runner:
-    """On GPUs ``torch.compile`` with Inductor's defaults (Triton kernels), behind the same flat-list call."""
+def _gpu_runner(weights: Weights, rope: tuple, cache: KVCache, n_head: int, eps: float, rows: int) -> Runner:
+    """On GPUs ``torch.compile`` with Inductor's defaults (Triton kernels); B (>= 2) and the attended length
+    dynamic, B = 1 a graph of its own (``rows`` only says which one the caller wants first)."""
     global _gpu_step
     with _compile_lock:
         if _gpu_step is None:
-            _gpu_step = torch.compile(_step, fullgraph=True, dynamic=False)
-    spec = tree_flatten(args)[1]
+            _gpu_step = torch.compile(step, fullgraph=True, dynamic=False)
+    cos, sin = rope
 
-    def run(flat: list[torch.Tensor]) -> list[torch.Tensor]:
-        torch._dynamo.maybe_mark_dynamic(flat[2], 0)
-        return [_gpu_step(*tree_unflatten(flat, spec), n_head, eps)]
+    def run(tokens, pos, span, ks, vs) -> torch.Tensor:
+        for t in (tokens, pos, span, *ks, *vs):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return _gpu_step(tokens, pos, span, weights, ks, vs, cos, sin, n_head, eps)
 
     return run
 
 
-class CompiledDecoder:
-    """Decode one sequence at a time with a compiled step over a static KV cache of ``max_len`` slots.
+class Decoder:
+    """Incremental decoding of up to ``slots`` sequences of ``max_len`` tokens over one :class:`KVCache`.
 
-    :meth:`prefill` takes the prompt, :meth:`step` each new token; both return next-token
-    logits (1, V). One sequence at a time (prefill starts the next); decoders of the same model
-    shape and ``max_len`` share one compiled graph, so a decoder per sequence costs only its cache.
+    :meth:`prefill` puts a prompt into a slot (the model's own forward) and returns its next-token
+    logits (1, V); :meth:`step` decodes the slots 0..B-1 together, one token each, and returns (B, V).
+    The step is eager, or with ``compiled`` the compiled one (:meth:`compile` switches later, e.g. from a
+    background thread, since both read and write the same cache). Compiled decoders of the same model
+    shape and ``max_len`` share one compiled step, so a decoder per sequence costs only its cache.
     """
 
-    def __init__(self, model: Transformer, max_len: int):
-        compiled_cache_dir()  # before anything imports torch._dynamo, which fixes Inductor's cache folder
+    def __init__(self, model: Transformer, max_len: int, slots: int = 1, compiled: bool = False):
+        if compiled:
+            compiled_cache_dir()  # before anything imports torch._dynamo, which fixes Inductor's cache folder
         model = getattr(model, "_orig_mod", model)
-        cfg = model.cfg
-        self.model, self.cfg, self.max_len = model, cfg, max_len
+        self.model, self.cfg, self.max_len = model, model.cfg, max_len
+        self.cache = model.new_cache(slots, max_len)
+        self.rope = model.rope(0, max_len)  # (max_len, D) x2, grown now, not inside a step
         device = model.embed.weight.device
-        # one slot more than can be attended: a slice of all of them would be specialised (a second graph)
-        shape = (1, cfg.n_kv_head, max_len + 1, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=device) for _ in range(cfg.n_layer)]
-        self.int8_kernels = k = use_int8_kernels(model)
-        self.weights = weights = (
-            model.embed.weight,
-            tuple((b.attn_norm.weight, _weight(b.attn.qkv, k), _weight(b.attn.proj, k), b.mlp_norm.weight,
-                   _weight(b.mlp.gate_up, k), _weight(b.mlp.down, k)) for b in model.blocks),
-            model.norm.weight,
-            _weight(model.lm_head, k),
-        )
-        model._rope(0, max_len)  # grow the RoPE table now, not inside the compiled step
-        self._slots = torch.empty(max_len + 1, device=device)  # its slices carry the attended length
-        token, pos = torch.zeros(1, 1, dtype=torch.long, device=device), torch.ones(1, dtype=torch.long, device=device)
-        rope = model.rope_cos[:max_len], model.rope_sin[:max_len]
-        args = (token, pos, self._slots[:3], weights, self.k, self.v, *rope)
-        runner = _cpu_runner if device.type == "cpu" else _gpu_runner
-        self._run = runner(args, cfg.n_head, cfg.norm_eps)
-        self._inputs = tree_flatten(args)[0]  # token, pos and slots change per step; the rest stays
-        self.pos = 0
+        self._span = torch.empty(max_len + 1, device=device)  # its slices carry the attended length
+        self._views: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}  # B -> slots 0..B-1
+        self.weights = weights = step_weights(model, compiled=False)  # what the step in use reads
+        H, eps, (cos, sin) = self.cfg.n_head, self.cfg.norm_eps, self.rope
+
+        def eager(tokens, pos, span, ks, vs) -> torch.Tensor:
+            return step(tokens, pos, span, weights, ks, vs, cos, sin, H, eps)
+
+        self._run: Runner = eager
+        self.compiled = False
+        if compiled:
+            self.compile()
+
+    def compile(self) -> None:
+        """Switch to the compiled step, compiling it (or loading it from the lmops home) first.
+
+        Two compiled steps where the cache has several slots: one for a single row, one for any B >= 2.
+        """
+        compiled_cache_dir()
+        weights = step_weights(self.model, compiled=True)
+        runner = _cpu_runner if self.model.embed.weight.device.type == "cpu" else _gpu_runner
+        args = (weights, self.rope, self.cache, self.cfg.n_head, self.cfg.norm_eps)
+        one = runner(*args, rows=1)
+        run = one
+        if self.slots > 1:
+            many = runner(*args, rows=2)
+
+            def run(tokens, pos, span, ks, vs) -> torch.Tensor:
+                return (one if tokens.shape[0] == 1 else many)(tokens, pos, span, ks, vs)
+
+        with torch.inference_mode():
+            for rows in (1, 2) if self.slots > 1 else (1,):  # on a GPU this compiles; on a CPU a check
+                run(*_sample_inputs(self.cache, rows))
+        self._run, self.weights, self.compiled = run, weights, True
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """The prompt (1 .. max_len-1 tokens) through the model's own forward -> logits (1, V) after it."""
+    def prefill(self, ids: list[int], slot: int = 0) -> torch.Tensor:
+        """A prompt (1 .. max_len-1 tokens) into ``slot`` (its previous content is dropped) -> logits (1, V)."""
         if not 0 < len(ids) < self.max_len:
             raise ValueError(f"a prompt of {len(ids)} tokens does not fit a decoder of {self.max_len} slots")
-        cache = self.model.new_cache(1, len(ids))
-        x = torch.tensor([ids], dtype=torch.long, device=self.k[0].device)
-        logits, _ = self.model(x, cache=cache, last_only=True)  # (1, 1, V)
-        for i in range(self.cfg.n_layer):
-            self.k[i][:, :, : len(ids)] = cache.k[i]
-            self.v[i][:, :, : len(ids)] = cache.v[i]
-        self.pos = len(ids)
+        self.cache.lens[slot] = 0
+        x = torch.tensor([ids], dtype=torch.long, device=self.model.embed.weight.device)
+        logits, _ = self.model(x, cache=self.cache, last_only=True, slot=slot)  # (1, 1, V)
         return logits[:, -1, :]
 
     @torch.inference_mode()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """token (1, 1) for slot ``pos`` -> logits (1, V) for the slot after it."""
-        if self.pos >= self.max_len:
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) or (B, 1), the next token of slots 0..B-1 -> their next-token logits (B, V)."""
+        tokens = tokens.reshape(-1)
+        B = tokens.shape[0]
+        lens = self.cache.lens
+        top = max(lens[:B]) if B > 1 else lens[0]
+        if top >= self.max_len:
             raise ValueError(f"decoder cache full: {self.max_len} slots")
-        # pos + 2 elements: the attended length pos + 1, plus one to keep the dimension clear of the
-        # sizes 0 and 1 that the compiler specialises; the first step has pos >= 1
-        inputs = self._inputs
-        inputs[0], inputs[1] = token, torch.tensor([self.pos], device=token.device)
-        inputs[2] = self._slots[: self.pos + 2]
-        logits = self._run(inputs)[0]
-        self.pos += 1
+        if 0 in lens[:B]:
+            raise ValueError(f"slot {lens.index(0)} is empty: prefill it first")
+        views = self._views.get(B)
+        if views is None:
+            views = self._views[B] = ([k[:B] for k in self.cache.k], [v[:B] for v in self.cache.v])
+        pos = torch.tensor(lens[:B], device=tokens.device)
+        # top + 2 elements: the attended length top + 1, plus one to keep the dimension clear of the
+        # sizes 0 and 1 that the compiler specialises
+        logits = self._run(tokens, pos, self._span[: top + 2], *views)
+        for b in range(B):
+            lens[b] += 1
         return logits
+
+    def move(self, src: int, dst: int) -> None:
+        """Move slot ``src``'s sequence into slot ``dst`` (a batch keeps its rows in the leading slots)."""
+        self.cache.move(src, dst)

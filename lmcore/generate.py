@@ -1,9 +1,10 @@
-"""Sampling from a model with its KV cache: greedy, temperature, top-k, top-p, seeded, streaming, batched.
+"""Sampling from a model with its KV cache: greedy, temperature, top-k, top-p, seeded, streaming.
 
-The prompt is prefilled in one forward pass; each new token then costs one single-token
-forward pass over the preallocated cache. Seeds drive a local ``torch.Generator`` per
+The prompt is prefilled in one forward pass; each new token then costs one decode step
+(``lmcore.decode.step``, eager or compiled) over the preallocated cache. Seeds drive a local ``torch.Generator`` per
 sequence, so generation never touches global RNG state, the same seed gives the same text,
-and a row of a batch samples exactly as it would alone.
+and a request the server batches with others samples exactly as it would alone
+(``lmcore.serve.engine`` decodes with the same step and :func:`pick_next`).
 
 Speed notes (CPU): a decode step is a few hundred tiny ops, so per-op overhead rules.
 For small models intra-op threads cost more than they give (and collapse when the CPU is
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmcore.decode import DECODER_SLOTS, Decoder
 from lmcore.model import Transformer
 from lmcore.tokenizer import Tokenizer
 
@@ -118,9 +120,6 @@ def _prompt(model: Transformer, prompt_ids: list[int], eos_id: int | None) -> li
     return list(prompt_ids[-model.cfg.block_size :]) or [eos_id if eos_id is not None else 0]
 
 
-DECODER_SLOTS = 256  # compiled decoders' caches come in multiples of this, so one graph serves many lengths
-
-
 @torch.inference_mode()
 def generate_tokens(
     model: Transformer, prompt_ids: list[int], sp: SamplingParams, eos_id: int | None = None,
@@ -129,28 +128,23 @@ def generate_tokens(
     """Yield (token id, probability) for each new token of one sequence.
 
     Generation may run past ``block_size``: the cache is sized for prompt + new tokens and the
-    RoPE table grows as needed. ``compiled`` decodes with :class:`lmcore.decode.CompiledDecoder`
-    (same tokens, 2-3x faster per token on a CPU; the first call for a model shape compiles for
-    20-30 s, later processes load the result from the lmops home).
+    RoPE table grows as needed. Decodes with a one-slot :class:`lmcore.decode.Decoder`, the step the
+    server's engine runs too; ``compiled`` uses its compiled step (same tokens, 2-3x faster per token
+    on a CPU; the first call for a model shape compiles for 20-30 s, later processes load the result
+    from the lmops home).
     """
+    if sp.max_new_tokens <= 0:
+        return
     device = model.embed.weight.device
     gen = _generator(sp, device)
     ids = _prompt(model, prompt_ids, eos_id)
     stop = eos_id if (sp.stop_at_eos and eos_id is not None) else None
-    slots = len(ids) + sp.max_new_tokens
+    size = len(ids) + sp.max_new_tokens
+    if compiled:  # one compiled step serves every cache of the same rounded length
+        size = -(-size // DECODER_SLOTS) * DECODER_SLOTS
     with decode_threads(device, model.cfg):
-        if compiled:  # a fresh decoder per sequence (a few MB of cache, ~1 ms): the compiled graph is shared
-            from lmcore.decode import CompiledDecoder
-
-            dec = CompiledDecoder(model, -(-slots // DECODER_SLOTS) * DECODER_SLOTS)
-            logits, step = dec.prefill(ids), dec.step  # (1, V); step: (1, 1) -> (1, V)
-        else:
-            cache = model.new_cache(1, slots)
-
-            def step(x: torch.Tensor) -> torch.Tensor:  # (1, T) -> (1, V) after its last token
-                return model(x, cache=cache, last_only=True)[0][:, -1, :]
-
-            logits = step(torch.tensor([ids], dtype=torch.long, device=device))
+        dec = Decoder(model, size, compiled=compiled)  # a fresh one per sequence: its cache is a few MB
+        logits = dec.prefill(ids)  # (1, V)
         for i in range(sp.max_new_tokens):
             nxt, prob = pick_next(logits, sp, gen)
             token = int(nxt)
@@ -158,90 +152,7 @@ def generate_tokens(
                 return
             yield token, float(prob)
             if i + 1 < sp.max_new_tokens:
-                logits = step(nxt.view(1, 1))
-
-
-class BatchDecoder:
-    """Step-wise decoding of several sequences with one forward pass per step.
-
-    Rows are left-padded so that all prompts end in the same cache slot (the cache's ``pad``
-    masks the padding; RoPE only sees position differences, so each row's logits are those
-    it would get alone). Each row has its own SamplingParams and seeded generator; a row is
-    done at EOS or at its ``max_new_tokens``. Use :meth:`step` until :attr:`done`.
-    """
-
-    def __init__(
-        self, model: Transformer, prompts_ids: list[list[int]], sp: SamplingParams | list[SamplingParams],
-        eos_id: int | None = None,
-    ):
-        if not prompts_ids:
-            raise ValueError("BatchDecoder needs at least one prompt")
-        self.model = model
-        self.device = model.embed.weight.device
-        self.sps = list(sp) if isinstance(sp, list | tuple) else [sp] * len(prompts_ids)
-        if len(self.sps) != len(prompts_ids):
-            raise ValueError("one SamplingParams per prompt, or one for all")
-        prompts = [_prompt(model, p, eos_id) for p in prompts_ids]
-        self.eos_id = eos_id
-        self.gens = [_generator(s, self.device) for s in self.sps]
-        self.outputs: list[list[tuple[int, float]]] = [[] for _ in prompts]
-        self.finished = [s.max_new_tokens <= 0 for s in self.sps]
-        width = max(len(p) for p in prompts)
-        pad = [width - len(p) for p in prompts]
-        B = len(prompts)
-        self.cache = model.new_cache(B, width + max(s.max_new_tokens for s in self.sps))
-        self.cache.pad = torch.tensor(pad, dtype=torch.long, device=self.device)
-        fill = eos_id if eos_id is not None else 0
-        self._next = torch.tensor([[fill] * p + ids for p, ids in zip(pad, prompts, strict=True)],
-                                  dtype=torch.long, device=self.device)  # (B, width): prefill input
-
-    @property
-    def done(self) -> bool:
-        return all(self.finished)
-
-    @torch.inference_mode()
-    def step(self) -> list[tuple[int, int, float]]:
-        """One forward pass for every row; returns the (row, token, probability) emitted by this step."""
-        if self.done:
-            return []
-        with decode_threads(self.device, self.model.cfg):
-            logits, _ = self.model(self._next, cache=self.cache, last_only=True)  # (B, 1, V)
-            logits = logits[:, -1, :]  # (B, V)
-            B = logits.size(0)
-            greedy = [r for r in range(B) if self.sps[r].temperature <= 0]
-            ids = torch.empty(B, dtype=torch.long, device=self.device)
-            probs = torch.empty(B, dtype=torch.float32, device=self.device)
-            if len(greedy) == B:  # all greedy: one pick for the whole batch
-                ids, probs = pick_next(logits, self.sps[0], None)
-            else:
-                for r in range(B):
-                    ids[r : r + 1], probs[r : r + 1] = pick_next(logits[r : r + 1], self.sps[r], self.gens[r])
-        emitted = []
-        for r, (tok, p) in enumerate(zip(ids.tolist(), probs.tolist(), strict=True)):
-            if self.finished[r]:
-                continue
-            if self.sps[r].stop_at_eos and self.eos_id is not None and tok == self.eos_id:
-                self.finished[r] = True
-                continue
-            self.outputs[r].append((tok, p))
-            emitted.append((r, tok, p))
-            if len(self.outputs[r]) >= self.sps[r].max_new_tokens:
-                self.finished[r] = True
-        self._next = ids.view(B, 1)
-        return emitted
-
-
-def generate_batch(
-    model: Transformer, prompts_ids: list[list[int]], sp: SamplingParams | list[SamplingParams],
-    eos_id: int | None = None,
-) -> list[list[tuple[int, float]]]:
-    """(token id, probability) lists, one per prompt, computed with one forward pass per step for all rows."""
-    if not prompts_ids:
-        return []
-    dec = BatchDecoder(model, prompts_ids, sp, eos_id)
-    while not dec.done:
-        dec.step()
-    return dec.outputs
+                logits = dec.step(nxt)  # (1,) -> (1, V)
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, sp: SamplingParams,

@@ -2,39 +2,37 @@
 
 Pre-norm blocks of RMSNorm -> causal self-attention with RoPE (through
 ``F.scaled_dot_product_attention``) -> RMSNorm -> SwiGLU MLP; tied input/output
-embeddings; grouped-query attention when ``n_kv_head < n_head``; a preallocated KV cache
-for incremental decoding. Weights are laid out so that ``lmcore.hf`` maps them one-to-one
-onto Hugging Face ``LlamaForCausalLM`` (q/k/v and gate/up are fused here for speed and
-split on export).
+embeddings; grouped-query attention when ``n_kv_head < n_head``; a preallocated KV cache of
+slots (:class:`KVCache`) that the forward pass fills with prompts and ``lmcore.decode.step``
+extends one token per row (the one incremental-decoding path). Weights are laid out so that
+``lmcore.hf`` maps them one-to-one onto Hugging Face ``LlamaForCausalLM`` (q/k/v and gate/up
+are fused here for speed and split on export).
 
-Shapes: B batch, T time (tokens), C = d_model, H heads, Hkv kv-heads, D head dim, V vocab.
+Shapes: B batch, T time (tokens), C = d_model, H heads, Hkv kv-heads, D head dim, V vocab,
+S cache slots, L cache positions.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lmcore.config import ModelParams, shipped_params
+
 
 @dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 2048
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 4
-    d_model: int = 128
-    block_size: int = 128
-    ffn_hidden: int = 0  # 0 = Llama rule: 8/3 * d_model rounded up to a multiple of 64
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    tie_embeddings: bool = True
+class ModelConfig(ModelParams):
+    """A model's shape: params.yaml's ``model`` slice (``ModelParams``: layers, heads, kv-heads, width,
+    context, ffn width, RoPE base, norm eps, dropout, tied embeddings; defaults from params.yaml) plus
+    the tokenizer's vocabulary size, which the prepared data decides."""
+
+    vocab_size: int = field(default_factory=lambda: shipped_params().tokenizer.vocab_size)
 
     @property
     def head_dim(self) -> int:
@@ -61,9 +59,9 @@ class ModelConfig:
         return cls(**known)
 
     @classmethod
-    def from_params(cls, params, vocab_size: int) -> ModelConfig:
+    def from_params(cls, params: ModelParams, vocab_size: int) -> ModelConfig:
         """From a ``lmcore.config.ModelParams`` slice plus the tokenizer's vocab size."""
-        return cls(vocab_size=vocab_size, **asdict(params))
+        return cls(**{**asdict(params), "vocab_size": vocab_size})
 
 
 def rope_cache(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,44 +82,55 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: ``kv`` is (n_layer, B, 2*Hkv, max_len, D), keys first.
+    """Keys and values of up to S sequences ("slots"), each with its own length, for incremental decoding.
 
-    ``k``/``v`` are views (n_layer, B, Hkv, max_len, D) of its two halves, so code that moves a
-    row's cache (e.g. a serving engine's slots) can copy keys and values in one go through ``kv``.
+    Per layer ``k[i]``, ``v[i]``: (S, Hkv, max_len + 1, D), preallocated; ``lens[s]`` tokens of slot s are
+    filled. Two writers, one layout: :meth:`Transformer.forward` with ``cache=`` appends a chunk of T tokens
+    to B slots of equal length (a prompt's prefill), and ``lmcore.decode.step`` appends one token to each of
+    the slots 0..B-1 at its own length (eager or compiled, batch 1 or a server's batch). Nothing else copies
+    a cache, except :meth:`move`: a serving engine keeps its active rows in slots 0..B-1 and, when a row
+    finishes, moves the last row into the freed slot, so that a step always reads a leading block of slots.
+
+    Why per-layer tensors: a compiled step writes them in place; a slice of one shared tensor would make
+    the compiler copy the whole cache. Why one spare position: a compiled step slices the first n <= max_len
+    positions with n dynamic; a slice that can cover the whole tensor would be specialised (a second graph).
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        Hkv = cfg.n_kv_head
-        self.kv = torch.zeros((cfg.n_layer, batch_size, 2 * Hkv, max_len, cfg.head_dim), device=device, dtype=dtype)
-        self.k, self.v = self.kv[:, :, :Hkv], self.kv[:, :, Hkv:]
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (slots, cfg.n_kv_head, max_len + 1, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
-        self.pos = 0  # tokens already in the cache (the same slot index for every row)
-        self.pad: torch.Tensor | None = None  # (B,) left-padding slots per row; those keys are never attended
-        self.mask: tuple[torch.Tensor | None, bool] | None = None  # (mask, is_causal) of the running forward
+        self.lens = [0] * slots  # tokens held by each slot
+
+    @property
+    def slots(self) -> int:
+        return len(self.lens)
+
+    @property
+    def pos(self) -> int:
+        """Tokens in slot 0: the length of a single-sequence cache (or of a batch prefilled together)."""
+        return self.lens[0]
 
     def reset(self) -> None:
-        self.pos = 0
+        self.lens = [0] * self.slots
 
-    def step_mask(self, T: int, B: int) -> tuple[torch.Tensor | None, bool]:
-        """(mask, is_causal) for the next T tokens of B rows: mask (T, pos+T) or (B, 1, T, pos+T), True = attend.
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src`` (its filled positions and length) into slot ``dst``."""
+        n = self.lens[src]
+        for k, v in zip(self.k, self.v, strict=True):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lens[dst] = n
 
-        Query i sits in slot pos + i and sees slots <= pos + i. Left-padded rows (``pad``) are aligned
-        on the right: RoPE only sees position differences, so shifting a row by its padding leaves its
-        logits unchanged; its first ``pad[b]`` slots are masked out.
-        """
-        start = self.pos
-        if self.pad is None:
-            if start == 0:
-                return None, T > 1
-            if T == 1:  # a single query sees every cached key
-                return None, False
-            return torch.ones(T, start + T, dtype=torch.bool, device=self.kv.device).tril(diagonal=start), False
-        slots = torch.arange(start + T, device=self.kv.device)  # (S,)
-        query = (start + torch.arange(T, device=self.kv.device))[:, None]  # (T, 1) slot of each query
-        keep = slots[None, None, :] >= self.pad[:B, None, None].to(self.kv.device)  # (B, 1, S) real tokens
-        # (B, T, S); a padding query sees itself, so no row is fully masked (that would give NaN)
-        mask = (slots[None, :] <= query) & (keep | (slots[None, :] == query))
-        return mask[:, None], False  # (B, 1, T, S)
+
+def chunk_mask(start: int, T: int, device=None) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for T queries in positions start.. over keys 0..start+T-1: mask (T, start+T), True = attend."""
+    if start == 0:
+        return None, T > 1
+    if T == 1:  # a single query sees every cached key
+        return None, False
+    return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start), False
 
 
 class RMSNorm(nn.Module):
@@ -143,8 +152,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        """x (B, T, C), cos/sin (T, D) for this chunk's positions -> (B, T, C)."""
+    def forward(self, x, cos, sin, kv: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
+                mask: tuple[torch.Tensor | None, bool] | None = None) -> torch.Tensor:
+        """x (B, T, C), cos/sin (T, D) for this chunk's positions -> (B, T, C).
+
+        With ``kv`` (this layer's cache rows, (B, Hkv, L, D) each, filled up to ``start``), the chunk's keys
+        and values are written at start..start+T-1 and attention covers all start+T of them, under
+        ``mask`` = :func:`chunk_mask` (start, T).
+        """
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # split, not slicing: its backward is one cat instead of a zero-filled gradient per slice
@@ -152,17 +167,16 @@ class Attention(nn.Module):
         q, k = apply_rope(qk, cos[:, None], sin[:, None]).split((H, Hkv), dim=2)  # q and k rotated in one go
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x2
 
-        mask, causal = None, T > 1
-        if cache is not None:
-            start = cache.pos
-            ck, cv = cache.k[layer, :B], cache.v[layer, :B]  # (B, Hkv, max_len, D)
+        attn_mask, causal = None, T > 1
+        if kv is not None:
+            ck, cv = kv
             ck[:, :, start : start + T] = k
             cv[:, :, start : start + T] = v
             k, v = ck[:, :, : start + T], cv[:, :, : start + T]  # (B, Hkv, start+T, D)
-            mask, causal = cache.mask or cache.step_mask(T, B)  # built once per forward by Transformer.forward
+            attn_mask, causal = mask if mask is not None else chunk_mask(start, T, x.device)
         with sdpa_kernel(SDPBackend.MATH) if _math_attention(v) else nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal,
+                q, k, v, attn_mask=attn_mask, is_causal=causal,
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=Hkv != H,
             )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
@@ -201,11 +215,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin, kv=None, start=0, mask=None):
         if self.drop.p == 0.0:  # skip two no-op module calls: per-step overhead matters when decoding
-            x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+            x = x + self.attn(self.attn_norm(x), cos, sin, kv, start, mask)
             return x + self.mlp(self.mlp_norm(x))
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer))
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, kv, start, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -236,8 +250,9 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if start + T > self.rope_cos.shape[0]:  # decoding past block_size: extend the table
+    def rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, D) of positions start..start+T-1; decoding past block_size grows the table."""
+        if start + T > self.rope_cos.shape[0]:
             cos, sin = rope_cache(self.cfg, 2 * (start + T), device=self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         return self.rope_cos[start : start + T], self.rope_sin[start : start + T]
@@ -248,22 +263,30 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        slot: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only), loss."""
+        """idx: (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only), loss.
+
+        With ``cache``, idx's rows continue the cache's slots slot..slot+B-1 (all of one length) and
+        their keys and values are appended there: a prompt's prefill, or a chunk after it.
+        """
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
+        start = cache.lens[slot] if cache is not None else 0
         if cache is None and self.cfg.block_size < T:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}")
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"KV cache full: {start} + {T} > {cache.max_len}")
-        cos, sin = self._rope(start, T)
         if cache is not None:
-            cache.mask = cache.step_mask(T, B)
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache full: {start} + {T} > {cache.max_len}")
+            if slot + B > cache.slots or any(n != start for n in cache.lens[slot : slot + B]):
+                raise ValueError(f"rows {slot}..{slot + B - 1} are not slots of one length in this cache")
+        cos, sin = self.rope(start, T)
+        mask = chunk_mask(start, T, idx.device) if cache is not None else None
         x = self.drop(self.embed(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
+            kv = (cache.k[i][slot : slot + B], cache.v[i][slot : slot + B]) if cache is not None else None
+            x = block(x, cos, sin, kv, start, mask)
         if cache is not None:
-            cache.pos, cache.mask = start + T, None
+            cache.lens[slot : slot + B] = [start + T] * B
         if last_only:
             x = x[:, -1:, :]
         x = self.norm(x)
@@ -273,6 +296,7 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+    def new_cache(self, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
+        """A cache of ``slots`` sequences of up to ``max_len`` (default block_size) tokens each."""
         p = self.embed.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.block_size, p.device, dtype or p.dtype)
+        return KVCache(self.cfg, slots, max_len or self.cfg.block_size, p.device, dtype or p.dtype)

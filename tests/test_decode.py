@@ -1,4 +1,4 @@
-"""The compiled decode step (lmcore.decode) against the eager model it must reproduce."""
+"""The decode step (lmcore.decode), compiled and batched, against the eager model it must reproduce."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from _lm_helpers import sharp_model
 
-from lmcore.decode import CompiledDecoder
+from lmcore.decode import Decoder
 from lmcore.generate import SamplingParams, generate_tokens
 from lmcore.model import ModelConfig, Transformer
 from lmcore.optimize.quantize import quantize_model, weight_only_model
@@ -39,7 +39,7 @@ def eager_logits(model: Transformer, seq: list[int]) -> torch.Tensor:
 
 def test_every_step_matches_a_full_forward_pass(model):
     seq = [5, 9, 2, 44, 17, 3, 3, 60, 1, 28] * 3  # 30 tokens: past block_size, so RoPE grows too
-    dec = CompiledDecoder(model, 32)
+    dec = Decoder(model, 32, compiled=True)
     with torch.inference_mode():
         got = [dec.prefill(seq[:1])]  # a one-token prompt: the shortest attended length is 2
         got += [dec.step(torch.tensor([[t]])) for t in seq[1:]]
@@ -87,7 +87,7 @@ def test_concurrent_generations_do_not_share_a_cache(model):
 
 
 def test_a_full_cache_and_an_oversized_prompt_are_refused(model):
-    dec = CompiledDecoder(model, 4)
+    dec = Decoder(model, 4)
     with pytest.raises(ValueError, match="does not fit"):
         dec.prefill([1, 2, 3, 4])
     with torch.inference_mode():
@@ -105,13 +105,13 @@ def test_an_int8_model_decodes_weight_only(model, monkeypatch, kernels):
     int8 = quantize_model(model)
     qkv = int8.blocks[0].attn.qkv
     assert qkv.int8_weight.dtype == torch.int8 and qkv.int8_scale.shape == (qkv.int8_weight.shape[0],)
-    dec = CompiledDecoder(int8, 32)
+    dec = Decoder(int8, 32, compiled=True)
     read = dec.weights[1][0][1]
     if kernels == "1":
         assert read[0] is qkv.int8_weight  # the decoder reads the int8 tensor itself
     else:
         assert read.dtype == torch.float32 and torch.equal(read, qkv.int8_weight.float() * qkv.int8_scale[:, None])
-        assert CompiledDecoder(int8, 32).weights[1][0][1] is read  # made once per module, not per decoder
+        assert Decoder(int8, 32, compiled=True).weights[1][0][1] is read  # made once per module, not per decoder
     seq = [5, 9, 2, 44, 17, 3, 3, 60, 1, 28, 11, 12]
     reference = weight_only_model(int8)  # float weights equal to q * scale
     with torch.inference_mode():
@@ -119,7 +119,8 @@ def test_an_int8_model_decodes_weight_only(model, monkeypatch, kernels):
         prompt_cache = reference.new_cache(1, 4)
         reference(torch.tensor([seq[:4]]), cache=prompt_cache)
         for i in range(CFG.n_layer):  # ...so put weight-only keys and values there to compare the steps alone
-            dec.k[i][:, :, :4], dec.v[i][:, :, :4] = prompt_cache.k[i], prompt_cache.v[i]
+            dec.cache.k[i][:, :, :4] = prompt_cache.k[i][:, :, :4]
+            dec.cache.v[i][:, :, :4] = prompt_cache.v[i][:, :, :4]
         got = torch.cat([dec.step(torch.tensor([[t]])) for t in seq[4:]])
     want = eager_logits(reference, seq)[4:]
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
@@ -147,14 +148,81 @@ def test_a_new_process_loads_the_compiled_step_from_disk(model, monkeypatch):
     from lmcore.settings import get_settings
 
     seq = [3, 14, 15, 9, 26, 5]
-    first = CompiledDecoder(model, 32)
+    first = Decoder(model, 32, compiled=True)
     libraries = sorted(get_settings().decode_cache.glob("step-*.pt2"))
     assert libraries
-    monkeypatch.setattr(decode, "_runners", {})
+    monkeypatch.setattr(decode, "_libraries", {})
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", None)  # compiling again would fail
-    second = CompiledDecoder(model, 32)
+    second = Decoder(model, 32, compiled=True)
     assert sorted(get_settings().decode_cache.glob("step-*.pt2")) == libraries
     with torch.inference_mode():
         a = [first.prefill(seq[:2])] + [first.step(torch.tensor([[t]])) for t in seq[2:]]
         b = [second.prefill(seq[:2])] + [second.step(torch.tensor([[t]])) for t in seq[2:]]
     assert torch.equal(torch.cat(a), torch.cat(b))
+
+
+def test_a_compiled_batch_of_rows_at_different_lengths_matches_each_row_alone(model):
+    """The server's case: slots of different lengths step together, rows leave (the last row moves into
+    the freed slot) and the batch shrinks to one row, all through one compiled step (B is dynamic)."""
+    seqs = [[5, 9, 2, 44, 17, 3, 3, 60, 1, 28, 7, 7], [3, 14, 15, 9, 26, 5], [8, 8, 1, 2, 3, 4, 5, 6, 7, 9, 10]]
+    cuts = [5, 1, 3]  # prompt lengths
+    dec = Decoder(model, 32, slots=4, compiled=True)
+    got: list[list[torch.Tensor]] = [[] for _ in seqs]
+    with torch.inference_mode():
+        for s, (seq, cut) in enumerate(zip(seqs, cuts, strict=True)):
+            got[s].append(dec.prefill(seq[:cut], slot=s))
+        rows = [0, 1, 2]  # rows[slot]: which sequence a slot holds
+        while rows:
+            logits = dec.step(torch.tensor([seqs[r][dec.cache.lens[s]] for s, r in enumerate(rows)]))  # (B, V)
+            for s, r in enumerate(rows):
+                got[r].append(logits[s : s + 1])
+            for s in reversed(range(len(rows))):
+                if dec.cache.lens[s] == len(seqs[rows[s]]):  # this sequence is done: the last row takes its slot
+                    dec.move(len(rows) - 1, s)
+                    rows[s] = rows[-1]
+                    rows.pop()
+    for seq, cut, g in zip(seqs, cuts, got, strict=True):
+        want = eager_logits(model, seq)[cut - 1 :]
+        assert torch.allclose(torch.cat(g), want, atol=1e-4), (torch.cat(g) - want).abs().max()
+
+
+def test_the_servers_engine_decodes_with_the_compiled_step(tmp_path):
+    """The engine compiles the batched step in the background, switches to it, and its rows (queued past
+    max_batch, finishing at different steps, greedy and seeded) get the tokens each would get alone."""
+    import asyncio
+    import time
+
+    from _serve_helpers import make_model
+
+    from lmcore.serve.engine import Engine, Row
+
+    engine = Engine(str(make_model(tmp_path / "tiny", seed=1)), max_batch=2, max_new_tokens=24, batch_window_ms=20)
+    try:
+        assert engine.reload()["ok"]
+        batcher = engine.current
+        assert batcher.compile_done.wait(900) and batcher.decoder.compiled and engine.health()["compiled_decode"]
+        lm = batcher.lm
+        jobs = [("x", SamplingParams(max_new_tokens=24, temperature=0, stop_at_eos=False)),
+                ("hello there", SamplingParams(max_new_tokens=5, temperature=0)),
+                ("abc", SamplingParams(max_new_tokens=12, temperature=1.0, top_k=30, seed=3, stop_at_eos=False)),
+                ("a prompt longer than the thirty-two token block of this model",
+                 SamplingParams(max_new_tokens=9, temperature=0.7, seed=5))]
+
+        async def one(prompt: str, sp: SamplingParams) -> list[int]:
+            q: asyncio.Queue = asyncio.Queue()
+            engine.submit(Row([], sp, time.monotonic() + 300, asyncio.get_running_loop(), q), prompt=prompt)
+            out = []
+            while (ev := await q.get())[0] == "token":
+                out.append(ev[1])
+            assert ev[0] == "done", ev
+            return out
+
+        async def all_of() -> list[list[int]]:
+            return await asyncio.gather(*(one(p, sp) for p, sp in jobs))
+
+        got = asyncio.run(all_of())
+    finally:
+        engine.stop()
+    eos = lm.tokenizer.eos_id
+    want = [ids(generate_tokens(lm.model, lm.tokenizer.encode(p)[-32:], sp, eos)) for p, sp in jobs]
+    assert got == want

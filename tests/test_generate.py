@@ -1,4 +1,4 @@
-"""Generation: seeds, greedy, top-k/top-p, EOS, past block_size, batches, threads, streaming."""
+"""Generation: seeds, greedy, top-k/top-p, EOS, past block_size, batched rows, threads, streaming."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from _lm_helpers import sharp_model
 
+from lmcore.decode import Decoder
 from lmcore.generate import (
-    BatchDecoder,
     SamplingParams,
+    _generator,
     decode_threads,
-    generate_batch,
     generate_text,
     generate_tokens,
     pick_next,
@@ -91,34 +91,61 @@ def test_generation_past_block_size(model):
     assert all(0 <= t < model.cfg.vocab_size and 0.0 < p <= 1.0 for t, p in out)
 
 
-def test_batch_rows_equal_single_rows(model):
+def batched(model: Transformer, prompts: list[list[int]], sps: list[SamplingParams], eos_id: int | None = None,
+            slots: int = 2) -> list[list[tuple[int, float]]]:
+    """What the server's engine does, in a few lines: rows share one decoder of ``slots`` slots, each with
+    its own sampling params and generator; a finished row's slot takes the last row, a waiting prompt
+    takes the freed slot. Returns (token, probability) lists, one per prompt."""
+    dec = Decoder(model, model.cfg.block_size + max(sp.max_new_tokens for sp in sps), slots=slots)
+    outs: list[list[tuple[int, float]]] = [[] for _ in prompts]
+    gens = [_generator(sp, torch.device("cpu")) for sp in sps]
+    waiting, active = list(range(len(prompts))), []  # active[s]: the prompt in slot s
+
+    def accept(r: int, logits: torch.Tensor) -> bool:  # logits (1, V) -> whether row r goes on
+        tok, prob = pick_next(logits, sps[r], gens[r])
+        if sps[r].stop_at_eos and int(tok) == eos_id:
+            return False
+        outs[r].append((int(tok), float(prob)))
+        return len(outs[r]) < sps[r].max_new_tokens
+
+    with torch.inference_mode():
+        while waiting or active:
+            while waiting and len(active) < slots:
+                r = waiting.pop(0)
+                active.append(r)
+                if not accept(r, dec.prefill(prompts[r] or [eos_id or 0], slot=len(active) - 1)):
+                    active.pop()
+            if not active:
+                continue
+            logits = dec.step(torch.tensor([outs[r][-1][0] for r in active]))  # (B, V)
+            going = [accept(r, logits[s : s + 1]) for s, r in enumerate(list(active))]
+            for s in reversed(range(len(going))):  # free finished slots, last first
+                if not going[s]:
+                    last = len(active) - 1
+                    if s != last:
+                        dec.move(last, s)
+                    active[s] = active[last]
+                    active.pop()
+    return outs
+
+
+def test_batched_rows_equal_single_rows(model):
+    """One step for rows of different lengths, parameters and ends gives each row its single-sequence tokens."""
     prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12], [4, 4], []]
     single = [list(generate_tokens(model, p, GREEDY, eos_id=0)) for p in prompts]
-    batch = generate_batch(model, prompts, GREEDY, eos_id=0)
+    batch = batched(model, prompts, [GREEDY] * len(prompts), eos_id=0, slots=3)
     assert [ids(b) for b in batch] == [ids(s) for s in single]
     for b, s in zip(batch, single, strict=True):
         assert [p for _, p in b] == pytest.approx([p for _, p in s], abs=1e-5)
-    sampled = SamplingParams(max_new_tokens=30, temperature=1.2, top_k=20, seed=9)
-    assert [ids(b) for b in generate_batch(model, prompts[:3], sampled)] == [
-        ids(generate_tokens(model, p, sampled)) for p in prompts[:3]
-    ]
-
-
-def test_batch_decoder_mixed_params_and_eos(model):
-    prompts = [[1, 2, 3], [9, 9, 9, 9]]
-    greedy0 = ids(generate_tokens(model, prompts[0], GREEDY))
+    greedy0 = ids(single[0])
     eos = greedy0[3]
-    sps = [GREEDY, SamplingParams(max_new_tokens=7, temperature=0.9, seed=1)]
-    dec = BatchDecoder(model, prompts, sps, eos_id=eos)
-    steps = 0
-    while not dec.done:
-        emitted = dec.step()
-        assert all(0 <= row < 2 for row, _, _ in emitted)
-        steps += 1
-    assert ids(dec.outputs[0]) == greedy0[: greedy0.index(eos)]
-    assert ids(dec.outputs[1]) == ids(generate_tokens(model, prompts[1], sps[1], eos_id=eos))
-    assert steps <= 7
-    assert generate_batch(model, [], GREEDY) == []
+    sps = [GREEDY, SamplingParams(max_new_tokens=7, temperature=0.9, seed=1),
+           SamplingParams(max_new_tokens=30, temperature=1.2, top_k=20, seed=9),
+           SamplingParams(max_new_tokens=3, seed=4)]
+    got = batched(model, prompts[:4], sps, eos_id=eos, slots=2)
+    assert ids(got[0]) == greedy0[: greedy0.index(eos)]
+    assert [ids(g) for g in got] == [ids(generate_tokens(model, p, sp, eos_id=eos)) for p, sp in zip(
+        prompts[:4], sps, strict=True)]
 
 
 def test_decode_threads_restores_setting(monkeypatch):

@@ -1,4 +1,4 @@
-"""The Transformer itself: cache decoding equals a full forward, padding, loss, limits."""
+"""The Transformer itself: cache decoding equals a full forward, slots of different lengths, loss, limits."""
 
 from __future__ import annotations
 
@@ -33,22 +33,27 @@ def test_incremental_decoding_matches_full_forward(n_kv_head):
     torch.testing.assert_close(last, full[:, 16:17], atol=1e-5, rtol=1e-5)
 
 
-def test_left_padded_rows_give_the_logits_of_unpadded_rows():
+def test_slots_of_different_lengths_decode_together_as_they_would_alone():
+    """Prompts prefilled into their own slots, then one step for all rows: each row's logits are its own."""
+    from lmcore.decode import Decoder
+
     model = make()
     rows = [torch.randint(0, 53, (n,)) for n in (9, 4, 1)]
-    width = max(len(r) for r in rows)
-    padded = torch.stack([F.pad(r, (width - len(r), 0), value=0) for r in rows])  # (3, width), left-padded
+    dec = Decoder(model, 12, slots=3)
     with torch.no_grad():
-        cache = model.new_cache(3, width + 3)
-        cache.pad = torch.tensor([width - len(r) for r in rows])
-        batch, _ = model(padded, cache=cache, last_only=True)  # (3, 1, V)
-        nxt = batch[:, -1].argmax(-1, keepdim=True)  # (3, 1)
-        step, _ = model(nxt, cache=cache)
+        first = torch.cat([dec.prefill(r.tolist(), slot=s) for s, r in enumerate(rows)])  # (3, V)
+        nxt = first.argmax(-1)  # (3,)
+        step = dec.step(nxt)  # (3, V)
         for i, r in enumerate(rows):
-            alone, _ = model(torch.cat([r, nxt[i]])[None])
-            torch.testing.assert_close(batch[i, -1], alone[0, -2], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(step[i, -1], alone[0, -1], atol=1e-5, rtol=1e-5)
-        assert torch.isfinite(model.new_cache(1, 1).kv).all()
+            alone, _ = model(torch.cat([r, nxt[i : i + 1]])[None])
+            torch.testing.assert_close(first[i], alone[0, -2], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step[i], alone[0, -1], atol=1e-5, rtol=1e-5)
+    assert dec.cache.lens == [10, 5, 2]
+    dec.move(0, 2)  # a finished row's slot takes the last row: its keys, values and length
+    assert dec.cache.lens == [10, 5, 10]
+    assert all(torch.equal(k[2, :, :10], k[0, :, :10]) for k in dec.cache.k + dec.cache.v)
+    with pytest.raises(ValueError, match="one length"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache=dec.cache)  # slots 0 and 1 differ in length
 
 
 def test_loss_matches_cross_entropy_and_trains():

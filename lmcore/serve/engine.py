@@ -1,17 +1,26 @@
 """The model holder: dynamic batching over one decode loop, and atomic hot swap of versions.
 
 Each loaded model version gets a :class:`Batcher`: one background thread that owns the model.
-Every step it admits queued requests into free rows (prefilling each prompt on its own), then
-decodes *all* active rows with one forward pass over a slot-based KV cache in which every row
-has its own length. Requests that arrive while others are decoding join at the next step, so
-concurrent requests share forward passes and throughput grows with load.
+Every step it admits queued requests into free slots (prefilling each prompt on its own), then
+decodes *all* active rows with one step over a :class:`lmcore.decode.Decoder`'s slot cache, in
+which every row has its own length: the same step, eager or compiled, that ``lmcore.generate``
+runs for one sequence. Active rows hold the leading slots 0..B-1; when a row finishes, the last
+row's cache moves into its slot (one copy per finished request), so a step reads one block of
+slots and never gathers. Requests that arrive while others are decoding join at the next step, so
+concurrent requests share steps and throughput grows with load.
+
+Compiled decoding: a new batcher decodes eagerly at once, while a background thread compiles the
+step (on a CPU ahead of time, 20-30 s the first time a model shape is seen, then loaded from the
+lmops home in seconds; on a GPU ``torch.compile``) and switches the decoder over when it is ready.
+Both steps read and write the same cache, so rows in flight carry on; a machine that cannot
+compile keeps decoding eagerly.
 
 Hot swap: a reload loads the new version beside the old one and replaces the pointer under a
 lock. Requests already admitted keep their batcher (the old model) until they finish; the old
 batcher then stops and its memory is freed. A version that fails to load changes nothing but
 ``last_reload_error``.
 
-Shapes: B active rows, S slots, L layers, Hkv kv-heads, Tm cache length, D head dim, V vocab.
+Shapes: B active rows, S slots, V vocab.
 """
 
 from __future__ import annotations
@@ -27,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from lmcore.decode import DECODER_SLOTS, Decoder
 from lmcore.errors import LmopsError
 from lmcore.generate import SamplingParams, pick_next
-from lmcore.model import Transformer, apply_rope
+from lmcore.model import Transformer
 from lmcore.tokenizer import Tokenizer
 
 log = logging.getLogger("lmops.serve")
@@ -91,8 +100,7 @@ class Row:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     gen: torch.Generator | None = None
-    slot: int = -1
-    pos: int = 0  # tokens in this row's cache
+    slot: int = -1  # its slot in the batcher's decoder: its index among the active rows
     last: int = 0  # last sampled token (input of the next step)
     n_new: int = 0
     cancelled: bool = False
@@ -106,65 +114,21 @@ class Row:
             self.cancelled = True
 
 
-class SlotCache:
-    """Keys/values for S rows, each with its own length: (L, S, Hkv, Tm, D)."""
-
-    def __init__(self, model: Transformer, slots: int, max_len: int):
-        cfg, p = model.cfg, model.embed.weight
-        shape = (cfg.n_layer, slots, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.max_len = max_len
-
-
-@torch.inference_mode()
-def decode_step(model: Transformer, cache: SlotCache, tokens: torch.Tensor, slots: torch.Tensor,
-                pos: torch.Tensor) -> torch.Tensor:
-    """One new token for each of B rows at its own position.
-
-    tokens, slots, pos: (B,) -> logits (B, V). Writes each row's k/v at ``pos`` of its slot.
-    Uses the model's own modules, so it computes what ``Transformer.forward`` with a cache does.
-    """
-    cfg = model.cfg
-    H, Hkv, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-    B = tokens.shape[0]
-    T_max = int(pos.max().item()) + 1
-    cos_t, sin_t = model._rope(0, T_max)  # (Tm, D), extended if a row decodes past block_size
-    cos = cos_t[pos][:, None, None, :]  # (B, 1, 1, D)
-    sin = sin_t[pos][:, None, None, :]
-    keep = torch.arange(T_max, device=tokens.device)[None, :] <= pos[:, None]  # (B, Tm)
-    mask = keep[:, None, None, :]  # (B, 1, 1, Tm)
-    x = model.embed(tokens[:, None])  # (B, 1, C)
-    for i, block in enumerate(model.blocks):
-        attn = block.attn
-        h = block.attn_norm(x)
-        q, k, v = attn.qkv(h).split((H * D, Hkv * D, Hkv * D), dim=-1)
-        q = apply_rope(q.view(B, 1, H, D).transpose(1, 2), cos, sin)  # (B, H, 1, D)
-        k = apply_rope(k.view(B, 1, Hkv, D).transpose(1, 2), cos, sin)  # (B, Hkv, 1, D)
-        v = v.view(B, 1, Hkv, D).transpose(1, 2)
-        cache.k[i, slots, :, pos] = k[:, :, 0]  # (B, Hkv, D)
-        cache.v[i, slots, :, pos] = v[:, :, 0]
-        keys = cache.k[i, slots, :, :T_max]  # (B, Hkv, Tm, D)
-        vals = cache.v[i, slots, :, :T_max]
-        y = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, enable_gqa=Hkv != H)  # (B, H, 1, D)
-        x = x + attn.proj(y.transpose(1, 2).reshape(B, 1, H * D))
-        x = x + block.mlp(block.mlp_norm(x))
-    return model.lm_head(model.norm(x))[:, 0, :]  # (B, V)
-
-
 class Batcher:
     """The decode loop of one model version: admit, prefill, decode all rows together."""
 
     def __init__(self, lm: LoadedModel, max_batch: int, max_new_tokens: int, batch_window_ms: float,
-                 on_tokens=None, on_batch=None):
+                 on_tokens=None, on_batch=None, compiled: bool = True):
         self.lm = lm
         self.max_batch = max_batch
         self.window = batch_window_ms / 1000.0
         self.max_len = lm.model.cfg.block_size + max_new_tokens
-        self.cache = SlotCache(lm.model, max_batch, self.max_len)
+        # the cache's length rounded as lmcore.generate rounds it: one compiled step serves both
+        self.decoder = Decoder(lm.model, -(-self.max_len // DECODER_SLOTS) * DECODER_SLOTS, slots=max_batch)
+        self.compiled = compiled
+        self.compile_done = threading.Event()  # set once the compiled step is in use, or has failed
         self.pending: queue.Queue[Row] = queue.Queue()
-        self.active: list[Row] = []
-        self.free = list(range(max_batch))
+        self.active: list[Row] = []  # active[i].slot == i
         self.on_tokens = on_tokens or (lambda n: None)
         self.on_batch = on_batch or (lambda n: None)
         self._retired = threading.Event()
@@ -204,7 +168,26 @@ class Batcher:
         from lmcore.generate import decode_threads
 
         with decode_threads(self.lm.model.embed.weight.device, self.lm.model.cfg):
+            if self.compiled:  # compiled for the thread count this thread decodes on
+                threading.Thread(target=self._compile, args=(self.decoder, torch.get_num_threads()),
+                                 name=f"compile-{self.lm.version}", daemon=True).start()
+            else:
+                self.compile_done.set()
             self._loop()
+
+    def _compile(self, decoder: Decoder, threads: int) -> None:
+        """Switch the decoder to the compiled step once it is built; on failure keep decoding eagerly."""
+        try:
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            decoder.compile()
+            log.info("version %s decodes with the compiled step (ready in %.1f s)", self.lm.version,
+                     time.perf_counter() - t0)
+        except Exception as e:
+            log.warning("compiled decoding unavailable for version %s, decoding eagerly: %s", self.lm.version,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+        finally:
+            self.compile_done.set()
 
     def _loop(self) -> None:
         try:
@@ -229,7 +212,7 @@ class Batcher:
         finally:
             for row in self._drain():
                 row.emit(("error", "server is shutting down"))
-            del self.cache
+            self.decoder = None  # frees the cache (a compile still running holds it until it ends)
 
     def _drain(self) -> list[Row]:
         out = []
@@ -240,7 +223,7 @@ class Batcher:
                 return out
 
     def _admit_pending(self) -> None:
-        while self.free:
+        while len(self.active) < self.max_batch:
             try:
                 row = self.pending.get_nowait()
             except queue.Empty:
@@ -249,24 +232,16 @@ class Batcher:
 
     @torch.inference_mode()
     def _admit(self, row: Row) -> None:
-        """Prefill one prompt into a free slot and sample its first token."""
+        """Prefill one prompt into the first free slot and sample its first token."""
         if row.cancelled:
             return
-        if not self.free:  # cannot happen with a correct caller; keep the row for later
+        if len(self.active) >= self.max_batch:  # cannot happen with a correct caller; keep the row for later
             self.pending.put(row)
             return
-        model = self.lm.model
-        ids = row.prompt_ids
-        T = len(ids)
-        tmp = model.new_cache(1, T)
-        x = torch.tensor([ids], dtype=torch.long, device=model.embed.weight.device)
-        logits, _ = model(x, cache=tmp, last_only=True)  # (1, 1, V)
-        row.slot = self.free.pop()
-        self.cache.k[:, row.slot, :, :T] = tmp.k[:, 0]
-        self.cache.v[:, row.slot, :, :T] = tmp.v[:, 0]
-        row.pos = T
+        row.slot = len(self.active)
+        logits = self.decoder.prefill(row.prompt_ids, row.slot)  # (1, V)
         self.active.append(row)
-        self._accept(row, logits[:, -1, :])
+        self._accept(row, logits)
 
     def _accept(self, row: Row, logits: torch.Tensor) -> None:
         """Sample the next token of one row from logits (1, V), emit it, retire the row if done."""
@@ -282,7 +257,7 @@ class Batcher:
             row.n_new += 1
             row.last = token
             row.emit(("token", token, float(prob.item())))
-            if row.n_new >= row.sp.max_new_tokens or row.pos + 1 >= self.max_len:
+            if row.n_new >= row.sp.max_new_tokens or self.decoder.cache.lens[row.slot] + 1 >= self.max_len:
                 done_reason = "length"
         if done_reason is None and time.monotonic() > row.deadline:
             done_reason = "timeout"
@@ -292,22 +267,22 @@ class Batcher:
             self._finish(row, done_reason)
 
     def _finish(self, row: Row, reason: str) -> None:
-        self.active.remove(row)
-        self.free.append(row.slot)
+        """Free the row's slot: the last active row moves into it, so rows keep the leading slots."""
+        last = self.active.pop()
+        if last is not row:
+            self.decoder.move(last.slot, row.slot)
+            last.slot = row.slot
+            self.active[row.slot] = last
         row.emit(("done", reason))
 
     @torch.inference_mode()
     def _step(self) -> None:
-        rows = list(self.active)
-        device = self.lm.model.embed.weight.device
-        tokens = torch.tensor([r.last for r in rows], dtype=torch.long, device=device)
-        slots = torch.tensor([r.slot for r in rows], dtype=torch.long, device=device)
-        pos = torch.tensor([r.pos for r in rows], dtype=torch.long, device=device)
-        logits = decode_step(self.lm.model, self.cache, tokens, slots, pos)  # (B, V)
+        rows = list(self.active)  # rows[i] holds slot i
+        tokens = torch.tensor([r.last for r in rows], dtype=torch.long, device=self.lm.model.embed.weight.device)
+        logits = self.decoder.step(tokens)  # (B, V)
         self.on_batch(len(rows))
         self.on_tokens(len(rows))
         for i, row in enumerate(rows):
-            row.pos += 1
             self._accept(row, logits[i : i + 1])
 
 
@@ -315,8 +290,9 @@ class Engine:
     """The model currently served, plus reload (hot swap) and alias polling."""
 
     def __init__(self, source: str, *, max_batch: int = 16, max_new_tokens: int = 256,
-                 batch_window_ms: float = 5.0, on_tokens=None, on_batch=None):
+                 batch_window_ms: float = 5.0, on_tokens=None, on_batch=None, compiled: bool = True):
         self.source = source
+        self.compiled = compiled  # decode with the compiled step once it is built (see the module doc)
         self.max_batch, self.max_new_tokens, self.batch_window_ms = max_batch, max_new_tokens, batch_window_ms
         self.on_tokens, self.on_batch = on_tokens, on_batch
         self.current: Batcher | None = None
@@ -364,7 +340,7 @@ class Engine:
             if previous is not None and lm.version == previous and self.source == source:
                 return {"ok": True, "version": previous, "previous": previous, "swapped": False, "error": None}
             batcher = Batcher(lm, self.max_batch, self.max_new_tokens, self.batch_window_ms,
-                              self.on_tokens, self.on_batch)
+                              self.on_tokens, self.on_batch, self.compiled)
             with self._swap_lock:
                 old, self.current = self.current, batcher
                 self.source = source
@@ -434,5 +410,6 @@ class Engine:
             "last_reload_error": self.last_reload_error,
             "last_reload_at": self.last_reload_at,
             "active_rows": self.current.load() if self.current else 0,
+            "compiled_decode": bool(getattr(getattr(self.current, "decoder", None), "compiled", False)),
         }
 
