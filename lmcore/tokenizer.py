@@ -82,18 +82,46 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
+    def stream_decoder(self) -> StreamDecoder:
+        """A fresh incremental decoder over this tokenizer (one per generated sequence)."""
+        return StreamDecoder(self)
+
     def decode_stream(self, ids: Iterable[int]) -> Iterator[str]:
         """Yield text pieces as ids arrive, holding back bytes of an unfinished UTF-8 char."""
-        seen: list[int] = []
-        emitted = ""
+        dec = self.stream_decoder()
         for i in ids:
-            seen.append(i)
-            text = self.decode(seen)
-            if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
-        text = self.decode(seen)
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+            if piece := dec.push(i):
+                yield piece
+        if tail := dec.flush():
+            yield tail
+
+
+class StreamDecoder:
+    """Streaming detokenisation, one id at a time: the only implementation (generate and the server use it).
+
+    ``push`` returns the text an id adds: ``""`` while the bytes so far end inside a multi-byte
+    UTF-8 character (they are held back until it completes). ``flush`` returns what is still
+    held back at the end (the bytes of a character never finished), after which ``text`` is
+    exactly ``tokenizer.decode(ids)``.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # the text handed out so far
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self._tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):  # incomplete multi-byte character: wait for more
+            return ""
+        piece = full[len(self.text):]
+        if piece:
+            self.text = full
+        return piece
+
+    def flush(self) -> str:
+        full = self._tokenizer.decode(self.ids)
+        tail = full[len(self.text):]
+        self.text = full
+        return tail

@@ -243,3 +243,21 @@ def test_request_timeout_stops_generation(model_dir, store):
         r = httpx.post(base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 200, "temperature": 0})
         body = r.json()
         assert r.status_code == 200 and body["finish_reason"] == "timeout" and body["usage"]["completion_tokens"] < 200
+
+
+def test_two_apps_in_one_process_keep_their_own_state(tmp_path, store):
+    """The routers are shared modules; engine, limits and token live in each app's own state."""
+    from lmcore.serve.app import create_app
+
+    apps = [create_app(str(tmp_path / name), Params(serve=ServeParams(max_prompt_chars=chars, poll_interval_s=0)),
+                       store=store, api_token=token) for name, chars, token in (("a", 10, "t"), ("b", 20, ""))]
+    with thread_server(apps[0], wait=False) as a, thread_server(apps[1], wait=False) as b:
+        info_a, info_b = httpx.get(a + "/v1/info").json(), httpx.get(b + "/v1/info").json()
+        assert (info_a["auth_required"], info_a["limits"]["max_prompt_chars"]) == (True, 10)
+        assert (info_b["auth_required"], info_b["limits"]["max_prompt_chars"]) == (False, 20)
+        assert httpx.get(a + "/health").json()["model_source"] == str(tmp_path / "a")
+        assert httpx.get(b + "/health").json()["model_source"] == str(tmp_path / "b")
+        r = httpx.post(b + "/v1/generate", json={"prompt": "p" * 15})  # under b's limit, over a's
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        r = httpx.post(a + "/v1/generate", json={"prompt": "p" * 15})
+        assert r.status_code == 413 and r.json()["error"]["field"] == "prompt"

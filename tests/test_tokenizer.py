@@ -69,6 +69,32 @@ def test_round_trip_any_text(kind, text):
     assert all(p for p in pieces)  # never an empty piece
 
 
+
+@pytest.mark.parametrize("kind", ["bpe", "byte"])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=TEXT, cut=st.integers(min_value=0, max_value=3))
+def test_stream_decoder_gives_one_piece_per_id_and_flushes_the_rest(kind, text, cut):
+    """The server's per-token texts and decode_stream's pieces come from the same StreamDecoder."""
+    tok = tokenizer(kind)
+    ids = tok.encode(text)
+    ids = ids[: max(len(ids) - cut, 0)] if kind == "byte" else ids  # byte: may end inside a character
+    dec = tok.stream_decoder()
+    pieces = [dec.push(i) for i in ids]
+    tail = dec.flush()
+    assert "".join(pieces) + tail == dec.text == tok.decode(ids) and dec.ids == ids
+    assert [p for p in pieces if p] + ([tail] if tail else []) == list(tok.decode_stream(ids))
+
+
+def test_stream_decoder_holds_back_an_unfinished_character():
+    tok = tokenizer("byte")
+    a, e1, e2 = tok.encode("aé")  # "é" is two UTF-8 bytes, one byte token each
+    dec = tok.stream_decoder()
+    assert [dec.push(a), dec.push(e1), dec.push(e2)] == ["a", "", "é"] and dec.flush() == ""
+    dec = tok.stream_decoder()
+    assert [dec.push(a), dec.push(e1)] == ["a", ""]
+    assert dec.flush() == "\ufffd" and dec.text == "a\ufffd"  # a character never finished is flushed at the end
+
+
 @settings(max_examples=40, deadline=None)
 @given(texts=st.lists(TEXT, min_size=1, max_size=4))
 def test_encode_batch_equals_encode(texts):
