@@ -1,4 +1,4 @@
-"""The `lmops` console entry: lmcore's verbs plus the orchestration verbs that need flows."""
+"""The `lmops` console entry: lmcore's verbs plus the verbs that need flows (they run or start Prefect)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import typer
 from lmcore.cli import app
 from lmcore.cli import main as _lmcore_main
 from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, SET_OPTION, emit_json, load_params_cli
+from lmcore.settings import MLFLOW_PORT, PREFECT_PORT
 
 
 def _overrides(sets: list[str] | None) -> dict:
@@ -83,7 +84,8 @@ def harvest(
 @app.command()
 def schedule(
     params: str = PARAMS_OPTION,
-    port: int = typer.Option(4200, help="Port of the local Prefect server started when PREFECT_API_URL is unset."),
+    port: int = typer.Option(PREFECT_PORT,
+                             help="Port of the local Prefect server started when PREFECT_API_URL is unset."),
 ) -> None:
     """Keep the scheduled flows running on this machine (training nightly, harvest hourly by default).
 
@@ -97,6 +99,23 @@ def schedule(
     _prepare_prefect()  # the local server it starts uses the same database
 
     serve_schedules(p, params, port=port, echo=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
+def ui(
+    mlflow_port: int = typer.Option(MLFLOW_PORT, "--mlflow-port", help="Port for the MLflow UI."),
+    prefect_port: int = typer.Option(PREFECT_PORT, "--prefect-port", help="Port for the Prefect UI."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Start only the MLflow UI."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: local only)."),
+) -> None:
+    """Start the MLflow UI (runs, models) and the Prefect UI (flows); Ctrl-C stops both.
+
+    A first start in a fresh lmops home creates Prefect's local database first, as its own step.
+    """
+    from flows.ui import run_uis
+
+    run_uis(mlflow_port=mlflow_port, prefect_port=None if no_prefect else prefect_port, host=host,
+            echo=typer.echo)
 
 
 def main() -> None:

@@ -8,6 +8,10 @@ when launched under ``torchrun`` (gloo on CPU, NCCL on GPU; rank 0 writes and pr
 
 Batches are a pure function of (seed, rank, step, micro-step), so a resumed run draws
 exactly the batches the uninterrupted run would have drawn.
+
+``train`` reads the prepared data, joins the process group and hands over to a ``_Trainer``:
+``setup`` (model, probe choices, resume from a checkpoint, optimizers, DDP/compile), ``run``
+(the step loop: log, eval and checkpoint points), ``finish`` (final eval, model/, summary).
 """
 
 from __future__ import annotations
@@ -30,10 +34,14 @@ import numpy as np
 import torch
 
 from lmcore.errors import LmopsError
+from lmcore.weights import tie_head
 
 if TYPE_CHECKING:
     from lmcore.config import ModelParams, TrainParams
     from lmcore.device import TrainingChoices
+    from lmcore.model import ModelConfig
+    from lmcore.prepare import PreparedData
+    from lmcore.tokenizer import Tokenizer
 
 STATE = "trainer_state.pt"
 HISTORY_FIELDS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s")
@@ -235,229 +243,339 @@ def train(
     ``on_model(model)`` runs on every rank with the trained, unwrapped model just before returning
     (in-memory evaluation for sweeps; DDP tests compare ranks with it).
     """
-    from lmcore.checkpoint import save_model
-    from lmcore.config import to_dict
-    from lmcore.device import ThreadTuner, pick_device, training_choices
-    from lmcore.model import ModelConfig, Transformer
-    from lmcore.optim import build_optimizers, lr_multiplier, set_lr
+    from lmcore.device import pick_device
     from lmcore.prepare import load_prepared
     from lmcore.tokenizer import Tokenizer
 
-    mp, tp = model, train
-    out_dir = Path(out_dir)
     data = load_prepared(Path(data_dir))
-    dataset_version = dataset_version or data.dataset_version
-    train_ids, val_ids = data.tokens("train"), data.tokens("val")
-    if len(train_ids) < mp.block_size + 1:
-        raise LmopsError(f"corpus too small: the train split has {len(train_ids)} tokens, fewer than one block "
-                         f"(model.block_size={mp.block_size}) + 1; add text or lower model.block_size")
+    if data.train_tokens < model.block_size + 1:
+        raise LmopsError(f"corpus too small: the train split has {data.train_tokens} tokens, fewer than one block "
+                         f"(model.block_size={model.block_size}) + 1; add text or lower model.block_size")
     tokenizer = Tokenizer.load(data.dir / "tokenizer.json")
-
-    d, device = _dist_setup(pick_device(tp.device))
+    d, device = _dist_setup(pick_device(train.device))
     threads = torch.get_num_threads()
     try:
+        trainer = _Trainer.setup(data, tokenizer, Path(out_dir), model, train, d, device, resume=resume,
+                                 dataset_version=dataset_version or data.dataset_version, on_metrics=on_metrics)
+        stopped_by = trainer.run(progress=progress, threads=threads)
+        return trainer.finish(stopped_by, on_model)
+    finally:
+        torch.set_num_threads(threads)  # the process's own setting again (ThreadTuner, train.threads)
+        if d.owned:
+            torch.distributed.destroy_process_group()
+
+
+def _history_row(step: int, train_loss: float | None = None, val_loss: float | None = None,
+                 lr: float | None = None, tokens_per_s: float | None = None) -> dict:
+    return {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr, "tokens_per_s": tokens_per_s}
+
+
+@dataclass
+class _Window:
+    """Train loss and throughput since the last log point."""
+
+    loss: torch.Tensor
+    t0: float
+    steps: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Trainer:
+    """One training run: what setup builds (model, optimizers, batches; fixed) and what a step moves
+    (step, tokens, elapsed, history: exactly what a checkpoint holds and ``resume`` restores)."""
+
+    mp: ModelParams
+    tp: TrainParams
+    cfg: ModelConfig
+    choices: TrainingChoices
+    d: _Dist
+    device: torch.device
+    net: torch.nn.Module  # the model itself: weights, checkpoints, evaluation
+    fwd: torch.nn.Module  # what the step calls: net, DDP-wrapped and/or compiled
+    optimizers: list[torch.optim.Optimizer]
+    tokenizer: Tokenizer
+    batches: Batches
+    val_ids: np.ndarray
+    out_dir: Path
+    meta: dict  # written with every checkpoint and the final model
+    on_metrics: Callable[[int, dict[str, float]], None] | None
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # seconds of training, across resumes
+    history: list[dict] = dataclasses.field(default_factory=list)
+    last_val: float | None = None
+    last_train_loss: float = float("nan")
+
+    # ------------------------------------------------------------------------- setup and resume
+
+    @classmethod
+    def setup(cls, data: PreparedData, tokenizer: Tokenizer, out_dir: Path, mp: ModelParams, tp: TrainParams,
+              d: _Dist, device: torch.device, *, resume: bool, dataset_version: str | None,
+              on_metrics: Callable[[int, dict[str, float]], None] | None) -> _Trainer:
+        """The model (seeded), the training choices (rank 0's), a checkpoint's state when resuming,
+        the optimizers, the DDP/compile wrapping and the batch source."""
+        from lmcore.config import to_dict
+        from lmcore.device import training_choices
+        from lmcore.model import ModelConfig
+
         cfg = ModelConfig.from_params(mp, data.vocab_size)
         choices = _rank0_choices(lambda: training_choices(device, tp, cfg), d, device)
-        amp = choices.autocast
-        torch.manual_seed(tp.seed)
-        net = Transformer(cfg)
-        if tp.zero_init_residual:
-            for name, p in net.named_parameters():
-                if name.endswith(("attn.proj.weight", "mlp.down.weight")):
-                    torch.nn.init.zeros_(p)
-
-        step, tokens, elapsed_before, history = 0, 0, 0.0, []
+        net = _new_model(cfg, tp)
         ckpt = find_checkpoint(out_dir) if resume else None
-        opt_states = None
         if resume and ckpt is None and d.main:
             print(f"no checkpoint in {out_dir}: starting from step 0", file=sys.stderr)
-        if ckpt is not None:
-            weights, state = load_checkpoint(ckpt)
-            if state["model"] != cfg.to_dict():
-                diff = sorted(k for k in cfg.to_dict() if state["model"].get(k) != cfg.to_dict()[k])
-                raise LmopsError(f"checkpoint {ckpt} does not match the model params ({', '.join(diff)} differ); "
-                                 f"train into a fresh --out or restore those params")
-            if cfg.tie_embeddings:
-                weights.setdefault("lm_head.weight", weights.get("embed.weight"))
-            try:
-                net.load_state_dict(weights, strict=True)
-            except RuntimeError as e:
-                raise LmopsError(f"checkpoint {ckpt} weights do not match its config: "
-                                 f"{str(e).splitlines()[0]}") from None
-            step, tokens = int(state["step"]), int(state.get("tokens", 0))
-            elapsed_before = float(state.get("elapsed", 0.0))
-            history = [r for r in state.get("history", []) if r["step"] <= step]
-            opt_states = state.get("optimizers")
-            if tp.optimizer == "auto" and state.get("choices", {}).get("optimizer"):  # keep what auto meant
-                choices = dataclasses.replace(choices, optimizer=state["choices"]["optimizer"])
-            if "rng_cpu" in state:
-                torch.set_rng_state(state["rng_cpu"])
-            if device.type == "cuda" and "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"], device)
-
+        state = _resume_model(ckpt, net, cfg, device) if ckpt is not None else {}
+        if state and tp.optimizer == "auto" and state.get("choices", {}).get("optimizer"):  # keep what auto meant
+            choices = dataclasses.replace(choices, optimizer=state["choices"]["optimizer"])
         net.to(device)
-        optimizers = build_optimizers(net, tp, choices.optimizer, choices.muon_ns_dtype)
-        if opt_states is not None:
-            if len(opt_states) != len(optimizers):
-                raise LmopsError(f"checkpoint {ckpt} was written with another optimizer than "
-                                 f"{choices.optimizer}; resume with that train.optimizer")
-            for opt, st in zip(optimizers, opt_states, strict=True):
-                try:
-                    opt.load_state_dict(st)
-                except (ValueError, KeyError) as e:
-                    raise LmopsError(f"checkpoint {ckpt} optimizer state does not fit: {e}") from None
-
-        fwd: torch.nn.Module = net
-        if d.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-        if tp.compile:
-            fwd = torch.compile(fwd)
-
+        optimizers = _optimizers(net, tp, choices, state.get("optimizers"), ckpt)
         meta = {
             "dataset_version": dataset_version,
             "tokenizer_hash": data.meta.get("tokenizer_hash"),
             "data_dir": str(data.dir.resolve()),
             "train": to_dict(tp),
         }
+        t = cls(mp=mp, tp=tp, cfg=cfg, choices=choices, d=d, device=device, net=net, fwd=_wrap(net, tp, d, device),
+                optimizers=optimizers, tokenizer=tokenizer,
+                batches=Batches(data.tokens("train"), mp.block_size, tp.batch_size, tp.seed, device),
+                val_ids=data.tokens("val"), out_dir=out_dir, meta=meta, on_metrics=on_metrics)
+        if state:
+            t.step, t.tokens = int(state["step"]), int(state.get("tokens", 0))
+            t.elapsed = float(state.get("elapsed", 0.0))
+            t.history = [r for r in state.get("history", []) if r["step"] <= t.step]
+        if t.history and t.history[-1].get("val_loss"):
+            t.last_val = t.history[-1]["val_loss"]
+        return t
+
+    @property
+    def dataset_version(self) -> str | None:
+        return self.meta["dataset_version"]
+
+    def state_dict(self) -> dict:
+        """What a checkpoint holds beside the weights: enough to continue as if never stopped."""
+        from lmcore.config import to_dict
+
+        st = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "model": self.cfg.to_dict(),
+              "optimizers": [o.state_dict() for o in self.optimizers], "rng_cpu": torch.get_rng_state(),
+              "dataset_version": self.dataset_version, "train": to_dict(self.tp), "history": self.history,
+              "world_size": self.d.world, "choices": self.choices.to_dict()}
+        if self.device.type == "cuda":
+            st["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return st
+
+    def checkpoint(self) -> None:
+        """Rank 0 writes checkpoint/ and history.csv; every rank waits for it."""
+        if self.d.main:
+            save_checkpoint(self.out_dir / "checkpoint", self.net, self.tokenizer, {**self.meta, "step": self.step},
+                            self.state_dict())
+            _write_history(self.out_dir / "history.csv", self.history)
+        if self.d.world > 1:
+            torch.distributed.barrier()
+
+    def evaluate(self) -> float:
+        return estimate_val_loss(self.net, self.val_ids, self.mp.block_size, self.tp.batch_size, self.tp.eval_iters,
+                                 self.tp.seed + 7, self.device, self.choices.autocast)
+
+    # ------------------------------------------------------------------------- the loop
+
+    def run(self, *, progress: bool, threads: int) -> str:
+        """Step until ``train.max_steps`` or the wall-clock budget; returns what stopped it."""
+        from lmcore.device import ThreadTuner
+        from lmcore.optim import lr_multiplier, set_lr
+
+        tp, d = self.tp, self.d
         budget_s = tp.max_minutes * 60.0
-        batches = Batches(train_ids, mp.block_size, tp.batch_size, tp.seed, device)
-        per_step_tokens = tp.batch_size * mp.block_size * tp.grad_accum * d.world
+        per_step_tokens = tp.batch_size * self.mp.block_size * tp.grad_accum * d.world
         show = progress and d.main
-        bar = _progress_bar(show and sys.stderr.isatty(), tp.max_steps, step)
-        last_val: float | None = history[-1]["val_loss"] if history and history[-1].get("val_loss") else None
-
-        def state_dict() -> dict:
-            st = {"step": step, "tokens": tokens, "elapsed": elapsed, "model": cfg.to_dict(),
-                  "optimizers": [o.state_dict() for o in optimizers], "rng_cpu": torch.get_rng_state(),
-                  "dataset_version": dataset_version, "train": to_dict(tp), "history": history,
-                  "world_size": d.world, "choices": choices.to_dict()}
-            if device.type == "cuda":
-                st["rng_cuda"] = torch.cuda.get_rng_state(device)
-            return st
-
-        def checkpoint() -> None:
-            if d.main:
-                save_checkpoint(out_dir / "checkpoint", net, tokenizer, {**meta, "step": step}, state_dict())
-                _write_history(out_dir / "history.csv", history)
-            if d.world > 1:
-                torch.distributed.barrier()
-
-        def evaluate_now() -> float:
-            return estimate_val_loss(net, val_ids, mp.block_size, tp.batch_size, tp.eval_iters, tp.seed + 7,
-                                     device, amp)
-
-        fwd.train()
+        bar = _progress_bar(show and sys.stderr.isatty(), tp.max_steps, self.step)
+        self.fwd.train()
         if tp.threads:
             torch.set_num_threads(tp.threads)
-        tuner = ThreadTuner(threads) if (device.type == "cpu" and d.world == 1 and not tp.threads
+        tuner = ThreadTuner(threads) if (self.device.type == "cpu" and d.world == 1 and not tp.threads
                                          and threads > 1) else None
         t0 = time.perf_counter()
-        elapsed = elapsed_before
-        window_loss = torch.zeros((), device=device)
-        window_steps, window_t0, window_tokens = 0, t0, 0
-        last_train_loss = float("nan")
+        elapsed_before = self.elapsed
+        window = _Window(torch.zeros((), device=self.device), t0)
         stopped_by = "max_steps"
-        while step < tp.max_steps:
-            frac = step / tp.max_steps
+        while self.step < tp.max_steps:
+            frac = self.step / tp.max_steps
             if budget_s > 0:
-                frac = max(frac, elapsed / budget_s)
-            set_lr(optimizers, lr_multiplier(step, frac, tp))
+                frac = max(frac, self.elapsed / budget_s)
+            set_lr(self.optimizers, lr_multiplier(self.step, frac, tp))
             if tuner:
                 tuner.before_step()
-            for micro in range(tp.grad_accum):
-                x, y = batches.get(step, micro, d.rank)
-                sync = nullcontext() if (d.world == 1 or micro == tp.grad_accum - 1) else fwd.no_sync()
-                with sync:
-                    with _autocast(device, amp):
-                        _, loss = fwd(x, y)
-                    (loss / tp.grad_accum).backward()
-                window_loss += loss.detach() / tp.grad_accum
-            if tp.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), tp.grad_clip)
-            for opt in optimizers:
-                opt.step()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
+            self.optimizer_step(window)
             if tuner:
                 tuner.after_step()
-            step += 1
-            tokens += per_step_tokens
-            window_steps += 1
-            window_tokens += per_step_tokens
-            elapsed = _sync_scalar(elapsed_before + time.perf_counter() - t0, d, device)
-            out_of_time = budget_s > 0 and elapsed >= budget_s
-            last = step >= tp.max_steps or out_of_time
-
-            if step % tp.log_interval == 0 or last:
-                now = time.perf_counter()
-                last_train_loss = float(window_loss.item()) / window_steps
-                tps = window_tokens / max(now - window_t0, 1e-9)
-                lr = optimizers[-1].param_groups[0]["lr"]
-                history.append({"step": step, "train_loss": round(last_train_loss, 6), "val_loss": None,
-                                "lr": lr, "tokens_per_s": round(tps, 1)})
-                if on_metrics and d.main:
-                    on_metrics(step, {"train_loss": last_train_loss, "lr": lr, "tokens_per_s": tps})
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last_train_loss:.3f}", tok_s=f"{tps:,.0f}")
-                window_loss.zero_()
-                window_steps, window_t0, window_tokens = 0, now, 0
-            if (tp.eval_interval and step % tp.eval_interval == 0) or last:
-                last_val = evaluate_now()
-                if history and history[-1]["step"] == step:
-                    history[-1]["val_loss"] = round(last_val, 6)
-                else:
-                    history.append({"step": step, "train_loss": None, "val_loss": round(last_val, 6),
-                                    "lr": None, "tokens_per_s": None})
-                if on_metrics and d.main:
-                    on_metrics(step, {"val_loss": last_val})
-                if show and bar is None:
-                    print(f"step {step}/{tp.max_steps} train_loss {last_train_loss:.4f} val_loss {last_val:.4f} "
-                          f"({elapsed:.0f}s)", file=sys.stderr, flush=True)
+            self.step += 1
+            self.tokens += per_step_tokens
+            window.steps += 1
+            window.tokens += per_step_tokens
+            self.elapsed = _sync_scalar(elapsed_before + time.perf_counter() - t0, d, self.device)
+            out_of_time = budget_s > 0 and self.elapsed >= budget_s
+            last = self.step >= tp.max_steps or out_of_time
+            if self.step % tp.log_interval == 0 or last:
+                self.log(window, bar)
+            if (tp.eval_interval and self.step % tp.eval_interval == 0) or last:
+                self.eval_point(say=show and bar is None)
             if bar is not None:
                 bar.update(1)
-            if (tp.checkpoint_interval and step % tp.checkpoint_interval == 0) or last:
-                checkpoint()
+            if (tp.checkpoint_interval and self.step % tp.checkpoint_interval == 0) or last:
+                self.checkpoint()
             if out_of_time:
                 stopped_by = "max_minutes"
                 break
         if bar is not None:
             bar.close()
         if tuner:
-            choices = dataclasses.replace(choices, threads=tuner.current, thread_switches=tuner.switches)
+            self.choices = dataclasses.replace(self.choices, threads=tuner.current, thread_switches=tuner.switches)
         elif tp.threads:
-            choices = dataclasses.replace(choices, threads=tp.threads)
-        if step == 0 or not history or history[-1]["step"] != step:  # resumed at/after the budget
-            last_val = evaluate_now()
-            if not history or history[-1]["step"] != step:
-                history.append({"step": step, "train_loss": None, "val_loss": round(last_val, 6),
-                                "lr": None, "tokens_per_s": None})
-            checkpoint()
-        if math.isnan(last_train_loss):
-            last_train_loss = next((r["train_loss"] for r in reversed(history) if r.get("train_loss") is not None),
-                                   float("nan"))
+            self.choices = dataclasses.replace(self.choices, threads=tp.threads)
+        return stopped_by
 
+    def optimizer_step(self, window: _Window) -> None:
+        """One optimizer step over ``train.grad_accum`` micro-batches (DDP syncs gradients on the last)."""
+        tp, d, fwd = self.tp, self.d, self.fwd
+        for micro in range(tp.grad_accum):
+            x, y = self.batches.get(self.step, micro, d.rank)
+            sync = nullcontext() if (d.world == 1 or micro == tp.grad_accum - 1) else fwd.no_sync()
+            with sync:
+                with _autocast(self.device, self.choices.autocast):
+                    _, loss = fwd(x, y)
+                (loss / tp.grad_accum).backward()
+            window.loss += loss.detach() / tp.grad_accum
+        if tp.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), tp.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def log(self, window: _Window, bar) -> None:
+        """A log point: the window's mean train loss and tokens/s into the history, MLflow and the bar."""
+        now = time.perf_counter()
+        self.last_train_loss = float(window.loss.item()) / window.steps
+        tps = window.tokens / max(now - window.t0, 1e-9)
+        lr = self.optimizers[-1].param_groups[0]["lr"]
+        self.history.append(_history_row(self.step, round(self.last_train_loss, 6), None, lr, round(tps, 1)))
+        if self.on_metrics and self.d.main:
+            self.on_metrics(self.step, {"train_loss": self.last_train_loss, "lr": lr, "tokens_per_s": tps})
+        if bar is not None:
+            bar.set_postfix(loss=f"{self.last_train_loss:.3f}", tok_s=f"{tps:,.0f}")
+        window.loss.zero_()
+        window.steps, window.t0, window.tokens = 0, now, 0
+
+    def eval_point(self, *, say: bool) -> None:
+        """An evaluation point: val loss into this step's history row (or a row of its own) and MLflow."""
+        self.last_val = self.evaluate()
+        if self.history and self.history[-1]["step"] == self.step:
+            self.history[-1]["val_loss"] = round(self.last_val, 6)
+        else:
+            self.history.append(_history_row(self.step, val_loss=round(self.last_val, 6)))
+        if self.on_metrics and self.d.main:
+            self.on_metrics(self.step, {"val_loss": self.last_val})
+        if say:
+            print(f"step {self.step}/{self.tp.max_steps} train_loss {self.last_train_loss:.4f} "
+                  f"val_loss {self.last_val:.4f} ({self.elapsed:.0f}s)", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------------- finish
+
+    def finish(self, stopped_by: str, on_model: Callable[[torch.nn.Module], None] | None) -> TrainResult:
+        """The final evaluation (when the loop ran no step), model/, train_summary.json, the result."""
+        from lmcore.checkpoint import save_model
+        from lmcore.config import to_dict
+
+        history = self.history
+        if self.step == 0 or not history or history[-1]["step"] != self.step:  # resumed at/after the budget
+            self.last_val = self.evaluate()
+            if not history or history[-1]["step"] != self.step:
+                history.append(_history_row(self.step, val_loss=round(self.last_val, 6)))
+            self.checkpoint()
+        if math.isnan(self.last_train_loss):
+            self.last_train_loss = next((r["train_loss"] for r in reversed(history)
+                                         if r.get("train_loss") is not None), float("nan"))
+        out_dir, d = self.out_dir, self.d
         model_dir = out_dir / "model"
-        result = TrainResult(out_dir=out_dir, model_dir=model_dir, steps=step, tokens=tokens, seconds=round(elapsed, 3),
-                             final_train_loss=last_train_loss, final_val_loss=last_val,
-                             history_csv=out_dir / "history.csv", stopped_by=stopped_by,
-                             choices=choices.to_dict())
+        result = TrainResult(out_dir=out_dir, model_dir=model_dir, steps=self.step, tokens=self.tokens,
+                             seconds=round(self.elapsed, 3), final_train_loss=self.last_train_loss,
+                             final_val_loss=self.last_val, history_csv=out_dir / "history.csv",
+                             stopped_by=stopped_by, choices=self.choices.to_dict())
         if d.main:
-            save_model(model_dir, net, tokenizer, {**meta, "step": step, "final_val_loss": last_val})
+            save_model(model_dir, self.net, self.tokenizer, {**self.meta, "step": self.step,
+                                                             "final_val_loss": self.last_val})
             summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-            summary.update(model=cfg.to_dict(), params=to_dict(tp), dataset_version=dataset_version,
-                           world_size=d.world, device=str(device), num_params=net.num_params(),
-                           autocast=choices.dtype_name)
+            summary.update(model=self.cfg.to_dict(), params=to_dict(self.tp), dataset_version=self.dataset_version,
+                           world_size=d.world, device=str(self.device), num_params=self.net.num_params(),
+                           autocast=self.choices.dtype_name)
             tmp = out_dir / ".train_summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(out_dir / "train_summary.json")
         if on_model is not None:
-            on_model(net)
+            on_model(self.net)
         if d.world > 1:
             torch.distributed.barrier()
         return result
-    finally:
-        torch.set_num_threads(threads)  # the process's own setting again (ThreadTuner, train.threads)
-        if d.owned:
-            torch.distributed.destroy_process_group()
+
+
+def _new_model(cfg: ModelConfig, tp: TrainParams) -> torch.nn.Module:
+    """A freshly initialised model from ``train.seed`` (residual projections zeroed if asked)."""
+    from lmcore.model import Transformer
+
+    torch.manual_seed(tp.seed)
+    net = Transformer(cfg)
+    if tp.zero_init_residual:
+        for name, p in net.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                torch.nn.init.zeros_(p)
+    return net
+
+
+def _resume_model(ckpt: Path, net: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> dict:
+    """Load a checkpoint's weights into ``net`` and its RNG states into torch; return its trainer state."""
+    weights, state = load_checkpoint(ckpt)
+    if state["model"] != cfg.to_dict():
+        diff = sorted(k for k in cfg.to_dict() if state["model"].get(k) != cfg.to_dict()[k])
+        raise LmopsError(f"checkpoint {ckpt} does not match the model params ({', '.join(diff)} differ); "
+                         f"train into a fresh --out or restore those params")
+    tie_head(weights, cfg)
+    try:
+        net.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise LmopsError(f"checkpoint {ckpt} weights do not match its config: "
+                         f"{str(e).splitlines()[0]}") from None
+    if "rng_cpu" in state:
+        torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return state
+
+
+def _optimizers(net: torch.nn.Module, tp: TrainParams, choices: TrainingChoices, states: list | None,
+                ckpt: Path | None) -> list[torch.optim.Optimizer]:
+    """The optimizers the choices name, with a checkpoint's states loaded into them when resuming."""
+    from lmcore.optim import build_optimizers
+
+    optimizers = build_optimizers(net, tp, choices.optimizer, choices.muon_ns_dtype)
+    if states is not None:
+        if len(states) != len(optimizers):
+            raise LmopsError(f"checkpoint {ckpt} was written with another optimizer than "
+                             f"{choices.optimizer}; resume with that train.optimizer")
+        for opt, st in zip(optimizers, states, strict=True):
+            try:
+                opt.load_state_dict(st)
+            except (ValueError, KeyError) as e:
+                raise LmopsError(f"checkpoint {ckpt} optimizer state does not fit: {e}") from None
+    return optimizers
+
+
+def _wrap(net: torch.nn.Module, tp: TrainParams, d: _Dist, device: torch.device) -> torch.nn.Module:
+    """What the training step calls: ``net`` in DDP under torchrun, compiled with ``train.compile``."""
+    fwd: torch.nn.Module = net
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if tp.compile:
+        fwd = torch.compile(fwd)
+    return fwd

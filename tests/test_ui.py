@@ -1,4 +1,8 @@
-"""`lmops ui` starts the MLflow and Prefect UIs, serves both pages, and stops both children on a signal."""
+"""`lmops ui` starts the MLflow and Prefect UIs, serves both pages, and stops both children on a signal.
+
+Starting Prefect is orchestration: it lives in flows/ (``flows.ui``), lmcore only has the process
+handling and the MLflow UI. A first start creates Prefect's database as its own step, as `lmops run` does.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +58,11 @@ def test_lmops_ui_serves_both_and_stops_children(tmp_path, sig):
         m1 = _read_until(proc, r"MLflow UI:\s+(\S+)\s+\(pid (\d+)", 120, seen)
         m2 = _read_until(proc, r"Prefect UI:\s+(\S+)\s+\(pid (\d+)", 180, seen)
         _read_until(proc, r"press Ctrl-C", 10, seen)
+        # a fresh home: the database was made first, as its own announced step, before the server started
+        said = "".join(seen)
+        assert said.count("preparing Prefect's local database") == 1, said
+        assert said.index("preparing Prefect's local database") < said.index("Prefect UI:")
+        assert (tmp_path / "home" / "prefect" / "prefect.db").is_file()
         for url in (m1.group(1), m2.group(1)):
             with urllib.request.urlopen(url + "/", timeout=30) as resp:
                 assert resp.status == 200 and len(resp.read()) > 100
@@ -84,3 +93,29 @@ def test_ui_refuses_a_busy_port(tmp_path):
         os.environ["LMOPS_HOME"] = str(tmp_path / "home")
         with pytest.raises(LmopsError, match=f"port {port} on 127.0.0.1 is already in use"):
             start_mlflow_ui(port)
+
+
+def test_lmcore_starts_no_prefect():
+    """lmcore.ui and the lmcore CLI import neither flows nor Prefect; `lmops ui` is a flows verb."""
+    code = ("import sys, lmcore.ui, lmcore.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flows', 'prefect')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    import lmcore.ui
+
+    assert not hasattr(lmcore.ui, "start_prefect_server") and not hasattr(lmcore.ui, "run_uis")
+    from flows.cli import app
+
+    assert "ui" in {c.name or c.callback.__name__ for c in app.registered_commands}
+
+
+def test_the_database_is_prepared_only_for_the_servers_own_home(tmp_path, monkeypatch):
+    """In-process Prefect settings are fixed at import: a server with another home migrates its own database."""
+    from flows.ui import prepare_server_database
+    from lmcore.settings import Settings
+
+    monkeypatch.delenv("PREFECT_HOME", raising=False)  # Settings.prefect_home: the lmops home's own
+    other = Settings(workspace=tmp_path, home=tmp_path / "other")
+    said: list[str] = []
+    assert prepare_server_database(other, echo=said.append) is None and said == []
+    assert not (tmp_path / "other").exists()

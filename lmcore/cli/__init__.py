@@ -2,8 +2,8 @@
 
 Each verb group lives in its own module with a ``register(app)`` function; heavy imports
 (torch, mlflow, dvc, great_expectations) happen inside the verbs so ``--help`` stays fast.
-Orchestration verbs (`run`, `schedule`, `harvest`) are added by ``flows.cli``: lmcore never
-imports flows.
+Verbs that run or start Prefect (`run`, `schedule`, `harvest`, `ui`) are added by ``flows.cli``
+(the `lmops` console script): lmcore never imports flows.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, emit_json, load_params_cli, print_table
+from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, WIDE_OPTION, emit_json, load_params_cli, print_table
 
 data_app = typer.Typer(help="Dataset versions in the data registry (DVC).", no_args_is_help=True)
 
@@ -16,11 +16,16 @@ def _version_row(v) -> list:
 
 
 _COLUMNS = ["version", "created", "kind", "rows", "bytes", "sources", "accepted", "quarantined", "skipped", "git"]
+_DEFAULT_COLUMNS = ["version", "created", "kind", "rows", "quarantined"]  # fit 80 columns; --wide shows all
 
 
 @data_app.command("versions")
-def versions(as_json: bool = JSON_OPTION) -> None:
-    """List every dataset version (oldest first) with rows, bytes, sources and batch counts."""
+def versions(wide: bool = WIDE_OPTION, as_json: bool = JSON_OPTION) -> None:
+    """List every dataset version (oldest first) with rows, bytes, sources and batch counts.
+
+    The table shows version, created, kind, rows and the rows its batch quarantined; --wide adds bytes,
+    sources, the batch's accepted and already-known rows and the git commit; --json has every value in full.
+    """
     from lmcore.data.registry import DataRegistry
 
     found = DataRegistry.open().versions()
@@ -30,7 +35,8 @@ def versions(as_json: bool = JSON_OPTION) -> None:
     if not found:
         typer.echo("no dataset versions yet: run `lmops ingest`")
         return
-    print_table("dataset versions", _COLUMNS, [_version_row(v) for v in found])
+    print_table("dataset versions", _COLUMNS, [_version_row(v) for v in found], default_columns=_DEFAULT_COLUMNS,
+                wide=wide)
 
 
 @data_app.command("show")

@@ -1,10 +1,10 @@
-"""`lmops models`, `promote`, `rollback`, `ui`: the model registry and the tracking/orchestration UIs."""
+"""`lmops models`, `promote`, `rollback`: the model registry. (`lmops ui` starts Prefect, so it is in flows.cli.)"""
 
 from __future__ import annotations
 
 import typer
 
-from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, emit_json, load_params_cli, print_table
+from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, WIDE_OPTION, emit_json, load_params_cli, print_table
 
 NAME_OPTION = typer.Option(None, "--name", help="Registered model name (default: params registry.model_name).")
 
@@ -13,6 +13,10 @@ def _model_name(name: str | None, params_path: str | None) -> str:
     if name:
         return name
     return load_params_cli(params_path, None).registry.model_name
+
+
+COLUMNS = ["version", "aliases", "bits/byte", "gate", "data", "code", "params", "run"]
+DEFAULT_COLUMNS = ["version", "aliases", "bits/byte", "gate", "data"]  # fit 80 columns; --wide shows all
 
 
 def _row(v: dict) -> list:
@@ -35,9 +39,14 @@ def register(app: typer.Typer) -> None:
     def models(
         name: str = NAME_OPTION,
         params_path: str = PARAMS_OPTION,
+        wide: bool = WIDE_OPTION,
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """List registered model versions with aliases (champion/challenger), metrics, gate outcome and lineage."""
+        """List registered model versions with aliases (champion/challenger), metrics, gate outcome and lineage.
+
+        The table shows version, aliases, bits/byte, gate and dataset version; --wide adds the code
+        revision, params hash and MLflow run; --json has every value in full.
+        """
         from lmcore.registry import alias_history, list_versions
 
         model = _model_name(name, params_path)
@@ -46,8 +55,7 @@ def register(app: typer.Typer) -> None:
             emit_json({"name": model, "versions": versions, "history": alias_history(model)})
             return
         rows = [_row(v) for v in versions]
-        print_table(f"registered model {model}",
-                    ["version", "aliases", "bits/byte", "gate", "data", "code", "params", "run"], rows)
+        print_table(f"registered model {model}", COLUMNS, rows, default_columns=DEFAULT_COLUMNS, wide=wide)
         for v in versions:
             if v["tags"].get("lmops.gate.reason"):
                 typer.echo(f"v{v['version']} gate: {v['tags']['lmops.gate.reason']}")
@@ -90,16 +98,3 @@ def register(app: typer.Typer) -> None:
             emit_json({"name": model, "champion": target, "previous": previous, "reason": reason})
         else:
             typer.echo(f"{model}: champion v{previous} -> v{target} (rollback: {reason})")
-
-    @app.command()
-    def ui(
-        mlflow_port: int = typer.Option(5000, "--mlflow-port", help="Port for the MLflow UI."),
-        prefect_port: int = typer.Option(4200, "--prefect-port", help="Port for the Prefect UI."),
-        no_prefect: bool = typer.Option(False, "--no-prefect", help="Start only the MLflow UI."),
-        host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: local only)."),
-    ) -> None:
-        """Start the MLflow UI (runs, models) and the Prefect UI (flows); Ctrl-C stops both."""
-        from lmcore.ui import run_uis
-
-        run_uis(mlflow_port=mlflow_port, prefect_port=None if no_prefect else prefect_port, host=host,
-                echo=typer.echo)

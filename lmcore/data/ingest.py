@@ -45,8 +45,10 @@ from lmcore.errors import LmopsError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
+    from pathlib import Path
 
     from lmcore.data.digests import Sha256Worker
+    from lmcore.data.validate import Validator
 
 REFUSED_REASON = "batch_refused"
 T = TypeVar("T")
@@ -413,154 +415,228 @@ def _run_locked(chunks: Iterator[tuple[InputFile, RawBatch]], *, kind: str, suit
     """The pipeline. With ``prefetch`` (our own file readers, safe on any thread) chunks are read,
     cleaned and hashed on a reader thread while this one validates and writes the previous chunk;
     the time it waits for them is ``wait``. Otherwise (caller's iterables) they run inline here."""
-    import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from lmcore.data.validate import Validator
-
     t0 = time.perf_counter()
-    tm: Counter[str] = Counter()
-    tick = t0
-
-    def lap(name: str | None) -> None:
-        """Charge the time since the last lap to ``name`` (None: it is counted by ``_prepare``)."""
-        nonlocal tick
-        now_ = time.perf_counter()
-        if name is not None:
-            tm[name] += now_ - tick
-        tick = now_
-
-    batch_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    schema = shard_schema()
-    qschema = schema.append(pa.field("reasons", pa.string())).append(pa.field("batch", pa.string()))
-    staged = registry.staging_path()
-    qstaged = registry.staging_path(".quarantine.parquet")
-    writer = qwriter = None
-    seen: set[bytes] = set()  # sha256 digests of the rows read so far
-    rows = accepted = quarantined = skipped = nbytes = 0
-    reasons: Counter[str] = Counter()
-    sources: Counter[str] = Counter()
+    b = _Batch(registry, params, kind, suite, tick=t0)
     bar = _Progress(progress, total_bytes)
-    cols = list(schema.names)
-    writes = _Writes()
-
-    def quarantine(df: Any, why: Any) -> None:
-        nonlocal qwriter
-        q = df[cols].copy()
-        q["reasons"] = why if isinstance(why, str) else pd.Series(why, index=df.index, dtype="str")
-        q["batch"] = batch_id
-        table = pa.Table.from_pandas(q, schema=qschema, preserve_index=False)
-        if qwriter is None:
-            qwriter = pq.ParquetWriter(qstaged, qschema, compression=COMPRESSION)
-        writes.write(qwriter, table)
-
     prep_tm: Counter[str] = Counter()
     prepared = _prepare(chunks, params, prep_tm)
     items: _Prefetch[_Chunk] | Generator[_Chunk, None, None] = _Prefetch(prepared) if prefetch else prepared
-    validator: Validator | None = None
     try:
-        registry.ensure_initialized()  # (with prefetch, the first chunk is being read meanwhile)
-        known = registry.known_ids()
-        if not known:  # every row will be validated: build the validator while the first chunk is read
-            validator = Validator(suite, expectation_params(params), registry.home, registry.workspace)
-        lap("setup")
+        b.start()  # (with prefetch, the first chunk is being read meanwhile)
         for chunk in items:
-            lap("wait" if prefetch else None)
-            rb, df, parse_err, keys = chunk.rb, chunk.df, chunk.parse_err, chunk.keys
-            rows += len(df)
-            nbytes += rb.nbytes
-            if known and len(df):  # ids already versioned or quarantined: a re-ingest is a no-op
-                is_known = np.fromiter((i in known for i in df["id"]), bool, len(df))
-                if is_known.any():
-                    skipped += int(is_known.sum())
-                    df, keys = df[~is_known], keys[~is_known]
-                    if parse_err is not None:
-                        keep = ~is_known
-                        rb.errors = [e for e, k in zip(rb.errors, keep, strict=True) if k]
-                        parse_err = parse_err[keep]
-            if parse_err is not None and parse_err.any():
-                errs = pd.Series([e for e in rb.errors if e is not None], dtype="str")
-                bad = df[parse_err]
-                quarantine(bad, ("unparseable: " + errs.str.replace(r"^line \d+: ", "", regex=True)).tolist())
-                quarantined += len(bad)
-                reasons["unparseable"] += len(bad)
-                df, keys = df[~parse_err], keys[~parse_err]
-            if not len(df):
-                bar.update(rb.nbytes, rows)
-                continue
-            df = df.reset_index(drop=True)
-            df["duplicate"] = _duplicates(keys.tolist(), seen)
-            lap("dedupe")
-            if validator is None:  # on first use: a no-op re-ingest never imports GX
-                validator = Validator(suite, expectation_params(params), registry.home, registry.workspace)
-                lap("setup")
-            outcome = validator.validate(df)
-            lap("validate")
-            bad = outcome.bad.to_numpy()
-            for label, n in outcome.failed.items():
-                reasons[label] += n
-            if bad.any():
-                quarantine(df[bad], outcome.reasons[bad].tolist())
-                quarantined += int(bad.sum())
-            good = df[~bad] if bad.any() else df
-            if len(good):
-                if writer is None:
-                    writer = pq.ParquetWriter(staged, schema, compression=COMPRESSION)
-                writes.write(writer, pa.Table.from_pandas(good[cols], schema=schema, preserve_index=False))
-                accepted += len(good)
-                sources.update(good["source"].astype(str).value_counts().to_dict())
-            bar.update(rb.nbytes, rows)
-            lap("write")
-        docs = validator.build_docs() if validator is not None else None  # (the last chunk is written meanwhile)
-        lap("data_docs")
-        eligible = rows - skipped
-        failure_rate = quarantined / eligible if eligible else 0.0
-        refused = eligible > 0 and failure_rate > params.max_failure_rate
-        writes.wait()
-        if writer is not None:
-            writer.close()
-            writer = None
-        if refused and accepted:
-            for rbatch in pq.ParquetFile(staged).iter_batches(batch_size=params.chunk_rows):
-                quarantine(rbatch.to_pandas(), REFUSED_REASON)
-            quarantined += accepted
-            reasons[REFUSED_REASON] += accepted
-            accepted = 0
-        writes.wait()
-        if qwriter is not None:
-            qwriter.close()
-            qwriter = None
-        version = None
-        if accepted and not refused:
-            stats = {"accepted": accepted, "quarantined": quarantined, "skipped_known": skipped,
-                     "sources": dict(sources), "rows_read": rows, "suite": suite, "batch": batch_id,
-                     "failure_rate": round(failure_rate, 6)}
-            lap("write")
-            version = registry.add_shard_file(staged, kind, stats).id
-            lap("version")
-        qpath = None
-        if quarantined:
-            registry.quarantine_dir.mkdir(parents=True, exist_ok=True)
-            dest = registry.quarantine_dir / f"{batch_id}-{kind}.parquet"
-            os.replace(qstaged, dest)
-            qpath = str(dest)
+            b.lap("wait" if prefetch else None)
+            validated = b.take(chunk)
+            bar.update(chunk.rb.nbytes, b.rows)
+            if validated:
+                b.lap("write")
+        docs = b.validator.build_docs() if b.validator is not None else None  # (the last chunk is written meanwhile)
+        b.lap("data_docs")
+        refused, failure_rate = b.settle()
+        version = b.version(failure_rate) if b.accepted and not refused else None
+        qpath = b.keep_quarantine()
     finally:
         items.close()
         bar.close()
-        writes.close()
-        for w in (writer, qwriter):
+        b.close()
+    b.lap("finish")
+    b.tm.update(prep_tm)
+    assert b.accepted + b.quarantined + b.skipped == b.rows, "ingest accounting broken"
+    return IngestResult(rows=b.rows, accepted=b.accepted, quarantined=b.quarantined, version=version,
+                        refusals=list(refusals), quarantine_path=qpath, data_docs=docs, skipped_known=b.skipped,
+                        batch_refused=refused, failure_rate=round(failure_rate, 6), reasons=dict(b.reasons),
+                        files=files, bytes=b.nbytes, seconds=round(time.perf_counter() - t0, 3),
+                        timings={k: round(v, 3) for k, v in b.tm.items()})
+
+
+@dataclass
+class _Batch:
+    """One ingest batch as it runs: the staged shard and quarantine files (written on the ``_Writes``
+    thread), the ids seen so far, the running counts and the seconds per phase."""
+
+    registry: DataRegistry
+    params: DataParams
+    kind: str
+    suite: str
+    tick: float  # when the current phase began (``lap``)
+    tm: Counter[str] = field(default_factory=Counter)
+    batch_id: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ"))
+    rows: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    skipped: int = 0
+    nbytes: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    sources: Counter[str] = field(default_factory=Counter)
+    seen: set[bytes] = field(default_factory=set)  # sha256 digests of the rows read so far
+    known: Any = None  # ids already versioned or quarantined (``start``)
+    validator: Validator | None = None
+    writer: Any = None  # ParquetWriter of the staged shard, from the first accepted row
+    qwriter: Any = None  # ParquetWriter of the staged quarantine, from the first quarantined row
+    schema: Any = field(init=False)  # the shard's Arrow schema; ``qschema`` adds reasons and batch
+    qschema: Any = field(init=False)
+    cols: list[str] = field(init=False)
+    staged: Path = field(init=False)  # the shard being written, until ``version`` adds it to the registry
+    qstaged: Path = field(init=False)  # the quarantine being written, until ``keep_quarantine`` moves it
+    writes: _Writes = field(init=False)
+
+    def __post_init__(self) -> None:
+        import pyarrow as pa
+
+        self.schema = shard_schema()
+        self.qschema = self.schema.append(pa.field("reasons", pa.string())).append(pa.field("batch", pa.string()))
+        self.cols = list(self.schema.names)
+        self.staged = self.registry.staging_path()
+        self.qstaged = self.registry.staging_path(".quarantine.parquet")
+        self.writes = _Writes()
+
+    def lap(self, name: str | None) -> None:
+        """Charge the time since the last lap to ``name`` (None: it is counted by ``_prepare``)."""
+        now = time.perf_counter()
+        if name is not None:
+            self.tm[name] += now - self.tick
+        self.tick = now
+
+    def start(self) -> None:
+        """The registry set up and its known ids read; the validator built now when every row will need it."""
+        self.registry.ensure_initialized()
+        self.known = self.registry.known_ids()
+        if not self.known:  # every row will be validated: build the validator while the first chunk is read
+            self.validator = self._new_validator()
+        self.lap("setup")
+
+    def _new_validator(self) -> Validator:
+        from lmcore.data.validate import Validator
+
+        return Validator(self.suite, expectation_params(self.params), self.registry.home, self.registry.workspace)
+
+    def take(self, chunk: _Chunk) -> bool:
+        """Count a chunk; skip its known rows, quarantine its unparseable ones, validate the rest and
+        write them (failing rows to the quarantine). False when no row was left to validate."""
+        rb, df, parse_err, keys = chunk.rb, chunk.df, chunk.parse_err, chunk.keys
+        self.rows += len(df)
+        self.nbytes += rb.nbytes
+        if self.known and len(df):  # ids already versioned or quarantined: a re-ingest is a no-op
+            df, keys, parse_err = self._skip_known(rb, df, keys, parse_err)
+        if parse_err is not None and parse_err.any():
+            df, keys = self._quarantine_unparseable(rb, df, keys, parse_err)
+        if not len(df):
+            return False
+        df = df.reset_index(drop=True)
+        df["duplicate"] = _duplicates(keys.tolist(), self.seen)
+        self.lap("dedupe")
+        if self.validator is None:  # on first use: a no-op re-ingest never imports GX
+            self.validator = self._new_validator()
+            self.lap("setup")
+        outcome = self.validator.validate(df)
+        self.lap("validate")
+        bad = outcome.bad.to_numpy()
+        for label, n in outcome.failed.items():
+            self.reasons[label] += n
+        if bad.any():
+            self.quarantine(df[bad], outcome.reasons[bad].tolist())
+            self.quarantined += int(bad.sum())
+        good = df[~bad] if bad.any() else df
+        if len(good):
+            self._accept(good)
+        return True
+
+    def _skip_known(self, rb: RawBatch, df: Any, keys: Any, parse_err: Any) -> tuple[Any, Any, Any]:
+        import numpy as np
+
+        is_known = np.fromiter((i in self.known for i in df["id"]), bool, len(df))
+        if is_known.any():
+            self.skipped += int(is_known.sum())
+            df, keys = df[~is_known], keys[~is_known]
+            if parse_err is not None:
+                keep = ~is_known
+                rb.errors = [e for e, k in zip(rb.errors, keep, strict=True) if k]
+                parse_err = parse_err[keep]
+        return df, keys, parse_err
+
+    def _quarantine_unparseable(self, rb: RawBatch, df: Any, keys: Any, parse_err: Any) -> tuple[Any, Any]:
+        import pandas as pd
+
+        errs = pd.Series([e for e in rb.errors if e is not None], dtype="str")
+        bad = df[parse_err]
+        self.quarantine(bad, ("unparseable: " + errs.str.replace(r"^line \d+: ", "", regex=True)).tolist())
+        self.quarantined += len(bad)
+        self.reasons["unparseable"] += len(bad)
+        return df[~parse_err], keys[~parse_err]
+
+    def _accept(self, good: Any) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.staged, self.schema, compression=COMPRESSION)
+        self.writes.write(self.writer, pa.Table.from_pandas(good[self.cols], schema=self.schema,
+                                                            preserve_index=False))
+        self.accepted += len(good)
+        self.sources.update(good["source"].astype(str).value_counts().to_dict())
+
+    def quarantine(self, df: Any, why: Any) -> None:
+        """Append rows to the staged quarantine with their reasons (one string, or one per row)."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        q = df[self.cols].copy()
+        q["reasons"] = why if isinstance(why, str) else pd.Series(why, index=df.index, dtype="str")
+        q["batch"] = self.batch_id
+        table = pa.Table.from_pandas(q, schema=self.qschema, preserve_index=False)
+        if self.qwriter is None:
+            self.qwriter = pq.ParquetWriter(self.qstaged, self.qschema, compression=COMPRESSION)
+        self.writes.write(self.qwriter, table)
+
+    def settle(self) -> tuple[bool, float]:
+        """Finish both staged files; past ``data.max_failure_rate`` the accepted rows join the quarantine
+        (reason ``batch_refused``). Returns (refused, failure rate among the new rows)."""
+        import pyarrow.parquet as pq
+
+        eligible = self.rows - self.skipped
+        failure_rate = self.quarantined / eligible if eligible else 0.0
+        refused = eligible > 0 and failure_rate > self.params.max_failure_rate
+        self.writes.wait()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if refused and self.accepted:
+            for rbatch in pq.ParquetFile(self.staged).iter_batches(batch_size=self.params.chunk_rows):
+                self.quarantine(rbatch.to_pandas(), REFUSED_REASON)
+            self.quarantined += self.accepted
+            self.reasons[REFUSED_REASON] += self.accepted
+            self.accepted = 0
+        self.writes.wait()
+        if self.qwriter is not None:
+            self.qwriter.close()
+            self.qwriter = None
+        return refused, failure_rate
+
+    def version(self, failure_rate: float) -> str:
+        """Version the staged shard (DVC); returns the new dataset version id."""
+        stats = {"accepted": self.accepted, "quarantined": self.quarantined, "skipped_known": self.skipped,
+                 "sources": dict(self.sources), "rows_read": self.rows, "suite": self.suite, "batch": self.batch_id,
+                 "failure_rate": round(failure_rate, 6)}
+        self.lap("write")
+        version = self.registry.add_shard_file(self.staged, self.kind, stats).id
+        self.lap("version")
+        return version
+
+    def keep_quarantine(self) -> str | None:
+        """Move the staged quarantine into ``data/quarantine/``; its path, or None when no row was quarantined."""
+        if not self.quarantined:
+            return None
+        self.registry.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.registry.quarantine_dir / f"{self.batch_id}-{self.kind}.parquet"
+        os.replace(self.qstaged, dest)
+        return str(dest)
+
+    def close(self) -> None:
+        """Stop the writer thread, close open writers and remove what is left staged (always runs)."""
+        self.writes.close()
+        for w in (self.writer, self.qwriter):
             if w is not None:
                 w.close()
-        for p in (staged, qstaged):
+        for p in (self.staged, self.qstaged):
             if p.exists():
                 p.unlink()
-    lap("finish")
-    tm.update(prep_tm)
-    assert accepted + quarantined + skipped == rows, "ingest accounting broken"
-    return IngestResult(rows=rows, accepted=accepted, quarantined=quarantined, version=version,
-                        refusals=list(refusals), quarantine_path=qpath, data_docs=docs, skipped_known=skipped,
-                        batch_refused=refused, failure_rate=round(failure_rate, 6), reasons=dict(reasons),
-                        files=files, bytes=nbytes, seconds=round(time.perf_counter() - t0, 3),
-                        timings={k: round(v, 3) for k, v in tm.items()})
