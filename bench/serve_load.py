@@ -2,6 +2,10 @@
 batching speedup (same server with max_batch=1 as the reference), and a 5,000-POST feedback
 burst at concurrency 32 whose rows are counted in the DB afterwards (feedback_lost must be 0).
 
+Requests stream (server-sent events), so each one gives its time to first token (TTFT) as well
+as its latency. Each phase starts once the server decodes with its compiled step (``/health``'s
+``compiled_decode``; it compiles in the background after start-up), and the wait is reported.
+
 Model: random weights, 4 layers x 4 heads x d_model 128, block 128, byte-level tokenizer.
 Servers are real `lmops serve` subprocesses on 127.0.0.1; every loop is bounded.
 Usage: python bench/serve_load.py [--seconds 8] [--tokens 32] [--feedback 5000] [--json]
@@ -68,6 +72,18 @@ class Server:
             time.sleep(0.1)
         raise SystemExit("server did not become ready")
 
+    def wait_compiled(self, limit_s: float = 600) -> float | None:
+        """Seconds until the server decodes with its compiled step; None for a server without one."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < limit_s:
+            health = httpx.get(self.base + "/health", timeout=5).json()
+            if health.get("compiled_decode", None) is None:
+                return None
+            if health["compiled_decode"]:
+                return round(time.monotonic() - t0, 1)
+            time.sleep(0.5)
+        raise SystemExit(f"the compiled decode step was not ready within {limit_s:.0f} s")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
@@ -81,6 +97,7 @@ class Server:
 def load(base: str, concurrency: int, seconds: float, tokens: int) -> dict:
     """``concurrency`` clients generating fixed-length completions for ``seconds`` (bounded)."""
     lat: list[float] = []
+    ttft: list[float] = []
     errors = [0]
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
@@ -90,14 +107,19 @@ def load(base: str, concurrency: int, seconds: float, tokens: int) -> dict:
             for i in range(100_000):
                 if time.monotonic() >= stop_at:
                     return
-                t = time.perf_counter()
-                r = c.post(base + "/v1/generate", json={"prompt": f"client {k} request {i}: ",
-                                                        "max_new_tokens": tokens, "ignore_eos": True,
-                                                        "temperature": 0.8, "seed": i})
+                t, first, done = time.perf_counter(), None, False
+                body = {"prompt": f"client {k} request {i}: ", "max_new_tokens": tokens, "ignore_eos": True,
+                        "temperature": 0.8, "seed": i, "stream": True}
+                with c.stream("POST", base + "/v1/generate", json=body) as r:
+                    for line in r.iter_lines():
+                        if first is None and line == "event: token":
+                            first = time.perf_counter() - t
+                        done = done or line == "event: done"
                 dt = time.perf_counter() - t
                 with lock:
-                    if r.status_code == 200:
+                    if r.status_code == 200 and done and first is not None:
                         lat.append(dt)
+                        ttft.append(first)
                     else:
                         errors[0] += 1
 
@@ -108,11 +130,17 @@ def load(base: str, concurrency: int, seconds: float, tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    lat.sort()
     n = len(lat)
     return {"requests": n, "errors": errors[0], "rps": round(n / wall, 2), "tokens_per_s": round(n * tokens / wall, 1),
-            "p50_ms": round(1000 * statistics.median(lat), 1) if n else None,
-            "p99_ms": round(1000 * lat[min(n - 1, int(0.99 * n))], 1) if n else None}
+            "p50_ms": _percentile_ms(lat, 0.5), "p99_ms": _percentile_ms(lat, 0.99),
+            "ttft_p50_ms": _percentile_ms(ttft, 0.5), "ttft_p99_ms": _percentile_ms(ttft, 0.99)}
+
+
+def _percentile_ms(seconds: list[float], q: float) -> float | None:
+    if not seconds:
+        return None
+    xs = sorted(seconds)
+    return round(1000 * (statistics.median(xs) if q == 0.5 else xs[min(len(xs) - 1, int(q * len(xs)))]), 1)
 
 
 def feedback_burst(base: str, total: int, concurrency: int) -> dict:
@@ -164,12 +192,14 @@ def main() -> None:
         model = make_model(tmp / "model")
         ref = Server(model, tmp / "home-unbatched", max_batch=1)
         try:
+            out["compile_wait_s"] = {"unbatched": ref.wait_compiled()}
             load(ref.base, 2, 1.0, args.tokens)  # warm-up
             out["unbatched_c16"] = load(ref.base, 16, args.seconds, args.tokens)
         finally:
             ref.stop()
         srv = Server(model, tmp / "home-batched", max_batch=16)
         try:
+            out["compile_wait_s"]["batched"] = srv.wait_compiled()
             load(srv.base, 2, 1.0, args.tokens)
             out["batched_c1"] = load(srv.base, 1, args.seconds, args.tokens)
             out["batched_c16"] = load(srv.base, 16, args.seconds, args.tokens)
@@ -187,7 +217,9 @@ def main() -> None:
     for name in ("batched_c1", "batched_c16", "unbatched_c16"):
         r = out[name]
         print(f"{name:14s} {r['rps']:8.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_ms']} ms  "
-              f"p99 {r['p99_ms']} ms  errors {r['errors']}")
+              f"p99 {r['p99_ms']} ms  TTFT p50 {r['ttft_p50_ms']} ms  p99 {r['ttft_p99_ms']} ms  "
+              f"errors {r['errors']}")
+    print(f"waited for the compiled decode step (s): {out['compile_wait_s']}")
     print(f"batching_speedup (batched / unbatched at c16): {out['batching_speedup']}x  (target >= 3)")
     f = out["feedback"]
     print(f"feedback burst: {f['posts']} POSTs at c32 in {f['wall_s']} s ({f['posts_per_s']}/s), "
