@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
 from lmcore.model import KVCache, Transformer, apply_rope
+from lmcore.weights import unwrap
 
 # A weight is a float matrix (out, in), or int8 values (out, in) with float32 scales (out,).
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -345,7 +346,7 @@ class Decoder:
     def __init__(self, model: Transformer, max_len: int, slots: int = 1, compiled: bool = False):
         if compiled:
             compiled_cache_dir()  # before anything imports torch._dynamo, which fixes Inductor's cache folder
-        model = getattr(model, "_orig_mod", model)
+        model = unwrap(model)
         self.model, self.cfg, self.max_len = model, model.cfg, max_len
         self.cache = model.new_cache(slots, max_len)
         self.rope = model.rope(0, max_len)  # (max_len, D) x2, grown now, not inside a step
