@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Header, Request
 
 from lmcore.errors import LmopsError
-from lmcore.serve.bodies import read_body
+from lmcore.serve.bodies import documented_body, read_body
 from lmcore.serve.errors import ERROR_RESPONSES
 from lmcore.serve.limits import ApiError, check_text, check_token
 from lmcore.serve.schemas import FeedbackRequest, FeedbackResponse
@@ -19,9 +19,7 @@ router = APIRouter()
 @router.post(
     "/v1/feedback", response_model=FeedbackResponse, responses=ERROR_RESPONSES,
     summary="Rate a generation (+1/-1), optionally with a corrected completion",
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/FeedbackRequest"}}
-    }}},
+    openapi_extra=documented_body(FeedbackRequest),
 )
 async def feedback(request: Request, authorization: str | None = Header(None),
                    state: ServeState = Depends(get_state)):

@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from lmcore.serve.bodies import read_body
+from lmcore.serve.bodies import documented_body, read_body
 from lmcore.serve.errors import ERROR_RESPONSES
 from lmcore.serve.generation import run_generation, sse_events
 from lmcore.serve.limits import check_max_new_tokens, check_text
@@ -20,9 +20,7 @@ router = APIRouter()
 @router.post(
     "/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES,
     summary="Continue a prompt (JSON, or server-sent events with stream: true)",
-    openapi_extra={"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}
-    }}},
+    openapi_extra=documented_body(GenerateRequest),
     description="With `stream: true` the response is `text/event-stream`: one `start` event "
                 "({generation_id, model_version}), a `token` event per token ({text, id, prob?}) and a final "
                 "`done` event carrying the full GenerateResponse (or an `error` event). A `text` event before "
