@@ -128,13 +128,7 @@ def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, budget_s: float = 
     if screen_below:
         rows = min(m, 256)
         a = torch.randn(rows, k).to(dtype)
-        torch.mm(a, b)
-        best = math.inf
-        for _ in range(3):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            best = min(best, time.perf_counter() - t0)
-        screen = 2 * rows * k * n / best / 1e9
+        screen = 2 * rows * k * n / _best_seconds(lambda: torch.mm(a, b), 0.0, min_reps=3) / 1e9
         if screen < screen_below:
             return screen
     a = torch.randn(m, k).to(dtype)
