@@ -114,12 +114,12 @@ class ThreadTuner:
     def __init__(self, many: int, every_s: float = 20.0, gain: float = 1.2):
         self.many, self.every_s, self.gain = many, every_s, gain
         self.current, self.trial, self.switches = many, 0, 0
-        self.recent: list[float] = []  # seconds of the latest steps on the current count (up to 3)
+        self.recent: list[float] = []  # seconds of the latest steps on the current count (3 before a trial)
         self.next_trial = time.perf_counter() + every_s / 4
         self._t0 = 0.0
 
     def before_step(self) -> None:
-        if not self.trial and time.perf_counter() >= self.next_trial and self.recent:
+        if not self.trial and time.perf_counter() >= self.next_trial and len(self.recent) == 3:
             self.trial = 1 if self.current == self.many else self.many
             torch.set_num_threads(self.trial)
         self._t0 = time.perf_counter()
@@ -133,6 +133,8 @@ class ThreadTuner:
         wins = took * self.gain < usual if self.trial == 1 else took < usual
         if wins:
             self.current, self.switches, self.recent = self.trial, self.switches + 1, [took]
+        else:  # the next trial is judged against steps measured after this one, never stale ones
+            self.recent = []
         torch.set_num_threads(self.current)
         self.trial, self.next_trial = 0, time.perf_counter() + self.every_s
 

@@ -262,14 +262,10 @@ def test_thread_tuner_keeps_the_thread_count_that_measured_faster():
         step()
     assert tuner.current == 1 and tuner.switches == 1 and torch.get_num_threads() == 1
     cost.update({1: 0.05, 4: 0.01})  # the other work ended: all threads win again
-    # The tuner compares a trial with the median of the latest steps on its current count, and those
-    # were measured before the change (0.01 s, the same as the trial's): a tie that timer noise
-    # decides. Two slow steps on one thread later the median is 0.05 s and the trial wins for sure.
-    for _ in range(10):
+    for _ in range(4):  # a trial waits for three steps on the current count measured after the flip
         step()
     assert tuner.current == 4 and tuner.switches == 2 and torch.get_num_threads() == 4
-    cost.update({1: 0.045})  # one thread only slightly faster: not worth a switch (gain 1.2)
-    cost[4] = 0.05
+    cost.update({1: 0.1, 4: 0.105})  # one thread only slightly faster: not worth a switch (gain 1.2)
     for _ in range(4):
         step()
     assert tuner.current == 4
