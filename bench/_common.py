@@ -32,13 +32,13 @@ _cpu: dict | None = None
 
 
 def cpu_profile() -> dict:
-    """This machine's ``lmcore.probe.cpu_profile()`` (CPU, class, effective ISA, ISA caps, threads, torch,
+    """This machine's ``lmcore.machine.cpu_profile()`` (CPU, class, effective ISA, ISA caps, threads, torch,
     fp32/bf16 GFLOP/s), taken once per process at the torch thread count then in force."""
     global _cpu
     if _cpu is None:
         if str(ROOT) not in sys.path:
             sys.path.insert(0, str(ROOT))
-        from lmcore.probe import cpu_profile as probe_cpu
+        from lmcore.machine import cpu_profile as probe_cpu
 
         _cpu = probe_cpu(home=_PROFILE_HOME)
     return _cpu
@@ -47,7 +47,7 @@ def cpu_profile() -> dict:
 def cpu_header() -> dict:
     """Print ``cpu: AMD EPYC (avx2, 2 threads): fp32 80 GFLOP/s, bf16 1.5 GFLOP/s``; call it first thing,
     after setting the benchmark's thread count (the profile is measured at it)."""
-    from lmcore.probe import describe_cpu
+    from lmcore.machine import describe_cpu
 
     profile = cpu_profile()
     print(f"cpu: {describe_cpu(profile)}", flush=True)
@@ -148,8 +148,8 @@ def model_pair(size: dict, vocab: int, block_size: int):
     """An lmcore Transformer and a transformers LlamaForCausalLM with identical weights (tied, fp32)."""
     from transformers import LlamaForCausalLM
 
-    from lmcore.hf import hf_config, to_hf_state_dict
-    from lmcore.model import ModelConfig, Transformer
+    from lmcore.model.hf import hf_config, to_hf_state_dict
+    from lmcore.model.transformer import ModelConfig, Transformer
 
     cfg = ModelConfig(vocab_size=vocab, n_layer=size["n_layer"], n_head=size["n_head"], n_kv_head=size["n_head"],
                       d_model=size["d_model"], block_size=block_size, tie_embeddings=True)

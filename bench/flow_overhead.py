@@ -45,14 +45,14 @@ import sys
 from pathlib import Path
 from lmcore.config import load_params
 from lmcore.data.ingest import ingest
-from lmcore.data.registry import DataRegistry
-from lmcore.evaluate import evaluate
-from lmcore.prepare import prepare_dataset, prepare_key
-from lmcore.registry import gate, log_model, register_version
-from lmcore.reports import log_training_outputs
+from lmcore.data.versions import DataRegistry
+from lmcore.training.evaluate import evaluate
+from lmcore.data.prepare import prepare_dataset, prepare_key
+from lmcore.registry.models import gate, log_model, register_version
+from lmcore.registry.reports import log_training_outputs
 from lmcore.settings import get_settings
-from lmcore.tracking import RunTracker, configure_mlflow
-from lmcore.train import train
+from lmcore.registry.tracking import RunTracker, configure_mlflow
+from lmcore.training.loop import train
 
 p = load_params()
 configure_mlflow()
@@ -74,7 +74,7 @@ gate(p.registry.model_name, v, data, p)
 
 
 WARM = """
-from lmcore.tracking import configure_mlflow
+from lmcore.registry.tracking import configure_mlflow
 configure_mlflow()
 if "prefect" in __import__("sys").argv:
     from prefect import flow

@@ -1,13 +1,13 @@
 """Batch-1 greedy generation speed: lmcore vs ``transformers`` ``generate`` with its KV cache.
 
-Both sides hold the same weights (converted with ``lmcore.hf``), get the same 32-character
+Both sides hold the same weights (converted with ``lmcore.model.hf``), get the same 32-character
 tinyshakespeare prompt (char-level vocab 65) and produce exactly 500 new tokens greedily
 (``do_sample=False, max_new_tokens=min_new_tokens=500`` for the reference, no EOS for
 lmcore), under ``torch.inference_mode``. Runs alternate; medians are reported. The greedy
 outputs of both sides are compared too (``same_tokens``: the first 500 tokens agree).
 
 lmops decodes with its compiled step (``generate_tokens(..., compiled=True)``, see
-``lmcore.decode``); its eager loop runs in the same rounds and is reported beside it
+``lmcore.model.decode``); its eager loop runs in the same rounds and is reported beside it
 (``lmops_eager_tokens_per_s``, ``eager_ratio``), with the one-off compile time (``compile_s``).
 
 Threads: both sides start from ``--threads`` (default: torch's). lmcore decodes on the thread
@@ -29,11 +29,11 @@ def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, dev
             compiled: bool = True) -> dict:
     """Median tokens/s of both sides at one size, and how many leading tokens they agree on.
 
-    With ``compiled``, lmops decodes with its compiled step (``lmcore.decode``); its eager loop is
+    With ``compiled``, lmops decodes with its compiled step (``lmcore.model.decode``); its eager loop is
     timed in the same rounds too (``lmops_eager_tokens_per_s``), and ``compile_s`` is the first,
     compiling run's extra time.
     """
-    from lmcore.generate import SamplingParams, generate_tokens
+    from lmcore.model.generate import SamplingParams, generate_tokens
 
     ours, ref = model_pair(size, vocab, block_size=len(prompt) + n)
     ours.to(device).eval()

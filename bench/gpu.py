@@ -7,7 +7,7 @@ error and the rest still run.
   env         torch/CUDA versions, the card, and its measured bf16 matmul peak (TFLOP/s)
   parity      fp32 logits of lmcore vs transformers' LlamaForCausalLM on the GPU; cached decoding
               vs one full forward pass
-  train       ``lmcore.train.train`` itself on char-level tinyshakespeare: bf16 autocast (the
+  train       ``lmcore.training.loop.train`` itself on char-level tinyshakespeare: bf16 autocast (the
               default on CUDA) eager, then ``train.compile: true``, then a checkpoint + ``resume``
   throughput  training tokens/s, lmcore (eager and compiled) vs transformers (eager), both under
               bf16 autocast with fused AdamW, at the CPU benchmark's large size and at a GPT-2-small
@@ -95,7 +95,7 @@ def section_parity(ctx: dict) -> dict:
 def _prepared(ctx: dict) -> Path:
     if "prepared" not in ctx:
         from lmcore.config import TokenizerParams
-        from lmcore.prepare import prepare_split_texts
+        from lmcore.data.prepare import prepare_split_texts
 
         text = Path(ctx["corpus"]).read_text(encoding="utf-8")
         cut = int(len(text) * 0.9)
@@ -110,7 +110,7 @@ def section_train(ctx: dict) -> dict:
 
     from lmcore.config import load_params
     from lmcore.plots import read_history
-    from lmcore.train import train
+    from lmcore.training.loop import train
 
     data = _prepared(ctx)
     params = load_params(ROOT / "params.yaml", TRAIN_OVERRIDES)
@@ -150,7 +150,7 @@ def _train_steps(fwd, opts, x: torch.Tensor, y: torch.Tensor, steps: int, hf: bo
 
 def _throughput_at(name: str, size: dict, peak_tflops: float, steps: int = 10) -> dict:
     from lmcore.config import load_params
-    from lmcore.optim import build_optimizers
+    from lmcore.training.optimizers import build_optimizers
 
     ours, ref = model_pair(size, 50304 if name == "gpt2s" else 65, size["seq"])
     ours, ref = ours.cuda().train(), ref.cuda().train()
@@ -197,7 +197,7 @@ DDP_CHILD = r"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 from torch.nn.parallel import DistributedDataParallel as DDP
-from lmcore.model import ModelConfig, Transformer
+from lmcore.model.transformer import ModelConfig, Transformer
 dist.init_process_group("nccl")
 dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])); torch.cuda.set_device(dev)
 net = Transformer(ModelConfig(vocab_size=65, n_layer=2, n_head=4, n_kv_head=4, d_model=128, block_size=64)).to(dev)

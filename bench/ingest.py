@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 from lmcore.config import load_params
 from lmcore.data.ingest import ingest
-from lmcore.data.registry import DataRegistry, _quiet_dvc
+from lmcore.data.versions import DataRegistry, _quiet_dvc
 from lmcore.data.validate import import_gx
 import_gx(); _quiet_dvc()
 ws, home, path = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]

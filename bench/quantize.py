@@ -1,11 +1,11 @@
 """Int8 dynamic quantization vs fp32: batch-1 CPU decode speed and bits per byte, 6 x 6 x 384 model.
 
 The model (6 layers, 6 heads, d_model 384, byte-level vocab, block 256) is first trained
-briefly with ``lmcore.train`` on tinyshakespeare (first 90% train, last 10% validation) so
+briefly with ``lmcore.training.loop`` on tinyshakespeare (first 90% train, last 10% validation) so
 that bits per byte mean something; then ``lmops optimize quantize``'s own code path
 (``save_quantized`` -> ``load_model``) makes the int8 variant. Decode: greedy, batch 1,
 KV cache, ``--new-tokens`` tokens per run, fp32 and int8 runs interleaved, medians. Both decode
-with lmops' compiled step (``lmcore.decode``: for int8 a weight-only int8 matrix-vector kernel);
+with lmops' compiled step (``lmcore.model.decode``: for int8 a weight-only int8 matrix-vector kernel);
 the eager loops (int8 = torch's dynamic quantization) are timed in the same rounds and reported
 as ``eager_speedup``.
 bpb: the first ``--eval-tokens`` validation tokens, both models on the same windows: ``bpb_change``
@@ -49,12 +49,12 @@ def main() -> None:
     cpu_header()
     import torch
 
-    from lmcore.checkpoint import load_model
     from lmcore.config import TokenizerParams, load_params
-    from lmcore.generate import SamplingParams, generate_tokens
+    from lmcore.data.prepare import prepare_split_texts
+    from lmcore.model.checkpoint import load_model
+    from lmcore.model.generate import SamplingParams, generate_tokens
     from lmcore.optimize.quantize import bits_per_byte, model_bytes, save_quantized, weight_only_model
-    from lmcore.prepare import prepare_split_texts
-    from lmcore.train import train
+    from lmcore.training.loop import train
 
     text = CORPUS.read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)

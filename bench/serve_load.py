@@ -42,9 +42,9 @@ def free_port() -> int:
 def make_model(folder: Path) -> Path:
     import torch
 
-    from lmcore.checkpoint import save_model
-    from lmcore.model import ModelConfig, Transformer
-    from lmcore.tokenizer import BYTE_VOCAB, Tokenizer
+    from lmcore.data.tokenizer import BYTE_VOCAB, Tokenizer
+    from lmcore.model.checkpoint import save_model
+    from lmcore.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=BYTE_VOCAB, n_layer=4, n_head=4, n_kv_head=4, d_model=128, block_size=128)

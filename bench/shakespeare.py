@@ -5,7 +5,7 @@ level: the file is ASCII) and are scored on the *whole* last 10% in contiguous, 
 windows of their block size, so ``val_bits_per_char`` is exact, not sampled. The reference is a
 faithful copy of nanoGPT's GPT (LayerNorm, GELU MLP, learned positions, tied head) with its CPU
 recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, AdamW lr 1e-3 -> 1e-4 cosine over 2000
-iters, warmup 100, beta2 0.99). The lmops side is the real ``lmcore.train.train`` on a
+iters, warmup 100, beta2 0.99). The lmops side is the real ``lmcore.training.loop.train`` on a
 Llama-style model; its defaults below are the settings that won on this 2-core machine.
 
     python bench/shakespeare.py --json                     # both, 100 s each
@@ -54,10 +54,10 @@ def run_lmops(seconds: float, sets: dict, work: Path, steps: int = 0) -> dict:
     import torch
 
     from lmcore.config import load_params
-    from lmcore.evaluate import score_tokens
-    from lmcore.prepare import prepare_split_texts, token_byte_lengths
-    from lmcore.tokenizer import Tokenizer
-    from lmcore.train import train
+    from lmcore.data.prepare import prepare_split_texts, token_byte_lengths
+    from lmcore.data.tokenizer import Tokenizer
+    from lmcore.training.evaluate import score_tokens
+    from lmcore.training.loop import train
 
     overrides = {**WINNER, **sets, "train.max_minutes": seconds / 60.0}
     if steps:  # research mode: a step budget (schedule follows steps), no wall-clock limit

@@ -50,7 +50,7 @@ def _seed_noise(params, data_dir: Path, best_params: dict, seeds: int, work: Pat
     differ by less are the same within noise.
     """
     from lmcore.optimize.sweep import trial_params
-    from lmcore.train import train
+    from lmcore.training.loop import train
 
     losses = []
     for seed in range(1, seeds + 1):
@@ -76,8 +76,8 @@ def main() -> None:
         tmp = Path(tmp)
         os.environ["LMOPS_HOME"] = str(tmp / "home")
         from lmcore.config import load_params
+        from lmcore.data.prepare import prepare_split_texts
         from lmcore.optimize.sweep import run_sweep, trial_eval_interval
-        from lmcore.prepare import prepare_split_texts
 
         text = CORPUS.read_text(encoding="utf-8")[:200_000]
         cut = int(len(text) * 0.9)

@@ -50,10 +50,10 @@ def main() -> None:
     import torch
 
     from lmcore.config import TokenizerParams, load_params
-    from lmcore.prepare import prepare_split_texts
+    from lmcore.data.prepare import prepare_split_texts
+    from lmcore.registry.tracking import RunTracker, configure_mlflow
     from lmcore.settings import apply_environment
-    from lmcore.tracking import RunTracker, configure_mlflow
-    from lmcore.train import train
+    from lmcore.training.loop import train
 
     apply_environment()
     torch.set_num_threads(args.threads)

@@ -2,7 +2,7 @@
 
 Same layers, heads, width, intermediate size (Llama rule: 384 / 1024), tied embeddings,
 vocab (65: char-level tinyshakespeare), batch and sequence, same initial weights and the
-same batches. lmops trains with its real optimizer (``lmcore.optim.build_optimizers`` with
+same batches. lmops trains with its real optimizer (``lmcore.training.optimizers.build_optimizers`` with
 params.yaml's ``train`` slice, optimizer AdamW like the reference's: decay on matrices only) in
 the precision ``lmops train`` picks (``lmcore.device.training_choices``: bf16 autocast where this
 machine's probe measured a faster bf16 step at this shape, else fp32); the reference with a plain
@@ -59,7 +59,7 @@ def train_params(**overrides):
 
 def lmops_optimizers(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
     """What ``lmops train`` uses with params.yaml's train slice, AdamW."""
-    from lmcore.optim import build_optimizers
+    from lmcore.training.optimizers import build_optimizers
 
     return build_optimizers(model, train_params())
 

@@ -7,18 +7,17 @@ import typer
 from lmcore.cli import app
 from lmcore.cli import main as _lmcore_main
 from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, SET_OPTION, emit_json, load_params_cli
+from lmcore.config import parse_override
 from lmcore.settings import MLFLOW_PORT, PREFECT_PORT
 
 
 def _overrides(sets: list[str] | None) -> dict:
-    from lmcore.config import parse_override
-
     return dict(parse_override(s) for s in (sets or []))
 
 
 def _prepare_prefect() -> None:
     """Create Prefect's local database as its own step, so a first flow's server start fits its timeout."""
-    from flows.prefect_home import prepare_prefect_database
+    from flows.prefect_home import prepare_prefect_database  # lazy: keeps `lmops --help` fast
 
     prepare_prefect_database(echo=lambda m: typer.secho(m, err=True, dim=True))
 
@@ -39,11 +38,11 @@ def run(
     params a re-run is cached and does no training work.
     """
     load_params_cli(params, sets)  # fail fast on bad params, before Prefect starts
-    from flows.prefect_home import prefect_start_errors
+    from flows.prefect_home import prefect_start_errors  # lazy: keeps `lmops --help` fast
 
     _prepare_prefect()
     typer.secho("starting the training flow (Prefect) ...", err=True, dim=True)
-    from flows.reporting import terminal_summary
+    from flows.reporting import terminal_summary  # lazy: keeps `lmops --help` fast
     from flows.training import training_flow
 
     with prefect_start_errors():
@@ -62,7 +61,7 @@ def harvest(
 ) -> None:
     """Turn new user feedback into validated, versioned training data (and train if enough arrived)."""
     load_params_cli(params, None)
-    from flows.harvest import harvest_flow
+    from flows.harvest import harvest_flow  # lazy: keeps `lmops --help` fast
     from flows.prefect_home import prefect_start_errors
 
     _prepare_prefect()
@@ -94,7 +93,7 @@ def schedule(
     Ctrl-C or SIGTERM.
     """
     p = load_params_cli(params, None)
-    from flows.schedule import serve_schedules
+    from flows.schedule import serve_schedules  # lazy: keeps `lmops --help` fast
 
     _prepare_prefect()  # the local server it starts uses the same database
 
@@ -112,7 +111,7 @@ def ui(
 
     A first start in a fresh lmops home creates Prefect's local database first, as its own step.
     """
-    from flows.ui import run_uis
+    from flows.ui import run_uis  # lazy: keeps `lmops --help` fast
 
     run_uis(mlflow_port=mlflow_port, prefect_port=None if no_prefect else prefect_port, host=host,
             echo=typer.echo)

@@ -3,18 +3,21 @@ in the Prefect UI with the trials table as an artifact (trials themselves are ne
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, task
+from prefect.artifacts import create_table_artifact
 
 from lmcore.config import Params, load_params
+from lmcore.optimize.apply import apply_params
+from lmcore.optimize.sweep import resolve_data, run_sweep
+from lmcore.settings import get_settings
 
 
 @task(name="prepare-for-sweep")
 def sweep_data_task(params: Params, data: str | None) -> tuple[str, str | None]:
     """The prepared folder the trials train on (the training flow's, for the current version)."""
-    from lmcore.optimize.sweep import resolve_data
-
     path, version = resolve_data(data, params)
     return str(path), version
 
@@ -23,10 +26,6 @@ def sweep_data_task(params: Params, data: str | None) -> tuple[str, str | None]:
 def sweep_task(params: Params, data_dir: str, version: str | None, trials: int | None,
                minutes: float | None, study: str | None) -> dict[str, Any]:
     """Optuna TPE + percentile pruning; each trial a nested MLflow run under one parent."""
-    from dataclasses import asdict
-
-    from lmcore.optimize.sweep import run_sweep
-
     return asdict(run_sweep(params, data_dir, trials=trials, minutes=minutes, study_name=study,
                             dataset_version=version))
 
@@ -41,8 +40,6 @@ def optimize_flow(
     apply: bool = False,
 ) -> dict[str, Any]:
     """Sweep the search space in params.yaml; with `apply`, write the best params back to it."""
-    from prefect.artifacts import create_table_artifact
-
     params = load_params(params_path)
     data_dir, version = sweep_data_task(params, data)
     result = sweep_task(params, data_dir, version, trials, minutes, study)
@@ -51,9 +48,6 @@ def optimize_flow(
         create_table_artifact(rows, key="sweep-trials", description=f"trials of study {result['study']}")
     result["applied"] = []
     if apply and result["best_params"]:
-        from lmcore.optimize.apply import apply_params
-        from lmcore.settings import get_settings
-
         changes = apply_params(params_path or get_settings().params_path, result["best_params"])
         result["applied"] = [list(c) for c in changes]
     return result

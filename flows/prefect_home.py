@@ -10,6 +10,7 @@ a start that still times out becomes one `error:` line saying what to do, not a 
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import sys
 import time
@@ -17,7 +18,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import prefect
+import prefect.settings
+from sqlalchemy.engine import make_url
+
 from lmcore.errors import LmopsError
+from lmcore.locks import file_lock
 
 # The start of the RuntimeError that prefect.server.api.server.SubprocessASGIServer.start raises.
 EPHEMERAL_TIMEOUT_MESSAGE = "Timed out while attempting to connect to ephemeral Prefect API server"
@@ -34,9 +40,6 @@ def ephemeral_database_path() -> Path | None:
     None when PREFECT_API_URL points at a server (it owns its database), or the database is not a
     SQLite file (a server database is migrated by whoever runs it; in-memory SQLite dies with it).
     """
-    import prefect.settings
-    from sqlalchemy.engine import make_url
-
     settings = prefect.settings.get_current_settings()
     if settings.api.url:
         return None
@@ -59,8 +62,10 @@ def _applied_revisions(path: Path) -> set[str]:
 
 def _head_revisions() -> set[str]:
     """The revisions the installed Prefect migrates its SQLite database to (~0.1 s, Prefect's server imported)."""
-    from alembic.script import ScriptDirectory
+    from alembic.script import ScriptDirectory  # lazy: Prefect's server modules, only to create the database
     from prefect.server.database import provide_database_interface
+
+    # lazy: Prefect's server modules, only to create the database
     from prefect.server.database.alembic_commands import alembic_config
 
     config = alembic_config()
@@ -71,8 +76,7 @@ def _head_revisions() -> set[str]:
 
 def _migrate() -> None:
     """What the ephemeral server would do on start (`prefect server database upgrade -y`), in this process."""
-    import asyncio
-
+    # lazy: Prefect's server modules, only to create the database
     from prefect.server.database import provide_database_interface
 
     async def upgrade() -> None:
@@ -95,7 +99,6 @@ def prepare_prefect_database(echo: Callable[[str], None] = _stderr) -> float | N
     path = ephemeral_database_path()
     if path is None:
         return None
-    from lmcore.locks import file_lock
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.parent / f".{path.name}.lmops-migrate.lock"):
@@ -103,8 +106,6 @@ def prepare_prefect_database(echo: Callable[[str], None] = _stderr) -> float | N
         if applied and applied == _head_revisions():
             return None
         if applied:
-            import prefect
-
             echo(f"upgrading Prefect's local database {path} to Prefect {prefect.__version__} ...")
         else:
             echo("preparing Prefect's local database (first run only, ~10-45 s) ...")
@@ -118,8 +119,6 @@ def prepare_prefect_database(echo: Callable[[str], None] = _stderr) -> float | N
 
 def startup_timeout_s() -> int:
     """How long Prefect waits for its ephemeral API server (setting server.ephemeral.startup_timeout_seconds)."""
-    import prefect.settings
-
     return prefect.settings.get_current_settings().server.ephemeral.startup_timeout_seconds
 
 

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+
 from lmcore.settings import MLFLOW_PORT
 
 METRIC_KEYS = ("val_loss", "perplexity", "bits_per_byte", "accuracy")
@@ -19,8 +22,6 @@ def stage(index: int, total: int, name: str) -> Iterator[dict[str, str]]:
 
     The caller may set ``note["done"]`` to say what the step produced.
     """
-    from prefect.logging import get_run_logger
-
     logger = get_run_logger()
     sys.stderr.write(f"[{index}/{total}] {name} ...\n")
     sys.stderr.flush()
@@ -67,8 +68,6 @@ def summary_markdown(s: dict[str, Any]) -> str:
 
 def publish_summary(summary: dict[str, Any]) -> None:
     """Markdown summary + metrics table as artifacts of the current flow run."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
     create_markdown_artifact(summary_markdown(summary), key="training-summary", description="lmops training run")
     rows = [{"metric": k, "value": summary["metrics"][k]} for k in METRIC_KEYS if k in summary["metrics"]]
     create_table_artifact(rows, key="training-metrics", description="evaluation metrics of the challenger")

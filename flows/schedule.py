@@ -11,12 +11,22 @@ every place where it no longer matches ``deployment_specs``.
 
 from __future__ import annotations
 
+import signal
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import prefect.settings
+import yaml
+from prefect import serve
+from prefect.schedules import Cron
+
+from flows.harvest import harvest_flow
+from flows.training import training_flow
+from flows.ui import start_prefect_server
 from lmcore.config import Params
-from lmcore.settings import PREFECT_PORT
+from lmcore.services import stop_service
+from lmcore.settings import PREFECT_PORT, get_settings
 
 TRAINING_DEPLOYMENT = "nightly"
 HARVEST_DEPLOYMENT = "hourly"
@@ -35,8 +45,6 @@ def deployment_specs(params: Params) -> dict[str, dict[str, str]]:
 
 def prefect_yaml_differences(params: Params, path: str | Path) -> list[str]:
     """Where ``prefect.yaml``'s deployments differ from ``deployment_specs(params)``; empty when they agree."""
-    import yaml
-
     declared = {d.get("name"): d for d in (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
                 .get("deployments") or []}
     out = []
@@ -55,11 +63,6 @@ def prefect_yaml_differences(params: Params, path: str | Path) -> list[str]:
 
 
 def build_deployments(params: Params, params_path: str | None = None) -> list[Any]:
-    from prefect.schedules import Cron
-
-    from flows.harvest import harvest_flow
-    from flows.training import training_flow
-
     specs = deployment_specs(params)
     return [
         training_flow.to_deployment(
@@ -81,13 +84,6 @@ def build_deployments(params: Params, params_path: str | None = None) -> list[An
 
 def serve_schedules(params: Params, params_path: str | None = None, port: int = PREFECT_PORT, echo=print) -> None:
     """Serve the deployments (blocking); start and stop a local Prefect server if none is set."""
-    import signal
-
-    import prefect.settings
-    from prefect import serve
-
-    from lmcore.settings import get_settings
-
     def _terminate(signum, frame):  # SIGTERM unwinds like Ctrl-C, so the server we started is stopped
         raise KeyboardInterrupt
 
@@ -96,9 +92,6 @@ def serve_schedules(params: Params, params_path: str | None = None, port: int = 
         stack.callback(signal.signal, signal.SIGTERM, previous)
         api_url = get_settings().prefect_api_url
         if api_url is None:
-            from flows.ui import start_prefect_server
-            from lmcore.ui import stop_service
-
             echo("starting a local Prefect server on 127.0.0.1 (10-20 s) ...")
             server = start_prefect_server(port=port)
             stack.callback(stop_service, server)

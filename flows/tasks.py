@@ -13,11 +13,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import os
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
@@ -25,10 +27,17 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.tasks import exponential_backoff
 
 from lmcore.config import Params
-from lmcore.prepare import prepare_key, prepared_dir
+from lmcore.data.ingest import ingest
+from lmcore.data.prepare import prepare_dataset, prepare_key, prepared_dir
+from lmcore.data.versions import DataRegistry
+from lmcore.errors import LmopsError
+from lmcore.registry.models import find_version_by_tag, gate, log_model, register_version
+from lmcore.registry.reports import log_training_outputs
+from lmcore.registry.tracking import TAG_DATASET_VERSION, RunTracker
 from lmcore.settings import get_settings
-from lmcore.stages import STAGE_CODE, STAGE_PARAMS
-from lmcore.tracking import TAG_DATASET_VERSION
+from lmcore.training.evaluate import evaluate
+from lmcore.training.loop import train
+from lmcore.training.stages import STAGE_CODE, STAGE_PARAMS
 
 CACHED: dict[str, Any] = {"cache_expiration": timedelta(days=30), "persist_result": True}
 
@@ -76,15 +85,10 @@ def _train_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
 @task(name="ingest")
 def ingest_task(sources: list[str], params: Params) -> dict[str, Any]:
     """Read, clean, validate (GX) and version the sources; returns the current dataset version."""
-    from lmcore.data.ingest import ingest
-    from lmcore.data.registry import DataRegistry
-
     registry = DataRegistry.open()
     result = ingest(sources, params.data, registry=registry, progress=False)
     current = registry.current()
     if current is None:
-        from lmcore.errors import LmopsError
-
         raise LmopsError("no dataset version: ingest accepted no records and the registry is empty")
     return {
         "version": current.id,
@@ -100,9 +104,6 @@ def ingest_task(sources: list[str], params: Params) -> dict[str, Any]:
 @task(name="prepare", cache_policy=_serializable(_prepare_cache_key), **CACHED)
 def prepare_task(version: str, params: Params) -> str:
     """Tokenizer + deterministic split + memmaps for one dataset version."""
-    from lmcore.data.registry import DataRegistry
-    from lmcore.prepare import prepare_dataset
-
     out = prepared_dir(version, params)
     records = DataRegistry.open().iter_records(version)
     prepare_dataset(records, out, params.tokenizer, params.prepare, dataset_version=version)
@@ -112,9 +113,6 @@ def prepare_task(version: str, params: Params) -> str:
 @task(name="train", cache_policy=_serializable(_train_cache_key), **CACHED)
 def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: dict[str, str]) -> dict[str, Any]:
     """Train one model inside its own MLflow run (explicit run id, thread-safe); the run stays open."""
-    from lmcore.tracking import RunTracker
-    from lmcore.train import train
-
     version = dataset["version"]
     out = train_dir(version, params)
     tracker = RunTracker.start(
@@ -153,11 +151,6 @@ def _evaluate_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
 @task(name="evaluate", cache_policy=_serializable(_evaluate_cache_key), **CACHED)
 def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params, lineage: dict[str, str]) -> dict[str, Any]:
     """Metrics, samples, loss curve, model card and the pyfunc model, into the training run; closes it."""
-    from lmcore.evaluate import evaluate
-    from lmcore.registry import log_model
-    from lmcore.reports import log_training_outputs
-    from lmcore.tracking import RunTracker
-
     out = Path(trained["out_dir"]) / "eval.json"
     tmp = out.with_suffix(".tmp.json")
     metrics = evaluate(Path(trained["model_dir"]), Path(data_dir), params.eval, out_path=tmp)
@@ -180,8 +173,6 @@ def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params, lineag
 @task(name="register", retries=3, retry_delay_seconds=exponential_backoff(2))
 def register_task(trained: dict[str, Any], model_uri: str, params: Params, lineage: dict[str, str]) -> dict[str, Any]:
     """One registered version per trained model: a cached re-run finds and reuses it."""
-    from lmcore.registry import find_version_by_tag, register_version
-
     name = params.registry.model_name
     existing = find_version_by_tag(name, "lmops.train_key", trained["train_key"])
     if existing is not None:
@@ -191,25 +182,19 @@ def register_task(trained: dict[str, Any], model_uri: str, params: Params, linea
 
 
 @task(name="gate")
-def gate_task(registered: dict[str, Any], data_dir: str, params: Params, metrics: dict[str, float]) -> dict[str, Any]:
+def gate_task(registered: dict[str, Any], data_dir: str, params: Params) -> dict[str, Any]:
     """Challenger vs champion on the same validation set; moves `champion` only on a pass.
 
     A re-run that reused the version already serving as champion has nothing to decide: the
-    gate itself says so (``promoted: False``, see ``lmcore.gate``). ``metrics`` (the evaluate
-    task's) are not needed: the gate re-evaluates, or reads the version's recorded numbers.
+    gate itself says so (``promoted: False``, see ``lmcore.registry.gate``). The gate scores both
+    versions itself (or reads their recorded numbers), so the evaluate task's metrics are not passed.
     """
-    from lmcore.registry import gate
-
     return gate(params.registry.model_name, registered["version"], Path(data_dir), params).to_dict()
 
 
 @task(name="deploy", retries=3, retry_delay_seconds=exponential_backoff(1))
 def deploy_task(decision: dict[str, Any], params: Params) -> str:
     """Tell a running server to load the new champion, or record that none runs."""
-    import os
-
-    import httpx
-
     if not decision.get("promoted"):
         return "champion unchanged: nothing to deploy"
     url = os.environ.get("LMOPS_SERVE_URL") or f"http://{params.serve.host}:{params.serve.port}"

@@ -25,7 +25,9 @@ from flows.tasks import (
     train_task,
 )
 from lmcore.config import load_params
+from lmcore.device import pick_device
 from lmcore.locks import file_lock
+from lmcore.registry.tracking import configure_mlflow, lineage_tags
 from lmcore.settings import get_settings
 
 
@@ -56,9 +58,6 @@ def training_flow(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the loop once on `sources` (default: params.data.sources)."""
-    from lmcore.device import pick_device
-    from lmcore.tracking import configure_mlflow, lineage_tags
-
     params = load_params(params_path, overrides)
     configure_mlflow()
     steps = 7
@@ -104,7 +103,7 @@ def training_flow(
             reused = " (reused: same data and params)" if registered["reused"] else ""
             note["done"] = f"{params.registry.model_name} v{model_version}{reused}"
         with stage(6, steps, "gate (challenger vs champion)") as note:
-            decision = gate_task(registered, prepared, params, metrics)
+            decision = gate_task(registered, prepared, params)
             note["done"] = ("promoted" if decision["promoted"] else "kept champion") + f": {decision['reason']}"
     with stage(7, steps, "deploy") as note:
         deployed = deploy_task(decision, params)

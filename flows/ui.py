@@ -1,6 +1,6 @@
 """`lmops ui` and the local Prefect server: whatever starts Prefect lives here, in flows/.
 
-``start_prefect_server`` runs `prefect server start` as a child process group (``lmcore.ui`` starts,
+``start_prefect_server`` runs `prefect server start` as a child process group (``lmcore.services`` starts,
 health-waits and stops services, and starts the MLflow UI). In a fresh lmops home it first creates
 Prefect's local database as its own announced step (``flows.prefect_home``), as `lmops run` does,
 so the server is left only its ordinary start. `lmops schedule` reuses it.
@@ -14,9 +14,12 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import prefect.settings
+
+from flows.prefect_home import prepare_prefect_database
 from lmcore.errors import LmopsError
-from lmcore.settings import MLFLOW_PORT, PREFECT_PORT
-from lmcore.ui import Service, check_port, console_script, log_tail, start_mlflow_ui, start_service, stop_service
+from lmcore.services import Service, check_port, console_script, log_tail, start_mlflow_ui, start_service, stop_service
+from lmcore.settings import MLFLOW_PORT, PREFECT_PORT, apply_environment, get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmcore.settings import Settings
@@ -34,10 +37,6 @@ def prepare_server_database(settings: Settings, echo: Callable[[str], None] = _s
     PREFECT_API_URL set here) the server migrates its database itself on start, as before.
     Returns the seconds the migrations took, or None when nothing was done.
     """
-    import prefect.settings
-
-    from flows.prefect_home import prepare_prefect_database
-
     if prefect.settings.get_current_settings().home.resolve() != settings.prefect_home.resolve():
         return None
     return prepare_prefect_database(echo=echo)
@@ -47,8 +46,6 @@ def start_prefect_server(port: int = PREFECT_PORT, host: str = "127.0.0.1", sett
                          timeout: float = 120.0, echo: Callable[[str], None] = _stderr) -> Service:
     """`prefect server start` with PREFECT_HOME inside the lmops home and analytics off; its database
     is created first (``prepare_server_database``), with ``echo`` saying so on a first start."""
-    from lmcore.settings import apply_environment, get_settings
-
     settings = apply_environment(settings or get_settings())
     check_port(host, port, "prefect")
     settings.prefect_home.mkdir(parents=True, exist_ok=True)

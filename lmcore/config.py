@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from lmcore.errors import LmopsError
+from lmcore.settings import get_settings
 
 # The repository's params.yaml: ``lmcore/shipped_params.yaml`` is a link to it (package data in a wheel).
 SHIPPED_PARAMS = Path(__file__).with_name("shipped_params.yaml")
@@ -393,8 +394,6 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
     Keys the file leaves out take the shipped params.yaml's values.
     """
     if path is None:
-        from lmcore.settings import get_settings
-
         path = get_settings().params_path
     raw = _read_yaml(Path(path))
     for dotted, value in (overrides or {}).items():

@@ -6,7 +6,7 @@ and ``train.optimizer: auto`` mean is decided by :func:`training_choices`: on CU
 measured to be faster on this machine at this model's shapes. That matters in both directions:
 on a 2-core AMX Xeon bf16 training steps were 1.3-2x faster than fp32 from 128 wide, on a 2-core
 AVX2-only EPYC bf16 matrix products run at 1-3 GFLOP/s against ~80 for fp32. CPU bf16 training
-needs ``lmcore.model``'s plain-matmul attention: with SDPA's fused CPU kernel the bf16 backward
+needs ``lmcore.model.transformer``'s plain-matmul attention: with SDPA's fused CPU kernel the bf16 backward
 alone took half the step.
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcore.errors import LmopsError
+from lmcore.probe import Shape, probe
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -90,8 +91,6 @@ def training_choices(device: torch.device, train, cfg=None, probe_result=None) -
         return TrainingChoices(None if dtype is torch.float32 else dtype, optimizer,
                                torch.bfloat16 if bf16 else torch.float32, "cuda" if device.type == "cuda" else "params")
     if probe_result is None:
-        from lmcore.probe import Shape, probe
-
         probe_result = probe(Shape.of(cfg, train.batch_size))
     d = probe_result.decisions
     dtype = DTYPES[d.train_dtype if train.dtype == "auto" else train.dtype]

@@ -17,7 +17,7 @@ The decisions, each made here and nowhere else (:func:`decide` is pure, so tests
 - ``decode_threads`` (:func:`decode_probe`, per model shape without a batch): one thread or torch's
   default for batch-1 decoding, whichever decoded clearly faster;
 - ``int8_engine``: the quantized engine whose int8 linear ran fastest at the model's shapes;
-- int8 compiled decoding (:func:`int8_matvec_speedup`, per machine): int8 weights in the kernel only
+- int8 compiled decoding (:func:`lmcore.model.decode.int8_matvec_speedup`, per machine): int8 weights in the kernel only
   where that kernel beat float32's.
 
 CUDA needs no probe: bf16 autocast and Muon's bf16 iteration are right on every GPU lmops supports.
@@ -25,176 +25,37 @@ CUDA needs no probe: bf16 autocast and Muon's bf16 iteration are right on every 
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import math
-import os
-import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-PROBE_VERSION = 2  # 2: Muon timed as lmcore.optim runs it (stacked, Gram route); busy flag
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+from lmcore.machine import (
+    PROBE_VERSION,
+    best_seconds,
+    cache_dir,
+    cache_key,
+    interleaved_ms,
+    machine_busy,
+    machine_identity,
+    matmul_gflops,
+    read_cached,
+    read_memo,
+    write_cached,
+)
+from lmcore.model.transformer import ModelConfig, Transformer
+from lmcore.training.optimizers import newton_schulz
 
 # Thresholds of the decisions, each with the reason it has this value.
 BF16_MIN_GAIN = 1.10  # bf16 autocast casts every weight each step: below a 10% faster step it is noise
 MUON_STEP_GAIN = 1.5  # Muon saves steps: on a 2-core EPYC 860 Muon steps beat 1,176 AdamW ones (2.41 vs 2.64 bits/char)
 PROBE_TOKENS = 2048  # tokens per timed training step: lmops's default batch (16 x 128)
 DECODE_THREADS_MIN_GAIN = 1.15  # more threads must clearly win: they collapse when another process shares the cores
-
-
-# ----------------------------------------------------------------------------- the CPU
-
-
-@functools.cache  # the CPU does not change under a running process
-def _cpuinfo() -> tuple[str, set[str]]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), set()
-    lines = text.splitlines()
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.machine())
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith(("flags", "Features"))), [])
-    return model, set(flags)
-
-
-def _isa_caps() -> dict[str, str]:
-    return {k: os.environ[k] for k in ISA_CAP_VARS if os.environ.get(k)}
-
-
-def effective_isa(flags: set[str], caps: dict[str, str]) -> list[str]:
-    """The vector ISA torch may use: the CPU's flags less what the env vars cap away (``as-avx2``)."""
-    isa = [f for f in ISA_FLAGS if f in flags]
-    cap = " ".join(caps.values()).upper()
-    if "AVX2" in cap and "512" not in cap and "AMX" not in cap:
-        isa = [f for f in isa if f in ("avx2", "fma", "avx_vnni")]
-    return isa
-
-
-def cpu_class(isa: list[str]) -> str:
-    if "amx_bf16" in isa:
-        return "amx"
-    if "avx512f" in isa:
-        return "avx512"
-    return "avx2" if "avx2" in isa else "other"
-
-
-def machine_identity() -> dict:
-    """Everything a measurement depends on besides the shape: the cache key's contents."""
-    model, flags = _cpuinfo()
-    caps = _isa_caps()
-    isa = effective_isa(flags, caps)
-    return {"cpu": model, "cpu_class": cpu_class(isa), "isa": isa,
-            "aten_capability": torch.backends.cpu.get_cpu_capability(), "isa_caps": caps,
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps([PROBE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def _best_seconds(fn: Callable[[], object], budget_s: float, min_reps: int = 2) -> float:
-    """Best wall time of ``fn`` after one warm-up call, repeating for about ``budget_s``."""
-    fn()
-    best, reps, end = math.inf, 0, time.perf_counter() + budget_s
-    while reps < min_reps or time.perf_counter() < end:
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        reps += 1
-    return best
-
-
-def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, budget_s: float = 0.2,
-                  screen_below: float = 0.0) -> float:
-    """GFLOP/s of (m, k) @ (k, n) in ``dtype``.
-
-    With ``screen_below``, one product of at most 256 rows comes first, and if it runs under
-    that many GFLOP/s its figure is returned: timing bf16 without bf16 units (1-3 GFLOP/s) at
-    full size would only cost seconds to learn the same. The screen is the best of three products
-    after a first: that one creates oneDNN's kernels and the next ones still warm up, which read
-    as 6-100 GFLOP/s on an AVX512-BF16 EPYC whose warm bf16 runs at 250-400.
-    """
-    b = torch.randn(k, n).to(dtype)
-    if screen_below:
-        rows = min(m, 256)
-        a = torch.randn(rows, k).to(dtype)
-        screen = 2 * rows * k * n / _best_seconds(lambda: torch.mm(a, b), 0.0, min_reps=3) / 1e9
-        if screen < screen_below:
-            return screen
-    a = torch.randn(m, k).to(dtype)
-    out = torch.empty(m, n, dtype=dtype)
-    return 2 * m * k * n / _best_seconds(lambda: torch.mm(a, b, out=out), budget_s) / 1e9
-
-
-# ----------------------------------------------------------------------------- machine summary
-
-
-def _cache_dir(home: Path | None) -> Path:
-    if home is None:
-        from lmcore.settings import get_settings
-
-        home = get_settings().home
-    return Path(home) / "cache" / "probe"
-
-
-_memo: dict[Path, dict] = {}  # decode-time reads, kept per process: a generation asks for every sequence
-
-
-def _read_memo(path: Path) -> dict | None:
-    """:func:`_read`, remembered in this process (for the lookups on decoding's hot path)."""
-    if path not in _memo and (hit := _read(path)) is not None:
-        _memo[path] = hit
-    return _memo.get(path)
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("version") == PROBE_VERSION else None
-
-
-def _write(path: Path, data: dict) -> None:
-    _memo.pop(path, None)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
-def cpu_profile(refresh: bool = False, home: Path | None = None) -> dict:
-    """The machine in one dict: identity plus fp32 and bf16 matmul GFLOP/s at a mid-size shape.
-
-    For reports and benchmark JSON; the training and decoding decisions use :func:`probe` at the
-    model's own shapes. Cached like the probe.
-    """
-    ident = machine_identity()
-    path = _cache_dir(home) / f"cpu-{_key(ident)}.json"
-    if not refresh and (hit := _read(path)):
-        return hit["profile"]
-    fp32 = matmul_gflops(1024, 384, 1024, torch.float32)
-    bf16 = matmul_gflops(1024, 384, 1024, torch.bfloat16, screen_below=fp32 / 4)
-    profile = {**ident, "fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
-               "bf16_over_fp32": round(bf16 / fp32, 3), "shape": "1024x384x1024"}
-    _write(path, {"version": PROBE_VERSION, "profile": profile})
-    return profile
-
-
-def describe_cpu(p: dict) -> str:
-    """One line: ``AMD EPYC (avx2, 2 threads): fp32 80 GFLOP/s, bf16 1.5 GFLOP/s``."""
-    return (f"{p['cpu']} ({p['cpu_class']}, {p['threads']} threads): fp32 {p['fp32_gflops']:.0f} GFLOP/s, "
-            f"bf16 {p['bf16_gflops']:.1f} GFLOP/s")
 
 
 # ----------------------------------------------------------------------------- the model-shaped probe
@@ -215,13 +76,11 @@ class Shape:
 
     @classmethod
     def of(cls, cfg, batch_size: int) -> Shape:
-        """From a ``lmcore.model.ModelConfig`` and the training batch size."""
+        """From a ``lmcore.model.transformer.ModelConfig`` and the training batch size."""
         return cls(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_model, cfg.hidden, cfg.vocab_size,
                    cfg.block_size, batch_size)
 
     def config(self):
-        from lmcore.model import ModelConfig
-
         return ModelConfig(vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
                            n_kv_head=self.n_kv_head, d_model=self.d_model, block_size=self.block_size,
                            ffn_hidden=self.hidden)
@@ -267,8 +126,6 @@ def _train_step(cfg, batch: int, dtype: torch.dtype | None) -> tuple[Callable[[]
     Fewer rows than the batch keep a large model's probe short; not fewer than that many tokens,
     or per-op overhead (not matrix work) dominates and the scaled time is too long.
     """
-    from lmcore.model import Transformer
-
     torch.manual_seed(0)
     model = Transformer(cfg).train()
     rows = min(batch, max(1, -(-PROBE_TOKENS // cfg.block_size)))
@@ -284,17 +141,15 @@ def _train_step(cfg, batch: int, dtype: torch.dtype | None) -> tuple[Callable[[]
 
 
 def _hidden_matrix_shapes(cfg) -> list[tuple[int, int]]:
-    """(out, in) of the matrices Muon orthogonalises (lmcore.optim): qkv, proj, gate_up, down per layer."""
+    """(out, in) of the matrices Muon orthogonalises (training/optimizers.py): qkv, proj, gate_up, down per layer."""
     D = cfg.head_dim
     return [((cfg.n_head + 2 * cfg.n_kv_head) * D, cfg.d_model), (cfg.d_model, cfg.n_head * D),
             (2 * cfg.hidden, cfg.d_model), (cfg.d_model, cfg.hidden)]
 
 
 def _newton_schulz(cfg, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
-    """One Newton-Schulz iteration over every layer's matrices (stacked by shape, as lmcore.optim.Muon
+    """One Newton-Schulz iteration over every layer's matrices (stacked by shape, as lmcore.training.optimizers.Muon
     does), and the factor to Muon's 5."""
-    from lmcore.optim import newton_schulz
-
     grads = [torch.randn(cfg.n_layer, *shape) if cfg.n_layer > 1 else torch.randn(shape)
              for shape in _hidden_matrix_shapes(cfg)]
     coeffs = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults
@@ -306,24 +161,8 @@ def _newton_schulz(cfg, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
     return iteration, 5.0
 
 
-def _interleaved_ms(jobs: dict[str, tuple[Callable[[], None], float]], rounds: int = 3) -> dict[str, float]:
-    """Best scaled time of each job over ``rounds``, the jobs taking turns: a burst of load from
-    another process then hits one round of each, not all rounds of one (ratios are what decide)."""
-    for fn, _ in jobs.values():
-        fn()  # warm-up: allocations, oneDNN primitive creation
-    best = dict.fromkeys(jobs, math.inf)
-    for _ in range(rounds):
-        for name, (fn, _) in jobs.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: round(best[name] * factor * 1e3, 2) for name, (_, factor) in jobs.items()}
-
-
 @torch.inference_mode()
 def _decode_ms(cfg, threads: int, steps: int = 24) -> float:
-    from lmcore.model import Transformer
-
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     saved = torch.get_num_threads()
@@ -336,7 +175,7 @@ def _decode_ms(cfg, threads: int, steps: int = 24) -> float:
             for _ in range(steps):
                 model(tok, cache=cache, last_only=True)
 
-        return _best_seconds(run, 0.15) / steps * 1e3
+        return best_seconds(run, 0.15) / steps * 1e3
     finally:
         torch.set_num_threads(saved)
 
@@ -344,15 +183,10 @@ def _decode_ms(cfg, threads: int, steps: int = 24) -> float:
 @torch.inference_mode()
 def _int8_over_fp32(cfg, budget_s: float = 0.1) -> dict[str, float]:
     """Per quantized engine: batch-1 speed of torch's int8 dynamic linear over fp32, on the MLP's matrices."""
-    import warnings
-
-    import torch.nn as nn
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     shapes = [(2 * cfg.hidden, cfg.d_model), (cfg.d_model, cfg.hidden)]
     x = {s: torch.randn(1, s[1]) for s in shapes}
     fp32 = {s: nn.Linear(s[1], s[0], bias=False) for s in shapes}
-    fp32_s = _best_seconds(lambda: [fp32[s](x[s]) for s in shapes], budget_s)
+    fp32_s = best_seconds(lambda: [fp32[s](x[s]) for s in shapes], budget_s)
     saved, out = torch.backends.quantized.engine, {}
     try:
         for engine in torch.backends.quantized.supported_engines:
@@ -368,7 +202,7 @@ def _int8_over_fp32(cfg, budget_s: float = 0.1) -> dict[str, float]:
                     q[s].set_weight_bias(torch.quantize_per_channel(w, scale, torch.zeros(s[0], dtype=torch.long),
                                                                     0, torch.qint8), None)
                 try:
-                    out[engine] = round(fp32_s / _best_seconds(lambda q=q: [q[s](x[s]) for s in shapes], budget_s), 3)
+                    out[engine] = round(fp32_s / best_seconds(lambda q=q: [q[s](x[s]) for s in shapes], budget_s), 3)
                 except RuntimeError:  # an engine listed but unusable on this CPU
                     continue
     finally:
@@ -386,7 +220,7 @@ def measure(shape: Shape, budget_s: float = 0.1) -> Measurements:
     if bf16 > fp32:  # else timing bf16 steps and iterations only costs minutes to learn they are slower
         jobs.update(step_ms_bf16=_train_step(cfg, shape.batch_size, torch.bfloat16),
                     ns_ms_bf16=_newton_schulz(cfg, torch.bfloat16))
-    times = _interleaved_ms(jobs)
+    times = interleaved_ms(jobs)
     return Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=times["step_ms_fp32"],
                         step_ms_bf16=times.get("step_ms_bf16"), ns_ms_fp32=times["ns_ms_fp32"],
                         ns_ms_bf16=times.get("ns_ms_bf16"))
@@ -427,64 +261,16 @@ def _decode_shape(cfg) -> dict:
 def decode_probe(cfg, refresh: bool = False, home: Path | None = None) -> DecodeProbe:
     """Decode threads and int8 kernels for a model ``cfg`` (``ModelConfig``): cached, else measured (~0.5 s)."""
     ident = machine_identity()
-    path = _cache_dir(home) / f"decode-{_key(ident, _decode_shape(cfg))}.json"
-    if not refresh and (hit := _read_memo(path)):
+    path = cache_dir(home) / f"decode-{cache_key(ident, _decode_shape(cfg))}.json"
+    if not refresh and (hit := read_memo(path)):
         d = hit["decode"]
         return DecodeProbe(d["decode_ms_1"], d["decode_ms_n"], d["threads"], d["int8_over_fp32"])
     threads = ident["threads"]
     one = _decode_ms(cfg, 1)
     result = DecodeProbe(round(one, 3), round(_decode_ms(cfg, threads), 3) if threads > 1 else round(one, 3),
                          threads, _int8_over_fp32(cfg))
-    _write(path, {"version": PROBE_VERSION, "machine": ident, "shape": _decode_shape(cfg),
+    write_cached(path, {"version": PROBE_VERSION, "machine": ident, "shape": _decode_shape(cfg),
                   "decode": result.to_dict()})
-    return result
-
-
-INT8_PROBE_SHAPE = (1024, 384)  # (out, in): a mid-size decode matrix; the ratio is a property of the kernels
-
-
-def int8_matvec_speedup(refresh: bool = False, home: Path | None = None) -> dict:
-    """Speed of lmcore.decode's compiled weight-only int8 matrix-vector product over its fp32 one.
-
-    Measured once per machine (~10-20 s: two small Inductor compiles), at 1 thread and at all,
-    best of each side. It decides whether compiled decoding of an int8 model reads int8 weights
-    (a quarter of the bytes, but each widened in registers: 1.6x faster on an AMX Xeon) or their
-    float32 values (0.35-0.38x of fp32's speed on an AVX2-only EPYC, which lacks int8 dot products).
-    """
-    ident = machine_identity()
-    path = _cache_dir(home) / f"int8-{_key(ident)}.json"
-    if not refresh and (hit := _read_memo(path)):
-        return hit["int8"]
-    from lmcore.decode import CPU_INDUCTOR_OPTIONS, CPU_INT8_OPTIONS, compiled_cache_dir, linear
-
-    compiled_cache_dir()
-    torch.manual_seed(0)
-    out_f, in_f = INT8_PROBE_SHAPE
-    w, x, norm = torch.randn(out_f, in_f), torch.randn(1, 1, in_f), torch.ones(in_f)
-    scale = w.abs().amax(dim=1) / 127.0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-
-    def step(x, weight, norm):  # what a decode step does around each product: norm, then matvec
-        return linear(torch.rms_norm(x, (in_f,), norm, 1e-5), weight)
-
-    fp32 = torch.compile(step, options=CPU_INDUCTOR_OPTIONS, dynamic=False)
-    int8 = torch.compile(step, options={**CPU_INDUCTOR_OPTIONS, **CPU_INT8_OPTIONS}, dynamic=False)
-    saved, best = torch.get_num_threads(), {"fp32": math.inf, "int8": math.inf}
-    # memory_planning's pool views (Inductor's own ``_alloc_from_pool``) fail torch's first-call
-    # custom-op aliasing check, an error wherever CI is set; decoding itself runs AOT and is not checked
-    no_alias_check = torch._functorch.config.patch(check_custom_op_aliasing=False)
-    try:
-        with torch.inference_mode(), no_alias_check:
-            for threads in sorted({1, saved}):
-                torch.set_num_threads(threads)
-                times = _interleaved_ms({"fp32": (lambda: fp32(x, w, norm), 1.0),
-                                         "int8": (lambda: int8(x, (q, scale), norm), 1.0)}, rounds=200)
-                best = {k: min(best[k], times[k]) for k in best}
-    finally:
-        torch.set_num_threads(saved)
-    result = {"fp32_us": round(best["fp32"] * 1e3, 1), "int8_us": round(best["int8"] * 1e3, 1),
-              "speedup": round(best["fp32"] / best["int8"], 3), "shape": list(INT8_PROBE_SHAPE)}
-    _write(path, {"version": PROBE_VERSION, "machine": ident, "int8": result})
     return result
 
 
@@ -509,14 +295,6 @@ class Probe:
                    cached=cached, busy=d.get("busy", False))
 
 
-def machine_busy() -> bool:
-    """Whether other work keeps the cores busy: a 1-minute load above the core count, this process included."""
-    try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except OSError:  # no load average on this platform
-        return False
-
-
 def probe(shape: Shape, refresh: bool = False, home: Path | None = None) -> Probe:
     """The training measurements and decisions for ``shape`` on this machine: cached, else measured now.
 
@@ -525,8 +303,8 @@ def probe(shape: Shape, refresh: bool = False, home: Path | None = None) -> Prob
     ratio taken then could pin a wrong default for good.
     """
     ident = machine_identity()
-    path = _cache_dir(home) / f"probe-{_key(ident, asdict(shape))}.json"
-    if not refresh and (hit := _read(path)) and not hit["probe"].get("busy"):
+    path = cache_dir(home) / f"probe-{cache_key(ident, asdict(shape))}.json"
+    if not refresh and (hit := read_cached(path)) and not hit["probe"].get("busy"):
         return Probe.from_dict(hit["probe"], cached=True)
     t0 = time.perf_counter()
     busy = machine_busy()
@@ -534,7 +312,7 @@ def probe(shape: Shape, refresh: bool = False, home: Path | None = None) -> Prob
     result = Probe(machine=ident, shape=shape, measurements=m, decisions=decide(m),
                    measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    seconds=round(time.perf_counter() - t0, 2), busy=busy or machine_busy())
-    _write(path, {"version": PROBE_VERSION, "probe": result.to_dict()})
+    write_cached(path, {"version": PROBE_VERSION, "probe": result.to_dict()})
     return result
 
 
@@ -542,8 +320,8 @@ def cached_probes(home: Path | None = None) -> list[Probe]:
     """Every training probe this home has for this machine, newest first (for ``lmops info``)."""
     ident = machine_identity()
     out = []
-    for path in _cache_dir(home).glob("probe-*.json"):
-        hit = _read(path)
+    for path in cache_dir(home).glob("probe-*.json"):
+        hit = read_cached(path)
         if hit and hit["probe"]["machine"] == ident:
             out.append(Probe.from_dict(hit["probe"], cached=True))
     return sorted(out, key=lambda p: p.measured_at, reverse=True)
@@ -552,5 +330,5 @@ def cached_probes(home: Path | None = None) -> list[Probe]:
 def cached_decode_probes(home: Path | None = None) -> list[dict]:
     """Every decode probe this home has for this machine: ``{"shape": ..., "decode": ...}`` (for ``lmops info``)."""
     ident = machine_identity()
-    hits = (_read(path) for path in sorted(_cache_dir(home).glob("decode-*.json")))
+    hits = (read_cached(path) for path in sorted(cache_dir(home).glob("decode-*.json")))
     return [{"shape": h["shape"], "decode": h["decode"]} for h in hits if h and h.get("machine") == ident]

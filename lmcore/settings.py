@@ -90,7 +90,7 @@ class Settings:
 
     @property
     def decode_cache(self) -> Path:
-        """AOT-compiled decode steps (``lmcore.decode``), one library per model shape."""
+        """AOT-compiled decode steps (``lmcore.model.decode``), one library per model shape."""
         return self.home / "cache" / "decode"
 
     def ensure(self) -> Settings:

@@ -43,7 +43,7 @@ def sharp_model(cfg):
     the 0.02 init, so greedy and sampling choices actually depend on the logits."""
     import torch
 
-    from lmcore.model import Transformer
+    from lmcore.model.transformer import Transformer
 
     torch.manual_seed(0)
     model = Transformer(cfg).eval()

@@ -50,9 +50,9 @@ def trained_model(folder: Path, steps: int = 60, seed: int = 0, **cfg_overrides)
     """A byte-level model folder trained a few dozen steps on ``TEXT`` (so greedy output is not a tie)."""
     import torch
 
-    from lmcore.checkpoint import save_model
-    from lmcore.model import ModelConfig, Transformer
-    from lmcore.tokenizer import BYTE_VOCAB, Tokenizer
+    from lmcore.data.tokenizer import BYTE_VOCAB, Tokenizer
+    from lmcore.model.checkpoint import save_model
+    from lmcore.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=BYTE_VOCAB, **{**dict(n_layer=2, n_head=2, n_kv_head=1, d_model=48,
@@ -75,8 +75,8 @@ def trained_model(folder: Path, steps: int = 60, seed: int = 0, **cfg_overrides)
 
 def register(model_dir: Path, name: str, experiment: str = "optimize-tests", champion: bool = False) -> str:
     """Log ``model_dir`` to a real MLflow run and register it; optionally make it the champion."""
-    from lmcore.registry import log_model, promote, register_version
-    from lmcore.tracking import TAG_DATASET_VERSION, RunTracker
+    from lmcore.registry.models import log_model, promote, register_version
+    from lmcore.registry.tracking import TAG_DATASET_VERSION, RunTracker
 
     tracker = RunTracker.start(experiment, "train", params={}, tags={TAG_DATASET_VERSION: "test-data"},
                                system_metrics=False)

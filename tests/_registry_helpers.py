@@ -43,7 +43,7 @@ def corpus_text(n_chars: int = 24_000) -> str:
 def prepared_data(out: Path) -> Path:
     """A byte-tokenized prepared folder: ~20k chars train, ~4k chars val."""
     from lmcore.config import TokenizerParams
-    from lmcore.prepare import prepare_split_texts
+    from lmcore.data.prepare import prepare_split_texts
 
     text = corpus_text()
     cut = int(len(text) * 0.83)
@@ -55,9 +55,9 @@ def tiny_model_dir(out: Path, seed: int = 0, nan: bool = False) -> Path:
     """An untrained 1-layer, d_model 32 model folder with the byte tokenizer."""
     import torch
 
-    from lmcore.checkpoint import save_model
-    from lmcore.model import ModelConfig, Transformer
-    from lmcore.tokenizer import Tokenizer
+    from lmcore.data.tokenizer import Tokenizer
+    from lmcore.model.checkpoint import save_model
+    from lmcore.model.transformer import ModelConfig, Transformer
 
     tok = Tokenizer.train([], kind="byte")
     torch.manual_seed(seed)
@@ -85,7 +85,7 @@ def tiny_params(**train_overrides):
 
 
 def trained_model(data_dir: Path, out: Path, on_metrics=None, **train_overrides):
-    from lmcore.train import train
+    from lmcore.training.loop import train
 
     p = tiny_params(**train_overrides)
     return train(data_dir, out, p.model, p.train, progress=False, on_metrics=on_metrics, dataset_version="testdata")

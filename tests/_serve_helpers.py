@@ -21,9 +21,9 @@ def make_model(folder: Path, seed: int = 0, **overrides) -> Path:
     """A random-weight byte-level model folder (config.json + model.safetensors + tokenizer.json)."""
     import torch
 
-    from lmcore.checkpoint import save_model
-    from lmcore.model import ModelConfig, Transformer
-    from lmcore.tokenizer import BYTE_VOCAB, Tokenizer
+    from lmcore.data.tokenizer import BYTE_VOCAB, Tokenizer
+    from lmcore.model.checkpoint import save_model
+    from lmcore.model.transformer import ModelConfig, Transformer
 
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=BYTE_VOCAB, **{**TINY, **overrides})

@@ -43,7 +43,7 @@ def eighty(monkeypatch):
 
 @pytest.fixture()
 def model_versions(monkeypatch):
-    import lmcore.registry as registry
+    import lmcore.registry.models as registry
 
     versions = [
         {"name": "lmops-lm", "version": "12", "aliases": ["challenger", "champion"], "created": 0,
@@ -63,7 +63,7 @@ def model_versions(monkeypatch):
 
 @pytest.fixture()
 def data_versions(monkeypatch):
-    from lmcore.data.registry import DataRegistry, DatasetVersion
+    from lmcore.data.versions import DataRegistry, DatasetVersion
 
     found = [
         DatasetVersion(id="48483cf067ea", created_at="2026-12-02T18:30:22Z", kind="ingest", rows=1234567,

@@ -1,6 +1,6 @@
 """Code tier: the files that say the same thing twice agree, so nothing has two sources of truth.
 
-- dvc.yaml's code deps and params per stage == ``lmcore.stages.STAGE_CODE`` / ``STAGE_PARAMS``, the
+- dvc.yaml's code deps and params per stage == ``lmcore.training.stages.STAGE_CODE`` / ``STAGE_PARAMS``, the
   lists the Prefect cache keys hash, so `dvc repro` and `lmops run` retrain on the same changes;
 - prefect.yaml's deployments carry params.yaml's crons and time zone;
 - the local UI ports are written once, in ``lmcore.settings``;
@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from lmcore.config import ModelParams, load_params
-from lmcore.stages import STAGE_CODE, STAGE_PARAMS, STAGES, code_files
+from lmcore.training.stages import STAGE_CODE, STAGE_PARAMS, STAGES, code_files
 
 pytestmark = pytest.mark.code
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINT = "lmcore/stages.py"  # the command DVC runs; the Prefect tasks call the stage functions directly
+ENTRY_POINT = "lmcore/training/stages.py"  # the command DVC runs; the Prefect tasks call the stage functions directly
 
 
 def _dvc_stages() -> dict:
@@ -34,7 +34,7 @@ def test_dvc_deps_are_the_stage_code(stage):
     spec = _dvc_stages()[stage]
     code = {d for d in spec["deps"] if d.startswith("lmcore/") and d.endswith(".py")} - {ENTRY_POINT}
     assert code == set(code_files(stage)), (
-        f"dvc.yaml's {stage} deps and lmcore.stages.STAGE_CODE[{stage!r}] differ: "
+        f"dvc.yaml's {stage} deps and lmcore.training.stages.STAGE_CODE[{stage!r}] differ: "
         f"only in dvc.yaml {sorted(code - set(code_files(stage)))}, "
         f"only in STAGE_CODE {sorted(set(code_files(stage)) - code)}")
     assert all((ROOT / f).is_file() for f in code_files(stage))
@@ -93,7 +93,7 @@ def test_ui_ports_are_written_once():
 
 
 def test_model_config_is_the_model_slice_plus_vocab():
-    from lmcore.model import ModelConfig
+    from lmcore.model.transformer import ModelConfig
 
     assert issubclass(ModelConfig, ModelParams)
     extra = {f.name for f in dataclasses.fields(ModelConfig)} - {f.name for f in dataclasses.fields(ModelParams)}

@@ -11,7 +11,7 @@ import torch
 from _lm_helpers import ROOT, tiny_params, write_corpus
 from safetensors.torch import load_file
 
-from lmcore.prepare import prepare_dataset, read_text_source
+from lmcore.data.prepare import prepare_dataset, read_text_source
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -22,7 +22,7 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from safetensors.torch import save_file
 from _lm_helpers import tiny_params
-from lmcore.train import train
+from lmcore.training.loop import train
 
 def dump(model):
     sd = {{k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}}

@@ -1,4 +1,4 @@
-"""The decode step (lmcore.decode), compiled and batched, against the eager model it must reproduce."""
+"""The decode step (lmcore.model.decode), compiled and batched, against the eager model it must reproduce."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from _lm_helpers import sharp_model
 
-from lmcore.decode import Decoder
-from lmcore.generate import SamplingParams, generate_tokens
-from lmcore.model import ModelConfig, Transformer
+from lmcore.model.decode import Decoder
+from lmcore.model.generate import SamplingParams, generate_tokens
+from lmcore.model.transformer import ModelConfig, Transformer
 from lmcore.optimize.quantize import quantize_model, weight_only_model
 
 pytestmark = pytest.mark.model
@@ -130,8 +130,7 @@ def test_an_int8_model_decodes_weight_only(model, monkeypatch, kernels):
 
 def test_int8_kernels_follow_the_machines_probe(model, monkeypatch, tmp_path):
     """Measured once per machine and cached; the decoder's choice is the measurement's."""
-    from lmcore.decode import use_int8_kernels
-    from lmcore.probe import int8_matvec_speedup
+    from lmcore.model.decode import int8_matvec_speedup, use_int8_kernels
 
     monkeypatch.delenv("LMOPS_INT8_KERNELS", raising=False)
     first = int8_matvec_speedup(home=tmp_path)
@@ -144,7 +143,7 @@ def test_int8_kernels_follow_the_machines_probe(model, monkeypatch, tmp_path):
 def test_a_new_process_loads_the_compiled_step_from_disk(model, monkeypatch):
     """The AOT-compiled library is kept under the lmops home: a later process (here: an emptied
     in-process table) loads it instead of compiling again, and it decodes the same logits."""
-    from lmcore import decode
+    from lmcore.model import decode
     from lmcore.settings import get_settings
 
     seq = [3, 14, 15, 9, 26, 5]

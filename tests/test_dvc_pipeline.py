@@ -1,4 +1,4 @@
-"""Model tier: `dvc repro` runs prepare -> train -> evaluate through lmcore.stages, caches them, reruns
+"""Model tier: `dvc repro` runs prepare -> train -> evaluate through lmcore.training.stages, caches them, reruns
 only what a param change touches, supports `dvc exp run -S` / `dvc exp show` / `dvc metrics diff`, and
 prepares from a fresh clone after `dvc pull`."""
 
@@ -19,7 +19,7 @@ from _datahelp import ROOT, make_workspace
 
 from lmcore.config import load_params
 from lmcore.data.ingest import ingest
-from lmcore.data.registry import DataRegistry
+from lmcore.data.versions import DataRegistry
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

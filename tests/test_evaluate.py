@@ -10,11 +10,11 @@ import pytest
 import torch
 from _lm_helpers import tiny_params, write_corpus
 
-from lmcore.checkpoint import load_model
+from lmcore.data.prepare import prepare_dataset, read_text_source
 from lmcore.errors import LmopsError
-from lmcore.evaluate import evaluate, evaluate_model
-from lmcore.prepare import prepare_dataset, read_text_source
-from lmcore.train import train
+from lmcore.model.checkpoint import load_model
+from lmcore.training.evaluate import evaluate, evaluate_model
+from lmcore.training.loop import train
 
 pytestmark = pytest.mark.model
 
@@ -82,8 +82,8 @@ def test_bad_inputs(trained, tmp_path):
 
 def test_text_bits_per_byte_is_evaluate_models_measure(trained):
     """One bits-per-byte: the text-level measure (int8 comparisons) equals evaluate's on the same tokens."""
-    from lmcore.evaluate import bits_per_byte
     from lmcore.optimize.quantize import bits_per_byte as quantize_bpb
+    from lmcore.training.evaluate import bits_per_byte
 
     model_dir, data, _ = trained
     model, tok, _ = load_model(model_dir)

@@ -13,7 +13,7 @@ import pytest
 from _serve_helpers import make_model, process_server
 
 from lmcore.errors import LmopsError
-from lmcore.feedback import FeedbackStore, UnknownGeneration
+from lmcore.feedback.store import FeedbackStore, UnknownGeneration
 
 pytestmark = pytest.mark.data
 

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 def test_training_flow_end_to_end_then_cached(prefect_harness, tiny_workspace):
     from flows.training import training_flow
-    from lmcore.registry import list_versions, resolve_alias
+    from lmcore.registry.models import list_versions, resolve_alias
 
     first = training_flow(sources=[str(tiny_workspace / "corpus")])
     assert first["model_version"] == "1"
@@ -60,7 +60,7 @@ def test_flow_artifacts_are_published(prefect_harness, tiny_workspace):
 
 def test_two_runs_at_once_register_once(prefect_harness, tiny_workspace):
     from flows.training import training_flow
-    from lmcore.registry import list_versions
+    from lmcore.registry.models import list_versions
 
     results, errors = [], []
 
@@ -125,7 +125,7 @@ def test_optimize_flow_sweeps_and_applies(prefect_harness, tiny_workspace):
 def test_tracking_server_down_fails_the_run_with_the_uri(prefect_harness, tiny_workspace, monkeypatch):
     from flows.training import training_flow
     from lmcore.errors import LmopsError
-    from lmcore.ui import free_port
+    from lmcore.services import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
@@ -160,8 +160,8 @@ def test_harvest_flow_closes_the_loop(prefect_harness, tiny_workspace):
     """Feedback rows -> a validated `feedback` dataset version -> a triggered training run on it."""
     from flows.harvest import harvest_flow
     from flows.training import training_flow
-    from lmcore.data.registry import DataRegistry
-    from lmcore.feedback import FeedbackStore
+    from lmcore.data.versions import DataRegistry
+    from lmcore.feedback.store import FeedbackStore
     from lmcore.settings import get_settings
 
     first = training_flow(sources=[str(tiny_workspace / "corpus")])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lmcore.gate import GateDecision, decide, finite_metrics, is_champion
+from lmcore.registry.gate import GateDecision, decide, finite_metrics, is_champion
 
 pytestmark = pytest.mark.code
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from _lm_helpers import sharp_model
 
-from lmcore.decode import Decoder
-from lmcore.generate import (
+from lmcore.data.tokenizer import Tokenizer
+from lmcore.model.decode import Decoder
+from lmcore.model.generate import (
     SamplingParams,
     _generator,
     decode_threads,
@@ -16,8 +17,7 @@ from lmcore.generate import (
     pick_next,
     stream_text,
 )
-from lmcore.model import ModelConfig, Transformer
-from lmcore.tokenizer import Tokenizer
+from lmcore.model.transformer import ModelConfig, Transformer
 
 pytestmark = pytest.mark.model
 

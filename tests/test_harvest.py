@@ -8,8 +8,8 @@ import threading
 import pytest
 
 from lmcore.config import FeedbackParams, Params
-from lmcore.feedback import FeedbackStore
-from lmcore.harvest import build_records, harvest, holdout_score, is_trainable
+from lmcore.feedback.harvest import build_records, harvest, holdout_score, is_trainable
+from lmcore.feedback.store import FeedbackStore
 from lmcore.settings import Settings
 
 pytestmark = pytest.mark.data
@@ -52,7 +52,7 @@ def _fill(store, n_up=6, tag="a"):
 
 
 def test_records_take_the_correction_and_mark_negatives():
-    from lmcore.feedback import FeedbackRow
+    from lmcore.feedback.store import FeedbackRow
 
     rows = [FeedbackRow(1, "g1", 1, None, None, 0.0, "P:", "good", "1"),
             FeedbackRow(2, "g2", -1, "fixed", "c", 0.0, "P:", "bad", "1"),
@@ -76,7 +76,7 @@ def test_harvest_validates_versions_and_is_idempotent(env):
     assert res.negatives == 1 and res.train_records + res.holdout_records == 7
     assert res.version and res.should_train and res.watermark == rows
 
-    from lmcore.data.registry import DataRegistry
+    from lmcore.data.versions import DataRegistry
 
     reg = DataRegistry.open(settings)
     df = reg.read(res.version, kinds=("feedback",))
@@ -111,7 +111,7 @@ def test_concurrent_harvests_never_double_append(env):
         t.join()
     assert not errors
     assert sorted(r.new_rows for r in results) == [0, rows]
-    from lmcore.data.registry import DataRegistry
+    from lmcore.data.versions import DataRegistry
 
     df = DataRegistry.open(settings).read(kinds=("feedback",))
     assert len(df) == rows - 2 and df["id"].is_unique
@@ -121,17 +121,17 @@ def test_a_failed_ingest_keeps_the_rows_for_the_next_harvest(env, monkeypatch):
     settings, store = env
     params = Params(feedback=FeedbackParams(min_new_records=1))
     rows = _fill(store, n_up=2, tag="c")
-    import lmcore.data.ingest as ingest_mod
+    import lmcore.feedback.harvest as harvest_mod  # the name harvest calls
 
-    real = ingest_mod.ingest_records
+    real = harvest_mod.ingest_records
 
     def broken(*a, **kw):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ingest_mod, "ingest_records", broken)
+    monkeypatch.setattr(harvest_mod, "ingest_records", broken)
     with pytest.raises(OSError):
         harvest(settings, params, store=store)
     assert store.watermark() == rows  # claimed ...
-    monkeypatch.setattr(ingest_mod, "ingest_records", real)
+    monkeypatch.setattr(harvest_mod, "ingest_records", real)
     res = harvest(settings, params, store=store)  # ... and handed back
     assert res.new_rows == rows and res.version is not None

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from lmcore.checkpoint import load_model, save_model
+from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
-from lmcore.generate import SamplingParams, generate_tokens
-from lmcore.hf import export_hf, from_hf_state_dict, hf_config, import_hf, to_hf_state_dict
-from lmcore.model import ModelConfig, Transformer
-from lmcore.tokenizer import Tokenizer
+from lmcore.model.checkpoint import load_model, save_model
+from lmcore.model.generate import SamplingParams, generate_tokens
+from lmcore.model.hf import export_hf, from_hf_state_dict, hf_config, import_hf, to_hf_state_dict
+from lmcore.model.transformer import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 

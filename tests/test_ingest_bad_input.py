@@ -16,7 +16,7 @@ import pytest
 from _datahelp import data_params, env_for, make_workspace
 
 from lmcore.data.ingest import ingest
-from lmcore.data.registry import DataRegistry
+from lmcore.data.versions import DataRegistry
 from lmcore.errors import LmopsError
 
 pytestmark = pytest.mark.data

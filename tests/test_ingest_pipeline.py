@@ -14,8 +14,8 @@ from _datahelp import data_params, make_workspace
 from lmcore.data import digests, sources
 from lmcore.data.clean import clean_array, make_cleaner, record_id
 from lmcore.data.ingest import ingest
-from lmcore.data.registry import DataRegistry
 from lmcore.data.sources import read, resolve
+from lmcore.data.versions import DataRegistry
 
 pytestmark = pytest.mark.data
 

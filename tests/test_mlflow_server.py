@@ -19,7 +19,7 @@ def server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1:<free port>, sqlite backend + proxied artifacts in tmp, stopped by PID."""
     import shutil
 
-    from lmcore.ui import free_port, start_service, stop_service
+    from lmcore.services import free_port, start_service, stop_service
 
     base = tmp_path_factory.mktemp("mlflow-server")
     shutil.copy(template_db(tmp_path_factory.getbasetemp()), base / "server.db")  # skip the migrations
@@ -38,8 +38,8 @@ def server(tmp_path_factory):
 
 
 def test_track_register_and_load_over_http(server, tmp_path, monkeypatch):
-    from lmcore.registry import fetch_model_dir, gate, list_versions, log_model, register_version, resolve_alias
-    from lmcore.tracking import RunTracker, configure_mlflow, lineage_tags
+    from lmcore.registry.models import fetch_model_dir, gate, list_versions, log_model, register_version, resolve_alias
+    from lmcore.registry.tracking import RunTracker, configure_mlflow, lineage_tags
 
     monkeypatch.setenv("LMOPS_HOME", str(tmp_path / "client-home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server["url"])
@@ -64,7 +64,7 @@ def test_track_register_and_load_over_http(server, tmp_path, monkeypatch):
     from _registry_helpers import corpus_text, tiny_params
 
     from lmcore.config import TokenizerParams
-    from lmcore.prepare import prepare_split_texts
+    from lmcore.data.prepare import prepare_split_texts
 
     text = corpus_text(6000)
     data = prepare_split_texts([text[:5000]], [text[5000:]], tmp_path / "data", TokenizerParams(kind="byte"))

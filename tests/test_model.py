@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcore.model import ModelConfig, Transformer
+from lmcore.model.transformer import ModelConfig, Transformer
 
 pytestmark = pytest.mark.model
 
@@ -35,7 +35,7 @@ def test_incremental_decoding_matches_full_forward(n_kv_head):
 
 def test_slots_of_different_lengths_decode_together_as_they_would_alone():
     """Prompts prefilled into their own slots, then one step for all rows: each row's logits are its own."""
-    from lmcore.decode import Decoder
+    from lmcore.model.decode import Decoder
 
     model = make()
     rows = [torch.randint(0, 53, (n,)) for n in (9, 4, 1)]

@@ -10,7 +10,7 @@ import pytest
 from _serve_helpers import make_model, thread_server
 
 from lmcore.config import Params, ServeParams
-from lmcore.feedback import FeedbackStore
+from lmcore.feedback.store import FeedbackStore
 
 pytestmark = pytest.mark.code
 CHROMIUM = Path("/usr/bin/chromium")

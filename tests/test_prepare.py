@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from _lm_helpers import tiny_params, write_corpus
 
-from lmcore.errors import LmopsError
-from lmcore.prepare import (
+from lmcore.data.prepare import (
     load_prepared,
     prepare_dataset,
     prepare_split_texts,
@@ -17,7 +16,8 @@ from lmcore.prepare import (
     record_id,
     token_byte_lengths,
 )
-from lmcore.tokenizer import Tokenizer
+from lmcore.data.tokenizer import Tokenizer
+from lmcore.errors import LmopsError
 
 pytestmark = pytest.mark.data
 

@@ -1,4 +1,4 @@
-"""Which prepared folder a command uses (lmcore.prepared_data): every branch but the registry's
+"""Which prepared folder a command uses (lmcore.data.prepared): every branch but the registry's
 (that one is tests/test_sweep.py::test_sweep_defaults_to_the_current_dataset_version)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import shutil
 import pytest
 from _lm_helpers import tiny_params, write_corpus
 
+from lmcore.data.prepare import META
+from lmcore.data.prepared import WORKSPACE_PREPARED, resolve_prepared
 from lmcore.errors import LmopsError
-from lmcore.prepare import META
-from lmcore.prepared_data import WORKSPACE_PREPARED, resolve_prepared
 
 pytestmark = pytest.mark.data
 

@@ -10,8 +10,8 @@ import torch
 
 from lmcore.config import TrainParams
 from lmcore.device import training_choices
-from lmcore.model import ModelConfig
-from lmcore.optim import Muon, newton_schulz
+from lmcore.machine import cpu_class, effective_isa
+from lmcore.model.transformer import ModelConfig
 from lmcore.probe import (
     MUON_STEP_GAIN,
     Decisions,
@@ -19,12 +19,11 @@ from lmcore.probe import (
     Measurements,
     Probe,
     Shape,
-    cpu_class,
     decide,
     decode_probe,
-    effective_isa,
     probe,
 )
+from lmcore.training.optimizers import Muon, newton_schulz
 
 pytestmark = pytest.mark.code
 

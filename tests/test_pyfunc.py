@@ -19,8 +19,8 @@ NAME = "pyfunc-lm"
 
 @pytest.fixture(scope="module")
 def champion(tmp_path_factory):
-    from lmcore.registry import log_model, promote, register_version
-    from lmcore.tracking import RunTracker, lineage_tags
+    from lmcore.registry.models import log_model, promote, register_version
+    from lmcore.registry.tracking import RunTracker, lineage_tags
 
     base = tmp_path_factory.mktemp("pyfunc")
     old = os.environ.get("LMOPS_HOME")
@@ -46,8 +46,8 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def test_logged_model_has_safetensors_and_no_pickle(champion):
-    from lmcore.registry import fetch_model_dir
-    from lmcore.tracking import get_client
+    from lmcore.registry.models import fetch_model_dir
+    from lmcore.registry.tracking import get_client
 
     local = Path(get_client().download_artifacts(champion["run_id"], "model", str(champion["base"] / "dl")))
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
@@ -80,7 +80,7 @@ def test_fresh_process_loads_champion_and_predicts(champion):
 
 
 def test_mlflow_models_serve_answers_invocations(champion):
-    from lmcore.ui import free_port, start_service, stop_service
+    from lmcore.services import free_port, start_service, stop_service
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

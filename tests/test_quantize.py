@@ -11,9 +11,9 @@ import torch
 from _optimize_helpers import _one_thread, module_home_fixture, register, run_cli, trained_model  # noqa: F401
 from safetensors import safe_open
 
-from lmcore.checkpoint import load_model
 from lmcore.errors import LmopsError
-from lmcore.generate import SamplingParams, generate_text
+from lmcore.model.checkpoint import load_model
+from lmcore.model.generate import SamplingParams, generate_text
 from lmcore.optimize.quantize import (
     QUANTIZATION,
     SCALE_SUFFIX,
@@ -102,7 +102,7 @@ def test_server_serves_the_quantized_folder(fp32_dir, tmp_path):
     from _serve_helpers import thread_server
 
     from lmcore.config import Params, ServeParams
-    from lmcore.feedback import FeedbackStore
+    from lmcore.feedback.store import FeedbackStore
     from lmcore.serve.app import create_app
 
     out = save_quantized(fp32_dir, tmp_path / "int8")
@@ -125,8 +125,8 @@ def test_quantize_refuses_an_already_quantized_folder(fp32_dir, tmp_path):
 
 
 def test_quantize_registers_a_tagged_variant_the_registry_serves(fp32_dir, module_home):
-    from lmcore.registry import fetch_model_dir, list_versions, resolve_alias
-    from lmcore.tracking import get_client
+    from lmcore.registry.models import fetch_model_dir, list_versions, resolve_alias
+    from lmcore.registry.tracking import get_client
 
     src = register(fp32_dir, "qlm")
     val = module_home / "val.txt"
@@ -161,7 +161,7 @@ def test_quantize_unknown_version_is_one_line_and_writes_nothing(fp32_dir, modul
 
 
 def test_quantize_declines_to_register_an_int8_variant_below_min_speedup(fp32_dir, module_home):
-    from lmcore.registry import list_versions
+    from lmcore.registry.models import list_versions
 
     src = register(fp32_dir, "slow")
     before = [d["version"] for d in list_versions("slow")]
@@ -177,7 +177,7 @@ def test_quantize_declines_to_register_an_int8_variant_below_min_speedup(fp32_di
 
 
 def test_quantize_cli_prints_the_decline_and_exits_zero(fp32_dir, module_home, capsys):
-    from lmcore.registry import list_versions
+    from lmcore.registry.models import list_versions
 
     src = register(fp32_dir, "lmops-lm")
     before = [d["version"] for d in list_versions("lmops-lm")]

@@ -10,7 +10,7 @@ import pytest
 from _datahelp import env_for, make_workspace
 
 from lmcore.data.clean import record_id
-from lmcore.data.registry import DataRegistry
+from lmcore.data.versions import DataRegistry
 from lmcore.errors import LmopsError
 
 pytestmark = pytest.mark.data

@@ -32,8 +32,8 @@ def env(tmp_path_factory):
 
 
 def _register(model_dir: Path, name: str, run_name: str = "train") -> str:
-    from lmcore.registry import log_model, register_version
-    from lmcore.tracking import RunTracker, lineage_tags
+    from lmcore.registry.models import log_model, register_version
+    from lmcore.registry.tracking import RunTracker, lineage_tags
 
     tags = lineage_tags("testdata", "abc123", "ph", None, "cpu")
     tracker = RunTracker.start("lmops-test", run_name, {"x": 1}, tags, system_metrics=False)
@@ -56,8 +56,8 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_gate_promotes_first_and_never_promotes_a_worse_model(env):
-    from lmcore.registry import CHALLENGER, CHAMPION, gate, list_versions, resolve_alias
-    from lmcore.tracking import get_client
+    from lmcore.registry.models import CHALLENGER, CHAMPION, gate, list_versions, resolve_alias
+    from lmcore.registry.tracking import get_client
 
     name = "gate-lm"
     v1 = _register(env["trained"], name)
@@ -98,7 +98,7 @@ def test_gate_promotes_first_and_never_promotes_a_worse_model(env):
 
 
 def test_gate_rejects_model_failing_behaviour_checks_even_without_champion(env, tmp_path):
-    from lmcore.registry import CHAMPION, gate, resolve_alias
+    from lmcore.registry.models import CHAMPION, gate, resolve_alias
 
     name = "nan-lm"
     v = _register(tiny_model_dir(tmp_path / "nan", nan=True), name)
@@ -109,7 +109,7 @@ def test_gate_rejects_model_failing_behaviour_checks_even_without_champion(env, 
 
 
 def test_promote_rollback_cli_records_reasons(env, capsys):
-    from lmcore.registry import CHAMPION, alias_history, promote, resolve_alias
+    from lmcore.registry.models import CHAMPION, alias_history, promote, resolve_alias
 
     name = "manual-lm"
     v1 = _register(env["trained"], name)
@@ -125,7 +125,7 @@ def test_promote_rollback_cli_records_reasons(env, capsys):
     assert by_v[v2]["tags"]["lmops.champion.reason"] == "promote: try the new one"
     code, out, _ = _cli(["rollback", "--reason", "regression reported", "--name", name], capsys)
     assert code == 0 and resolve_alias(name, CHAMPION) == v1
-    from lmcore.registry import list_versions
+    from lmcore.registry.models import list_versions
 
     tags_v2 = {v["version"]: v for v in list_versions(name)}[v2]["tags"]
     assert "regression reported" in tags_v2["lmops.rolled_back"] and f"to v{v1}" in tags_v2["lmops.rolled_back"]
@@ -141,7 +141,7 @@ def test_promote_rollback_cli_records_reasons(env, capsys):
 
 
 def test_unknown_model_and_version_are_one_line_errors(env, capsys):
-    from lmcore.registry import CHAMPION, promote, resolve_alias
+    from lmcore.registry.models import CHAMPION, promote, resolve_alias
 
     code, _, err = _cli(["models", "--name", "no-such-model"], capsys)
     assert code == 1 and "registered model 'no-such-model' not found" in err and len(err.strip().splitlines()) == 1
@@ -156,8 +156,8 @@ def test_unknown_model_and_version_are_one_line_errors(env, capsys):
 
 
 def test_corrupt_model_artifact_is_a_clean_error_and_moves_nothing(env):
-    from lmcore.registry import CHAMPION, fetch_model_dir, gate, promote, resolve_alias
-    from lmcore.tracking import get_client
+    from lmcore.registry.models import CHAMPION, fetch_model_dir, gate, promote, resolve_alias
+    from lmcore.registry.tracking import get_client
 
     name = "corrupt-lm"
     v1 = _register(env["trained"], name)

@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.model, pytest.mark.slow]
 @pytest.fixture()
 def prefect_server(tmp_path):
     from flows.ui import start_prefect_server
+    from lmcore.services import free_port, stop_service
     from lmcore.settings import Settings
-    from lmcore.ui import free_port, stop_service
 
     home = tmp_path / "server-home"
     server = start_prefect_server(port=free_port(), settings=Settings(workspace=tmp_path, home=home), timeout=180)

@@ -11,7 +11,7 @@ import pytest
 from _serve_helpers import make_model, parse_sse, thread_server
 
 from lmcore.config import Params, ServeParams
-from lmcore.feedback import FeedbackStore
+from lmcore.feedback.store import FeedbackStore
 
 pytestmark = pytest.mark.code
 
@@ -63,7 +63,7 @@ def test_greedy_batched_rows_match_single_sequence_generation(model_dir):
     """The batched decode step computes what Transformer.forward with a KV cache computes."""
     import asyncio
 
-    from lmcore.generate import SamplingParams, generate_tokens
+    from lmcore.model.generate import SamplingParams, generate_tokens
     from lmcore.serve.engine import Engine, Row
 
     engine = Engine(str(model_dir), max_batch=4, max_new_tokens=40, batch_window_ms=20)

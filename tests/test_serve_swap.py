@@ -11,7 +11,7 @@ import pytest
 from _serve_helpers import make_model, parse_sse, thread_server
 
 from lmcore.config import Params, ServeParams
-from lmcore.feedback import FeedbackStore
+from lmcore.feedback.store import FeedbackStore
 
 pytestmark = pytest.mark.model
 
@@ -67,9 +67,9 @@ def test_serves_the_registry_champion_and_follows_the_alias(tmp_path_factory, st
     """Through the real MLflow registry: reload on POST /admin/reload and by polling resolve_alias."""
     from _registry_helpers import make_home
 
-    from lmcore.registry import log_model, promote, register_version
+    from lmcore.registry.models import log_model, promote, register_version
+    from lmcore.registry.tracking import RunTracker, lineage_tags
     from lmcore.serve.app import create_app
-    from lmcore.tracking import RunTracker, lineage_tags
 
     base_dir = tmp_path_factory.mktemp("swapreg")
     old_home = os.environ.get("LMOPS_HOME")

@@ -139,7 +139,7 @@ def test_bad_space_via_cli_fails_before_anything_is_created(tmp_path, lmops_home
 def test_sweep_nests_runs_prunes_and_applies_best(tmp_path, module_home, corpus, capsys):
     import optuna
 
-    from lmcore.tracking import get_client
+    from lmcore.registry.tracking import get_client
 
     p = params_file(tmp_path, TINY)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -214,7 +214,7 @@ def test_two_workers_share_one_study_then_resume(tmp_path, module_home, corpus):
 def test_sweep_defaults_to_the_current_dataset_version(tiny_workspace):
     from flows.tasks import prepare_key
     from lmcore.data.ingest import ingest
-    from lmcore.data.registry import DataRegistry
+    from lmcore.data.versions import DataRegistry
     from lmcore.optimize.sweep import resolve_data, run_sweep
 
     params = load_params(tiny_workspace / "params.yaml", {

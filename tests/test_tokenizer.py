@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmcore.data.tokenizer import BYTE_VOCAB, EOS, Tokenizer
 from lmcore.errors import LmopsError
-from lmcore.tokenizer import BYTE_VOCAB, EOS, Tokenizer
 
 pytestmark = pytest.mark.code
 

@@ -25,9 +25,9 @@ def test_training_run_is_fully_tracked(home, tmp_path):
     import mlflow
     import torch
 
-    from lmcore.evaluate import evaluate
-    from lmcore.reports import log_training_outputs
-    from lmcore.tracking import LINEAGE_KEYS, RunTracker, lineage_tags
+    from lmcore.registry.reports import log_training_outputs
+    from lmcore.registry.tracking import LINEAGE_KEYS, RunTracker, lineage_tags
+    from lmcore.training.evaluate import evaluate
 
     torch.set_num_threads(1)
     params = tiny_params(max_steps=30, eval_interval=10)
@@ -70,7 +70,7 @@ def test_training_run_is_fully_tracked(home, tmp_path):
 
 @pytest.mark.code
 def test_trackers_in_threads_use_their_own_runs(home):
-    from lmcore.tracking import RunTracker
+    from lmcore.registry.tracking import RunTracker
 
     trackers: list[RunTracker] = []
     errors: list[BaseException] = []
@@ -99,7 +99,7 @@ def test_trackers_in_threads_use_their_own_runs(home):
 
 @pytest.mark.code
 def test_nonfinite_summary_metrics_become_tags(home):
-    from lmcore.tracking import RunTracker
+    from lmcore.registry.tracking import RunTracker
 
     t = RunTracker.start("lmops-test", "nan", {}, {}, system_metrics=False)
     t.log_summary({"loss": float("nan"), "acc": 0.5}, prefix="eval/")
@@ -110,8 +110,8 @@ def test_nonfinite_summary_metrics_become_tags(home):
 
 @pytest.mark.code
 def test_unreachable_tracking_server_is_one_line_error(home, monkeypatch, capsys):
-    from lmcore.tracking import configure_mlflow
-    from lmcore.ui import free_port
+    from lmcore.registry.tracking import configure_mlflow
+    from lmcore.services import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

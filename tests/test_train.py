@@ -14,11 +14,11 @@ import pytest
 import torch
 from _lm_helpers import ROOT, tiny_params, write_corpus
 
-from lmcore.checkpoint import load_model
+from lmcore.data.prepare import prepare_dataset, prepare_split_texts, read_text_source
 from lmcore.errors import LmopsError
-from lmcore.optim import adamw_groups, build_optimizers, lr_multiplier
-from lmcore.prepare import prepare_dataset, prepare_split_texts, read_text_source
-from lmcore.train import STATE, find_checkpoint, load_checkpoint, train
+from lmcore.model.checkpoint import load_model
+from lmcore.training.loop import STATE, find_checkpoint, load_checkpoint, train
+from lmcore.training.optimizers import adamw_groups, build_optimizers, lr_multiplier
 
 pytestmark = pytest.mark.model
 
@@ -96,7 +96,7 @@ def test_muon_and_accumulation_train(prepared, tmp_path):
 
 def test_auto_params_follow_this_machines_probe_and_say_so(prepared, tmp_path):
     """optimizer/dtype auto resolve through lmcore.probe; the summary carries the choice and its source."""
-    from lmcore.model import ModelConfig
+    from lmcore.model.transformer import ModelConfig
     from lmcore.probe import Shape, cached_probes
 
     p = tiny_params(train__optimizer="auto", train__dtype="auto", train__max_steps=4, train__eval_interval=0)
@@ -121,7 +121,7 @@ def test_bf16_autocast_on_cpu_trains(prepared, tmp_path):
 
 
 def test_optimizer_groups():
-    from lmcore.model import ModelConfig, Transformer
+    from lmcore.model.transformer import ModelConfig, Transformer
 
     p = tiny_params()
     net = Transformer(ModelConfig.from_params(p.model, 257))
@@ -173,7 +173,7 @@ def test_resume_refuses_corrupt_or_mismatched_checkpoint(prepared, tmp_path):
 
 def test_resume_keeps_what_optimizer_auto_meant_when_the_run_began(prepared, tmp_path):
     """A resumed run must not switch optimizers because the probe (or the machine) changed its mind."""
-    from lmcore.model import ModelConfig, Transformer
+    from lmcore.model.transformer import ModelConfig, Transformer
     from lmcore.probe import Shape, cached_probes
 
     p = tiny_params(train__optimizer="auto", train__max_steps=6, train__eval_interval=0, train__checkpoint_interval=3)
@@ -198,7 +198,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from _lm_helpers import tiny_params
-from lmcore.train import train
+from lmcore.training.loop import train
 p = tiny_params(train__max_steps=150, train__checkpoint_interval=10, train__eval_interval=0)
 # the pause only paces the run so the test can kill it mid-way; it changes no computation
 train(Path({data!r}), Path({out!r}), p.model, p.train, progress=False, on_metrics=lambda s, m: time.sleep(0.1))

@@ -42,7 +42,7 @@ def _collect(proc: subprocess.Popen, seen: list[str]) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT])
 def test_lmops_ui_serves_both_and_stops_children(tmp_path, sig):
-    from lmcore.ui import free_port
+    from lmcore.services import free_port
 
     mport, pport = free_port(), free_port()
     env = {**os.environ, "LMOPS_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "home" / "prefect"),
@@ -84,7 +84,7 @@ def test_ui_refuses_a_busy_port(tmp_path):
     import socket
 
     from lmcore.errors import LmopsError
-    from lmcore.ui import start_mlflow_ui
+    from lmcore.services import start_mlflow_ui
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,14 +96,14 @@ def test_ui_refuses_a_busy_port(tmp_path):
 
 
 def test_lmcore_starts_no_prefect():
-    """lmcore.ui and the lmcore CLI import neither flows nor Prefect; `lmops ui` is a flows verb."""
-    code = ("import sys, lmcore.ui, lmcore.cli; "
+    """lmcore.services and the lmcore CLI import neither flows nor Prefect; `lmops ui` is a flows verb."""
+    code = ("import sys, lmcore.services, lmcore.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flows', 'prefect')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-    import lmcore.ui
+    import lmcore.services
 
-    assert not hasattr(lmcore.ui, "start_prefect_server") and not hasattr(lmcore.ui, "run_uis")
+    assert not hasattr(lmcore.services, "start_prefect_server") and not hasattr(lmcore.services, "run_uis")
     from flows.cli import app
 
     assert "ui" in {c.name or c.callback.__name__ for c in app.registered_commands}

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmcore.weights import tie_head, unwrap
+from lmcore.model.weights import tie_head, unwrap
 
 pytestmark = pytest.mark.code
 

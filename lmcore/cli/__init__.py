@@ -8,11 +8,13 @@ Verbs that run or start Prefect (`run`, `schedule`, `harvest`, `ui`) are added b
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
 from lmcore.errors import LmopsError
+from lmcore.settings import apply_environment
 
 app = typer.Typer(
     name="lmops",
@@ -30,17 +32,16 @@ def _root(
 ) -> None:
     """lmops: one loop from raw text to a served model and back."""
     if verbose:
-        import os
-
         os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"
         os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
         os.environ["LMOPS_VERBOSE"] = "1"
 
 
 def _register_all() -> None:
-    from lmcore.cli import data_cmds, info_cmds, model_cmds, models_cmds, optimize_cmds, serve_cmds
+    # lazy: keeps `lmops --help` fast
+    from lmcore.cli import data_cmds, info_cmds, optimize_cmds, registry_cmds, serve_cmds, train_cmds
 
-    for module in (info_cmds, model_cmds, data_cmds, models_cmds, serve_cmds, optimize_cmds):
+    for module in (info_cmds, train_cmds, data_cmds, registry_cmds, serve_cmds, optimize_cmds):
         module.register(app)
 
 
@@ -49,8 +50,6 @@ _register_all()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
-    from lmcore.settings import apply_environment
-
     apply_environment()
     try:
         app(args=argv)

@@ -7,6 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmcore.config import load_params, parse_override
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object instead of a human summary.")
 PARAMS_OPTION = typer.Option(None, "--params", help="params.yaml to read (default: the workspace's).")
@@ -20,8 +24,6 @@ def emit_json(obj: Any) -> None:
 
 
 def load_params_cli(params_path: str | None, sets: list[str] | None):
-    from lmcore.config import load_params, parse_override
-
     overrides = dict(parse_override(s) for s in (sets or []))
     return load_params(params_path, overrides)
 
@@ -32,9 +34,6 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]], *,
     unless ``wide``: few enough to read whole on an 80-column terminal. With ``wide`` every column
     is shown and the table keeps its natural width, even past the terminal's. A value never ends
     in an ellipsis: one too long for its column folds onto the next line."""
-    from rich.console import Console
-    from rich.table import Table
-
     keep = list(range(len(columns)))
     if default_columns is not None and not wide:
         keep = [i for i, c in enumerate(columns) if c in default_columns]

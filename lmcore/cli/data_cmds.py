@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, WIDE_OPTION, emit_json, load_params_cli, print_table
+from lmcore.errors import LmopsError
 
 data_app = typer.Typer(help="Dataset versions in the data registry (DVC).", no_args_is_help=True)
 
@@ -26,7 +27,7 @@ def versions(wide: bool = WIDE_OPTION, as_json: bool = JSON_OPTION) -> None:
     The table shows version, created, kind, rows and the rows its batch quarantined; --wide adds bytes,
     sources, the batch's accepted and already-known rows and the git commit; --json has every value in full.
     """
-    from lmcore.data.registry import DataRegistry
+    from lmcore.data.versions import DataRegistry  # lazy: keeps `lmops --help` fast
 
     found = DataRegistry.open().versions()
     if as_json:
@@ -43,8 +44,7 @@ def versions(wide: bool = WIDE_OPTION, as_json: bool = JSON_OPTION) -> None:
 def show(version: str = typer.Argument(None, help="Version id or prefix (default: the current one)."),
          as_json: bool = JSON_OPTION) -> None:
     """Show one dataset version (default: current): counts, sources, shards, DVC hashes, git commit."""
-    from lmcore.data.registry import DataRegistry
-    from lmcore.errors import LmopsError
+    from lmcore.data.versions import DataRegistry  # lazy: keeps `lmops --help` fast
 
     reg = DataRegistry.open()
     v = reg.get(version) if version else reg.current()
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Ingest text: clean, validate (Great Expectations), quarantine bad rows, version the rest (DVC)."""
-        from lmcore.data.ingest import ingest
+        from lmcore.data.ingest import ingest  # lazy: keeps `lmops --help` fast
 
         params = load_params_cli(params_path, None).data
         r = ingest(paths or [], params, source=source, fmt=fmt, text_field=text_field,

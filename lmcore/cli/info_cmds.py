@@ -7,14 +7,13 @@ import platform
 
 import typer
 
-from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, emit_json, print_table
+from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, emit_json, load_params_cli, print_table
+from lmcore.settings import get_settings
 
 STACK = ("torch", "prefect", "mlflow", "dvc", "great-expectations", "tokenizers", "fastapi", "pandas")
 
 
 def collect_info() -> dict:
-    from lmcore.settings import get_settings
-
     s = get_settings()
     versions = {}
     for pkg in ("lmops", *STACK):
@@ -23,7 +22,7 @@ def collect_info() -> dict:
         except md.PackageNotFoundError:
             versions[pkg] = None
     try:
-        import torch
+        import torch  # lazy: keeps `lmops --help` fast
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     except ImportError:  # pragma: no cover - torch is a hard dependency
@@ -46,12 +45,12 @@ def collect_info() -> dict:
 def machine_info(measure: bool = False, params: str | None = None) -> dict:
     """The CPU profile and every model probe this home holds (``lmcore.probe``); with ``measure``,
     the model of ``params`` (default: the workspace's) is probed now if it was not yet."""
-    from lmcore.probe import cached_decode_probes, cached_probes, cpu_profile, probe
+    from lmcore.machine import cpu_profile  # lazy: keeps `lmops --help` fast
+    from lmcore.probe import cached_decode_probes, cached_probes, probe
 
     if measure:
-        from lmcore.cli._common import load_params_cli
-        from lmcore.model import ModelConfig
-        from lmcore.probe import Shape
+        from lmcore.model.transformer import ModelConfig  # lazy: keeps `lmops --help` fast
+        from lmcore.probe import Shape  # lazy: keeps `lmops --help` fast
 
         p = load_params_cli(params, None)
         vocab = p.tokenizer.vocab_size if p.tokenizer.kind == "bpe" else 257
@@ -62,7 +61,7 @@ def machine_info(measure: bool = False, params: str | None = None) -> dict:
 
 
 def _probe_rows(machine: dict) -> list[list]:
-    from lmcore.probe import describe_cpu
+    from lmcore.machine import describe_cpu  # lazy: keeps `lmops --help` fast
 
     rows: list[list] = [["cpu", describe_cpu(machine["cpu"])]]
     if not machine["probes"]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
 
 from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, SET_OPTION, emit_json, load_params_cli, print_table
+from lmcore.errors import LmopsError
 
 optimize_app = typer.Typer(help="Optimize models: hyper-parameter sweeps, int8 quantization, export.",
                            no_args_is_help=True)
@@ -29,9 +31,7 @@ def sweep(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Search model/train params (optimize.search_space) with Optuna TPE + percentile pruning, tracked in MLflow."""
-    from dataclasses import asdict
-
-    from lmcore.optimize.space import check_against, parse_space
+    from lmcore.optimize.space import check_against, parse_space  # lazy: keeps `lmops --help` fast
     from lmcore.optimize.sweep import apply_best, resolve_data, run_sweep
 
     params = load_params_cli(params_path, sets)
@@ -93,7 +93,7 @@ def quantize(
     Not registered when int8 decodes slower than ``--min-speedup`` x fp32 here (AVX2-only CPUs
     lack fast int8 kernels): the job says why in one line and exits 0; the int8 folder stays.
     """
-    from lmcore.optimize.quantize import quantize_job
+    from lmcore.optimize.quantize import quantize_job  # lazy: keeps `lmops --help` fast
 
     params = load_params_cli(params_path, sets)
     log = None if as_json else (lambda m: typer.echo(m, err=True))
@@ -134,8 +134,7 @@ def export(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Export a registered version (default: champion) for transformers / vLLM / TGI."""
-    from lmcore.errors import LmopsError
-    from lmcore.optimize.export import export_model, verify_hf
+    from lmcore.optimize.export import export_model, verify_hf  # lazy: keeps `lmops --help` fast
 
     params = load_params_cli(params_path, None)
     result = export_model(out_dir, fmt=fmt, name=params.registry.model_name, version=version, model_dir=model,

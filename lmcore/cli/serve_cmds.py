@@ -9,6 +9,8 @@ from __future__ import annotations
 import typer
 
 from lmcore.cli._common import PARAMS_OPTION, SET_OPTION, load_params_cli
+from lmcore.config import load_params
+from lmcore.settings import get_settings
 
 
 def register(app: typer.Typer) -> None:
@@ -24,8 +26,7 @@ def register(app: typer.Typer) -> None:
         sets: list[str] = SET_OPTION,
     ) -> None:
         """Serve the model: POST /v1/generate, POST /v1/feedback, /health, /metrics, the playground at /."""
-        from lmcore.serve.app import serve
-        from lmcore.settings import get_settings
+        from lmcore.serve.app import serve  # lazy: keeps `lmops --help` fast
 
         p = load_params_cli(params, sets)
         source = model or f"models:/{p.registry.model_name}@{p.serve.alias}"
@@ -36,9 +37,7 @@ def register(app: typer.Typer) -> None:
 
 
 def harvest(settings=None, params=None, **kw):
-    """Library entry for `lmops harvest` (see :func:`lmcore.harvest.harvest`)."""
-    from lmcore.config import load_params
-    from lmcore.harvest import harvest as _harvest
-    from lmcore.settings import get_settings
+    """Library entry for `lmops harvest` (see :func:`lmcore.feedback.harvest.harvest`)."""
+    from lmcore.feedback.harvest import harvest as _harvest  # lazy: keeps `lmops --help` fast
 
     return _harvest(settings or get_settings(), params or load_params(), **kw)

@@ -1,4 +1,4 @@
-"""Data management: connectors (sources), cleaning, Great Expectations validation, the DVC registry.
+"""Data: connectors (sources), cleaning, Great Expectations validation, DVC versions, the tokenizer, prepare.
 
 The pipeline is ``lmcore.data.ingest``: read -> clean -> validate -> version. Record schema
 everywhere: ``id`` (sha256 of the normalised text), ``text``, ``source``, ``uri``,

@@ -16,6 +16,10 @@ import unicodedata
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from lmcore.config import DataParams
 
 _TRAILING_WS = re.compile(r"[ \t\f\v]+(?=\n)")
@@ -50,8 +54,6 @@ def clean_array(arr: Any, params: DataParams) -> Any:
     Returns None when a non-ASCII text needs NFC: Arrow's ``utf8_normalize`` does not compose
     (``e`` + U+0301 stays two code points), so such chunks take the Python path.
     """
-    import pyarrow.compute as pc
-
     data = string_layout(arr)[1]
     if params.normalize_nfc and data.size and data.max() >= 0x80:
         return None
@@ -66,9 +68,6 @@ def clean_array(arr: Any, params: DataParams) -> Any:
 
 def string_layout(arr: Any) -> tuple[Any, Any]:
     """(int64 offsets from 0, UTF-8 bytes) of the texts of an Arrow string array: numpy views, no text copied."""
-    import numpy as np
-    import pyarrow as pa
-
     n = len(arr)
     if not n:
         return np.zeros(1, np.int64), np.empty(0, np.uint8)
@@ -82,8 +81,6 @@ def string_layout(arr: Any) -> tuple[Any, Any]:
 
 def _space_before_newline(data: Any) -> bool:
     """Whether a space, tab, form feed or vertical tab comes right before some ``\\n``."""
-    import numpy as np
-
     nl = np.flatnonzero(data[1:] == 0x0A)
     return bool(np.isin(data[nl], (0x20, 0x09, 0x0C, 0x0B)).any())
 

@@ -19,6 +19,9 @@ import sys
 from hashlib import sha256
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from lmcore.data.clean import string_layout
 from lmcore.errors import LmopsError
 
@@ -46,9 +49,6 @@ MIN_ROWS = 4096  # smaller chunks are hashed in process: a round trip would cost
 
 def sha256_digests(arr: Any) -> bytes:
     """The 32-byte sha256 digests of every text of an Arrow string array, concatenated (in process)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     return b"".join([sha256(b).digest() for b in pc.cast(arr, pa.large_binary()).to_pylist()])
 
 

@@ -34,14 +34,26 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from hashlib import sha256
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from lmcore.config import DataParams
-from lmcore.data.registry import COMPRESSION, DataRegistry, shard_schema
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from lmcore.config import DataParams, load_params
+from lmcore.data.clean import clean_array, make_cleaner
+from lmcore.data.digests import Sha256Worker
 from lmcore.data.sources import InputFile, RawBatch, Refused, read, resolve
+from lmcore.data.validate import Validator
+from lmcore.data.versions import COMPRESSION, DataRegistry, shard_schema
 from lmcore.errors import LmopsError
+from lmcore.locks import file_lock
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -126,11 +138,7 @@ def ingest_records(df_or_iter: Any, kind: str, suite: str, params: DataParams | 
     are cleaned and given ids exactly like ingested files, then validated against
     ``expectations/<suite>.json`` and versioned as ``data/<kind>/``.
     """
-    import pandas as pd
-
     if params is None:
-        from lmcore.config import load_params
-
         params = load_params().data
     registry = registry or DataRegistry.open(git_commit=params.git_commit)
     default_source = source or kind
@@ -184,8 +192,6 @@ def _meta_str(v: Any) -> str:
 
 def expectation_params(params: DataParams) -> dict[str, Any]:
     """Values for the ``$PARAMETER`` references of the suites."""
-    import pandas as pd
-
     return {
         "min_chars": params.min_chars,
         "max_chars": params.max_chars,
@@ -201,8 +207,6 @@ class _Progress:
     def __init__(self, enabled: bool, total: int | None) -> None:
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="ingest", leave=False, file=sys.stderr)
 
     def update(self, nbytes: int, rows: int) -> None:
@@ -217,10 +221,6 @@ class _Progress:
 
 def _hex_ids(digests: bytes) -> Any:
     """The hex ids of concatenated 32-byte sha256 digests, as an Arrow-backed string Series (one hexlify)."""
-    import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-
     n = len(digests) // 32
     offsets = np.arange(0, 64 * (n + 1), 64, dtype=np.int64)
     ids = pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(binascii.hexlify(digests)))
@@ -229,16 +229,11 @@ def _hex_ids(digests: bytes) -> Any:
 
 def _const(value: str, n: int) -> Any:
     """A string column of one value, Arrow-backed (cheap to validate and to write back to Parquet)."""
-    import pandas as pd
-    import pyarrow as pa
-
     return pd.Series(pd.array(pa.repeat(pa.scalar(value, pa.large_string()), n), dtype="str"))
 
 
 def _as_arrow(texts: Any) -> Any:
     """An Arrow string array of the raw texts, or None (non-strings, or not representable)."""
-    import pyarrow as pa
-
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
     if isinstance(texts, pa.Array):
@@ -263,11 +258,6 @@ class _Chunk:
 def _prepare(chunks: Iterable[tuple[InputFile, RawBatch]], params: DataParams,
              tm: Counter[str]) -> Generator[_Chunk, None, None]:
     """Clean and hash every chunk (may run on the reader thread); seconds go to ``tm`` read / clean."""
-    import pandas as pd
-
-    from lmcore.data.clean import make_cleaner
-    from lmcore.data.digests import Sha256Worker
-
     clean = make_cleaner(params)
     now = pd.Timestamp.now(tz="UTC").floor("us")
     it = iter(chunks)
@@ -291,13 +281,6 @@ def _frame(inp: InputFile, rb: RawBatch, clean: Callable[[str], str], now: Any, 
     Cleaning runs vectorised on Arrow when it can (same rules as ``clean.make_cleaner``) and the
     ``worker`` (``digests.Sha256Worker``) hashes the cleaned texts; else both run per text here.
     """
-    from hashlib import sha256
-
-    import numpy as np
-    import pandas as pd
-
-    from lmcore.data.clean import clean_array
-
     text_col = None
     arr = _as_arrow(rb.texts)
     if arr is not None and arr.null_count == 0:
@@ -335,8 +318,6 @@ def _duplicates(keys: list[bytes | None], seen: set[bytes]) -> Any:
 
     Set operations in C when no row is a duplicate (the common case), the row-by-row pass otherwise.
     """
-    import numpy as np
-
     if None not in keys and seen.isdisjoint(keys):
         size = len(seen)
         seen.update(keys)
@@ -353,8 +334,6 @@ class _Prefetch(Generic[T]):
     and the validation of the previous chunk on the calling thread."""
 
     def __init__(self, items: Generator[T, None, None]) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.items = items
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmops-ingest-read")
         self.ahead = self.pool.submit(next, items, _END)
@@ -380,8 +359,6 @@ class _Writes:
     the GIL, so writing a chunk overlaps cleaning and validating the next one."""
 
     def __init__(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="lmops-ingest-write")
         self.last: Future | None = None
 
@@ -402,8 +379,6 @@ class _Writes:
 def _run(chunks: Iterator[tuple[InputFile, RawBatch]], *, registry: DataRegistry, **kwargs: Any) -> IngestResult:
     """One ingest at a time per lmops home: deduplication against known ids must see every
     earlier batch, and GX/DVC set-up must not race with another run's."""
-    from lmcore.locks import file_lock
-
     registry.home.mkdir(parents=True, exist_ok=True)
     with file_lock(registry.home / "locks" / "ingest.lock", timeout_s=3600):
         return _run_locked(chunks, registry=registry, **kwargs)
@@ -480,8 +455,6 @@ class _Batch:
     writes: _Writes = field(init=False)
 
     def __post_init__(self) -> None:
-        import pyarrow as pa
-
         self.schema = shard_schema()
         self.qschema = self.schema.append(pa.field("reasons", pa.string())).append(pa.field("batch", pa.string()))
         self.cols = list(self.schema.names)
@@ -505,8 +478,6 @@ class _Batch:
         self.lap("setup")
 
     def _new_validator(self) -> Validator:
-        from lmcore.data.validate import Validator
-
         return Validator(self.suite, expectation_params(self.params), self.registry.home, self.registry.workspace)
 
     def take(self, chunk: _Chunk) -> bool:
@@ -541,8 +512,6 @@ class _Batch:
         return True
 
     def _skip_known(self, rb: RawBatch, df: Any, keys: Any, parse_err: Any) -> tuple[Any, Any, Any]:
-        import numpy as np
-
         is_known = np.fromiter((i in self.known for i in df["id"]), bool, len(df))
         if is_known.any():
             self.skipped += int(is_known.sum())
@@ -554,8 +523,6 @@ class _Batch:
         return df, keys, parse_err
 
     def _quarantine_unparseable(self, rb: RawBatch, df: Any, keys: Any, parse_err: Any) -> tuple[Any, Any]:
-        import pandas as pd
-
         errs = pd.Series([e for e in rb.errors if e is not None], dtype="str")
         bad = df[parse_err]
         self.quarantine(bad, ("unparseable: " + errs.str.replace(r"^line \d+: ", "", regex=True)).tolist())
@@ -564,9 +531,6 @@ class _Batch:
         return df[~parse_err], keys[~parse_err]
 
     def _accept(self, good: Any) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.staged, self.schema, compression=COMPRESSION)
         self.writes.write(self.writer, pa.Table.from_pandas(good[self.cols], schema=self.schema,
@@ -576,10 +540,6 @@ class _Batch:
 
     def quarantine(self, df: Any, why: Any) -> None:
         """Append rows to the staged quarantine with their reasons (one string, or one per row)."""
-        import pandas as pd
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         q = df[self.cols].copy()
         q["reasons"] = why if isinstance(why, str) else pd.Series(why, index=df.index, dtype="str")
         q["batch"] = self.batch_id
@@ -591,8 +551,6 @@ class _Batch:
     def settle(self) -> tuple[bool, float]:
         """Finish both staged files; past ``data.max_failure_rate`` the accepted rows join the quarantine
         (reason ``batch_refused``). Returns (refused, failure rate among the new rows)."""
-        import pyarrow.parquet as pq
-
         eligible = self.rows - self.skipped
         failure_rate = self.quarantined / eligible if eligible else 0.0
         refused = eligible > 0 and failure_rate > self.params.max_failure_rate

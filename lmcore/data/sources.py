@@ -16,12 +16,14 @@ boundaries (``ast``), small neighbours grouped; files are taken in sha256-of-pat
 
 from __future__ import annotations
 
+import ast
 import errno
 import fnmatch
 import hashlib
 import io
 import json
 import os
+import stat
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -29,7 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+
 from lmcore.config import DataParams
+from lmcore.errors import LmopsError
 
 FORMATS = ("auto", "text", "jsonl", "csv", "parquet")
 BUILTIN_SOURCES = ("python-stdlib",)
@@ -97,8 +105,6 @@ def resolve(paths: Iterable[str], fmt: str = "auto", source: str | None = None,
     folders are followed once (a folder already visited is a loop).
     """
     if fmt not in FORMATS:
-        from lmcore.errors import LmopsError
-
         raise LmopsError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
     inputs: list[InputFile] = []
     refusals: list[str] = []
@@ -126,8 +132,6 @@ def resolve(paths: Iterable[str], fmt: str = "auto", source: str | None = None,
 
 
 def _is_regular(st: os.stat_result) -> bool:
-    import stat
-
     return stat.S_ISREG(st.st_mode)
 
 
@@ -293,9 +297,6 @@ def _parse_jsonl(block: bytes) -> Any:
 
     Parsed in ``_PARSE_BYTES`` pieces so every core works; a line longer than that is retried as one piece.
     """
-    import pyarrow as pa
-    import pyarrow.json as pj
-
     sizes = (_PARSE_BYTES, len(block) + 1) if len(block) > _PARSE_BYTES else (len(block) + 1,)
     for size in sizes:
         try:
@@ -332,8 +333,6 @@ class _Rechunk:
             yield self._take(self.n)
 
     def _take(self, k: int) -> RawBatch:
-        import pyarrow as pa
-
         if len(self.texts) == 1:
             texts = self.texts[0]
         elif len({t.type for t in self.texts}) == 1:
@@ -355,8 +354,6 @@ class _Rechunk:
 
 
 def _read_jsonl(inp: InputFile, params: DataParams, text_field: str) -> Iterator[RawBatch]:
-    import pyarrow as pa
-
     path = inp.path
     assert path is not None
     uri = _uri(path)
@@ -438,8 +435,6 @@ def _jsonl_lines(lines: list[bytes], start: int, uri: str, text_field: str,
 
 
 def _read_csv(inp: InputFile, params: DataParams, text_field: str) -> Iterator[RawBatch]:
-    import pandas as pd
-
     path = inp.path
     assert path is not None
     uri = _uri(path)
@@ -465,9 +460,6 @@ def _read_csv(inp: InputFile, params: DataParams, text_field: str) -> Iterator[R
 
 
 def _read_parquet(inp: InputFile, params: DataParams, text_field: str) -> Iterator[RawBatch]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = inp.path
     assert path is not None
     uri = _uri(path)
@@ -507,8 +499,6 @@ def stdlib_files() -> list[str]:
 
 def _segments(source: str) -> list[tuple[int, int]]:
     """Top-level statement line ranges (decorators and leading comments included), 1-based inclusive."""
-    import ast
-
     lines = source.count("\n") + 1
     try:
         tree = ast.parse(source)

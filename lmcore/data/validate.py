@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from lmcore.errors import LmopsError
+from lmcore.settings import get_settings
 
 _LOCK = threading.Lock()
 _GX: Any = None
@@ -36,7 +40,6 @@ def suites_dir(workspace: Path | None = None) -> Path:
     """``expectations/`` of the workspace, else the one shipped next to the lmcore package."""
     if workspace is not None and (workspace / "expectations").is_dir():
         return workspace / "expectations"
-    from lmcore.settings import get_settings
 
     ws = get_settings().workspace / "expectations"
     return ws if ws.is_dir() else Path(__file__).resolve().parents[2] / "expectations"
@@ -48,9 +51,8 @@ def import_gx() -> Any:
     with _LOCK:
         if _GX is None:
             os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-            import logging
 
-            import great_expectations as gx
+            import great_expectations as gx  # lazy: GX imports in ~3.5 s
             from great_expectations.execution_engine import pandas_execution_engine
 
             # GX fingerprints every in-memory batch with a full hash_pandas_object (seconds per
@@ -126,8 +128,6 @@ class Outcome:
     @property
     def bad(self) -> Any:
         """Per row: it failed some expectation (a bool Series aligned with the frame)."""
-        import pandas as pd
-
         if not self.failed:  # nothing failed: no need to compare a million empty reasons
             return pd.Series(False, index=self.reasons.index)
         return self.reasons != ""
@@ -212,8 +212,6 @@ class Validator:
 
     def validate(self, df: Any) -> Outcome:
         """GX verdict for ``df`` plus the failing expectations of every row ("" when it passed)."""
-        import pandas as pd
-
         df = df.reset_index(drop=True)
         try:
             result = self.vd.run(batch_parameters={"dataframe": df}, expectation_parameters=self.params,
@@ -263,8 +261,6 @@ class Validator:
 
     def _gx_rows(self, cfg: dict, df: Any) -> Any:
         """Fallback: GX ``COMPLETE`` result of one expectation, mapped back to rows by index."""
-        import pandas as pd
-
         gx = import_gx()
         batch = self.batch_def.get_batch(batch_parameters={"dataframe": df})
         conf = gx.expectations.expectation_configuration.ExpectationConfiguration(
@@ -286,6 +282,7 @@ class Validator:
         """
         if not self.runs:
             return None
+        # lazy: GX imports in ~3.5 s
         from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 
         try:

@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ruamel.yaml import YAML
+
+from lmcore.config import load_params
 from lmcore.errors import LmopsError
 
 
@@ -47,10 +50,6 @@ def _represent_float(representer, value: float):
 
 def apply_params(params_path: str | Path, values: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """Set dotted ``values`` (``{"train.lr": 0.002}``) in the YAML file; returns (key, old, new) per change."""
-    from ruamel.yaml import YAML
-
-    from lmcore.config import load_params
-
     path = Path(params_path)
     if not path.is_file():
         raise LmopsError(f"params file not found: {path}")

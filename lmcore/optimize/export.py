@@ -1,9 +1,9 @@
 """Export a registered version (default: the champion) or a model folder to Hugging Face format.
 
-Why here and not only in ``lmcore.hf``: users think in registry versions, not folders. This
+Why here and not only in ``lmcore.model.hf``: users think in registry versions, not folders. This
 resolves ``--version``/``--model`` to a local model folder, refuses int8 variants (HF Llama
 has no such weights; export their fp32 source), and delegates the format to
-``lmcore.hf.export_hf``. :func:`verify_hf` replays a greedy continuation through
+``lmcore.model.hf.export_hf``. :func:`verify_hf` replays a greedy continuation through
 ``transformers`` to prove the export loads and matches lmops token for token.
 """
 
@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmcore.errors import LmopsError
+from lmcore.model.checkpoint import load_model, read_meta
+from lmcore.model.generate import SamplingParams, generate_tokens
+from lmcore.model.hf import export_hf
+from lmcore.registry.models import fetch_model_dir
 
 FORMATS = ("hf",)
 
@@ -20,8 +26,6 @@ FORMATS = ("hf",)
 def resolve_source(name: str, version: str | None = None, model_dir: str | Path | None = None,
                    default_alias: str = "champion") -> tuple[Path, dict[str, Any]]:
     """A local model folder for ``--model DIR`` or a registry version/alias (default: the champion)."""
-    from lmcore.checkpoint import read_meta
-
     if model_dir is not None and version is not None:
         raise LmopsError("give either --version or --model, not both")
     if model_dir is not None:
@@ -30,7 +34,6 @@ def resolve_source(name: str, version: str | None = None, model_dir: str | Path 
             raise LmopsError(f"model folder not found: {folder}")
         read_meta(folder)
         return folder, {"name": None, "version": None, "aliases": [], "run_id": None}
-    from lmcore.registry import fetch_model_dir
 
     v = str(version) if version is not None else None
     if v is None:
@@ -45,9 +48,6 @@ def resolve_source(name: str, version: str | None = None, model_dir: str | Path 
 def export_model(out_dir: str | Path, *, fmt: str = "hf", name: str, version: str | None = None,
                  model_dir: str | Path | None = None, force: bool = False) -> dict[str, Any]:
     """Export and return ``{"out_dir", "format", "version", "source"}``; nothing written on error."""
-    from lmcore.checkpoint import read_meta
-    from lmcore.hf import export_hf
-
     if fmt not in FORMATS:
         raise LmopsError(f"unknown export format '{fmt}' (supported: {', '.join(FORMATS)})")
     out = Path(out_dir)
@@ -69,13 +69,8 @@ def export_model(out_dir: str | Path, *, fmt: str = "hf", name: str, version: st
 
 def verify_hf(hf_dir: str | Path, model_dir: str | Path, prompt: str = "\n", new_tokens: int = 16) -> dict[str, Any]:
     """Greedy continuation by ``transformers`` from ``hf_dir`` vs lmops from ``model_dir``: equal ids?"""
-    import torch
-
-    from lmcore.checkpoint import load_model
-    from lmcore.generate import SamplingParams, generate_tokens
-
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers imports in ~1 s
     except ImportError:
         raise LmopsError("verifying an HF export needs `transformers` (pip install transformers)") from None
     model, tok, _ = load_model(model_dir, "cpu")

@@ -7,13 +7,13 @@ modules directly instead of calling ``torch.ao.quantization.quantize_dynamic``: 
 is deprecated in torch 2.13 (the kernels and modules are not), and torchao's replacement
 (``Int8DynamicActivationInt8WeightConfig``, torchao 0.18) ran ~2x *slower* than fp32 in eager
 mode on this CPU. torch 2.13 also warns that quantized tensor dtypes (qint8) will go in a future
-release; when they do, only ``lmcore.optimize.int8._dynamic_linear`` needs a new backend.
+release; when they do, only ``lmcore.model.int8._dynamic_linear`` needs a new backend.
 
 On disk a quantized model folder is an ordinary model folder whose ``config.json`` carries
 ``"quantization": "int8-dynamic"``; ``model.safetensors`` holds each linear weight as an int8
 tensor plus a float32 ``<name>_scale`` per output row, the rest in fp32. No pickle anywhere:
-:func:`lmcore.checkpoint.load_model` sees the key and calls :func:`load_quantized`. The format itself
-(writing, reading, rebuilding the model) is :mod:`lmcore.optimize.int8`; this module quantizes
+:func:`lmcore.model.checkpoint.load_model` sees the key and calls :func:`load_quantized`. The format itself
+(writing, reading, rebuilding the model) is :mod:`lmcore.model.int8`; this module quantizes
 folders, measures what int8 buys and costs, and registers variants.
 """
 
@@ -23,16 +23,20 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
 from lmcore.errors import LmopsError
-from lmcore.evaluate import bits_per_byte  # the one bits-per-byte measure (evaluate and the gate use it too)
-from lmcore.model import Transformer
-from lmcore.optimize.int8 import (  # noqa: F401 - the format's names, re-exported: callers import them from here
+from lmcore.machine import cpu_profile
+from lmcore.model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, atomic_dir, commit_dir, load_model
+from lmcore.model.decode import int8_matvec_speedup, use_int8_kernels
+from lmcore.model.generate import SamplingParams, generate_tokens
+from lmcore.model.int8 import (  # noqa: F401 - the format's names, re-exported: callers import them from here
     QUANTIZATION,
     SCALE_SUFFIX,
     _linear_names,
@@ -40,7 +44,13 @@ from lmcore.optimize.int8 import (  # noqa: F401 - the format's names, re-export
     quantize_weight,
     quantized_state,
 )
-from lmcore.weights import unwrap
+from lmcore.model.transformer import Transformer
+from lmcore.model.weights import unwrap
+from lmcore.optimize.export import resolve_source
+from lmcore.registry.models import log_model, register_version
+from lmcore.registry.tracking import LINEAGE_KEYS, RunTracker, get_client
+from lmcore.settings import get_settings
+from lmcore.training.evaluate import bits_per_byte  # the one bits-per-byte measure (evaluate and the gate use it too)
 
 
 def quantize_model(model: Transformer) -> Transformer:
@@ -51,10 +61,6 @@ def quantize_model(model: Transformer) -> Transformer:
 
 def save_quantized(src_dir: str | Path, out_dir: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
     """Quantize the model folder ``src_dir`` into a new model folder ``out_dir`` (atomic)."""
-    from safetensors.torch import save_file
-
-    from lmcore.checkpoint import CONFIG, TOKENIZER, WEIGHTS, atomic_dir, commit_dir, load_model
-
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     model, tokenizer, meta = load_model(src_dir, "cpu")
     if meta.get("quantization"):
@@ -78,11 +84,9 @@ def save_quantized(src_dir: str | Path, out_dir: str | Path, extra_meta: dict[st
 def weight_only_model(int8: Transformer) -> Transformer:
     """A float model whose linear weights are exactly ``q * scale``: the numerics of compiled int8 decoding.
 
-    ``lmcore.decode`` runs an int8 model weight-only (activations stay fp32), while the eager
+    ``lmcore.model.decode`` runs an int8 model weight-only (activations stay fp32), while the eager
     path quantizes activations too; this copy lets bits per byte be measured for the former.
     """
-    from dataclasses import replace
-
     model = Transformer(replace(int8.cfg, tie_embeddings=False))  # lm_head is the int8 copy of the embedding
     state = {k: v for k, v in int8.state_dict().items() if isinstance(v, torch.Tensor) and not v.is_quantized}
     for name in _linear_names(model):
@@ -184,8 +188,6 @@ def logit_error_bound(model: Transformer, idx: torch.Tensor, sigmas: float = 6.0
 def decode_tokens_per_s(model: Transformer, prompt_ids: list[int], new_tokens: int = 128, repeats: int = 3,
                         compiled: bool = False) -> float:
     """Best-of-``repeats`` batch-1 greedy decoding speed, with the KV cache (tokens per second)."""
-    from lmcore.generate import SamplingParams, generate_tokens
-
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
     best = 0.0
     for _ in range(repeats):
@@ -224,7 +226,7 @@ def compare(fp32: Transformer, int8: Transformer, tokenizer, texts: list[str] | 
             compiled: bool = True) -> dict[str, float]:
     """Side-by-side batch-1 decode speed and (with ``texts``) bits per byte of fp32 vs int8.
 
-    ``compiled`` times both with ``lmcore.decode``'s compiled step (how lmops decodes long outputs);
+    ``compiled`` times both with ``lmcore.model.decode``'s compiled step (how lmops decodes long outputs);
     then ``int8_wo_bpb`` / ``bpb_change_wo`` are measured too: the weight-only numerics that step runs.
     """
     prev = torch.get_num_threads()
@@ -236,8 +238,6 @@ def compare(fp32: Transformer, int8: Transformer, tokenizer, texts: list[str] | 
         decode_tokens_per_s(int8, prompt, 8, 1, compiled)
         out: dict[str, float] = {"compiled_decode": float(compiled)}
         if compiled:  # 0: this CPU's int8 kernel lost to fp32 (lmcore.probe), so int8 decodes from float weights
-            from lmcore.decode import use_int8_kernels
-
             out["int8_kernels"] = float(use_int8_kernels(int8))
         out["fp32_tokens_per_s"] = decode_tokens_per_s(fp32, prompt, new_tokens, repeats, compiled)
         out["int8_tokens_per_s"] = decode_tokens_per_s(int8, prompt, new_tokens, repeats, compiled)
@@ -257,8 +257,6 @@ def compare(fp32: Transformer, int8: Transformer, tokenizer, texts: list[str] | 
 
 
 def model_bytes(folder: str | Path) -> int:
-    from lmcore.checkpoint import WEIGHTS
-
     return (Path(folder) / WEIGHTS).stat().st_size
 
 
@@ -290,13 +288,8 @@ def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path
     (``registered: False``, ``declined``: the measured reason in one line) and the folder stays on
     disk. Why: int8 only pays where the CPU has fast int8 kernels (VNNI/AMX); on an AVX2-only CPU
     it measured 0.92x fp32, and a slower variant in the registry invites the gate to serve it.
-    The CPU it was measured on (``lmcore.probe.cpu_profile``) goes into the result and the tags.
+    The CPU it was measured on (``lmcore.machine.cpu_profile``) goes into the result and the tags.
     """
-    from lmcore.checkpoint import load_model
-    from lmcore.optimize.export import resolve_source
-    from lmcore.probe import cpu_profile
-    from lmcore.settings import get_settings
-
     src, info = resolve_source(name, version, model_dir)
     src_version = info.get("version")
     if out_dir is None:
@@ -320,9 +313,6 @@ def quantize_job(*, name: str, version: str | None = None, model_dir: str | Path
     if metrics["speedup"] < min_speedup or (metrics.get("int8_kernels") == 0.0 and min_speedup > 0):
         result["declined"] = decline_reason(metrics, cpu, min_speedup, out)  # the caller shows it
         return result
-
-    from lmcore.registry import log_model, register_version
-    from lmcore.tracking import LINEAGE_KEYS, RunTracker, get_client
 
     src_tags = dict(get_client().get_model_version(info["name"], src_version).tags or {})
     lineage = {k: v for k, v in src_tags.items() if k in LINEAGE_KEYS}
@@ -358,7 +348,6 @@ def decline_reason(metrics: dict[str, float], cpu: dict[str, Any], min_speedup: 
     need = "" if min_speedup == 1.0 else f" (needs {min_speedup:g}x)"
     where = f"{cpu.get('cpu') or 'unknown CPU'}, {cpu.get('cpu_class', 'other')}"
     if metrics.get("int8_kernels") == 0.0:  # the decoder read float weights: the speed is fp32's by design
-        from lmcore.probe import int8_matvec_speedup
 
         need = (f"; this CPU's int8 kernel runs at {int8_matvec_speedup()['speedup']:.2f}x fp32 (lmops info), "
                 f"so int8 models decode from float weights here and gain nothing but size")

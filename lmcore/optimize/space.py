@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lmcore.config import ModelParams, TrainParams
+from lmcore.config import _coerce as coerce
 from lmcore.errors import LmopsError
 
 NOT_SEARCHABLE = {"train.device", "train.dtype", "train.compile", "train.max_steps", "train.max_minutes",
@@ -43,8 +45,6 @@ class Dim:
 
 
 def _field_types() -> dict[str, Any]:
-    from lmcore.config import ModelParams, TrainParams
-
     out: dict[str, Any] = {}
     for section, cls in (("model", ModelParams), ("train", TrainParams)):
         hints = typing.get_type_hints(cls)
@@ -135,8 +135,6 @@ def parse_space(space: Mapping[str, Any]) -> list[Dim]:
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    from lmcore.config import _coerce as coerce
-
     try:
         return coerce(value, tp, f"optimize.search_space.{where}")
     except LmopsError as e:

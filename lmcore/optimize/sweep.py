@@ -1,6 +1,6 @@
 """Hyper-parameter search: Optuna TPE + percentile pruning over short training runs, tracked in MLflow.
 
-Why this shape: each trial is an ordinary ``lmcore.train.train`` run with ``max_steps =
+Why this shape: each trial is an ordinary ``lmcore.training.loop.train`` run with ``max_steps =
 optimize.trial_max_steps``; its periodic ``val_loss`` feeds a ``PercentilePruner`` through
 ``on_metrics``, which raises ``optuna.TrialPruned`` to stop a hopeless trial early (see
 ``make_pruner`` for why a quartile rather than the median). The study lives in an RDB
@@ -29,8 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+
+from lmcore.data.prepare import load_prepared
+from lmcore.data.prepared import resolve_prepared
 from lmcore.errors import LmopsError
+from lmcore.locks import file_lock
+from lmcore.optimize.apply import apply_params
 from lmcore.optimize.space import Dim, check_against, derive, parse_space, with_overrides
+from lmcore.registry.tracking import RunTracker
+from lmcore.settings import get_settings
+from lmcore.training.loop import train
 
 TrialCallback = Callable[[dict[str, Any]], None]
 MetricsCallback = Callable[[int, int, dict[str, float]], None]
@@ -57,14 +66,12 @@ class SweepResult:
 
 
 def resolve_data(data: str | Path | None, params: Any) -> tuple[Path, str | None]:
-    """A prepared data folder for the sweep, and its dataset version (``lmcore.prepared_data``).
+    """A prepared data folder for the sweep, and its dataset version (``lmcore.data.prepared``).
 
     ``data`` may be a prepared folder (has ``meta.json``), a text file or folder (prepared once
     into ``<home>/runs/prepared/text-<hash>``), or None: the data registry's current version,
     prepared into ``<home>/runs/prepared/<key>`` with the same key the training flow uses.
     """
-    from lmcore.prepared_data import resolve_prepared
-
     return resolve_prepared(data, params)
 
 
@@ -72,8 +79,6 @@ def resolve_data(data: str | Path | None, params: Any) -> tuple[Path, str | None
 
 
 def default_storage() -> str:
-    from lmcore.settings import get_settings
-
     home = get_settings().ensure().home
     return f"sqlite:///{home / 'optuna.db'}"
 
@@ -85,10 +90,6 @@ def open_storage(url: str) -> Any:
     Optuna's alembic version row): a SQLite file is created under a file lock, and any URL is
     retried a few times on such an error before giving up.
     """
-    import optuna
-
-    from lmcore.locks import file_lock
-
     engine_kwargs: dict[str, Any] = {}
     lock_path = None
     if url.startswith("sqlite"):
@@ -168,8 +169,6 @@ def make_pruner(opt: Any) -> Any:
     let 11 of 20 trials run to the end (time ratio vs no pruning 0.64), the quartile 5 (0.43-0.48);
     the best val_loss found moved by +0.45%, well inside one config's seed-to-seed spread (sd ~1.1%).
     """
-    import optuna
-
     return optuna.pruners.PercentilePruner(opt.prune_percentile, n_startup_trials=opt.startup_trials)
 
 
@@ -198,9 +197,6 @@ def run_sweep(
     ``on_trial(row)`` is called after each trial, ``on_metrics(trial, step, metrics)`` at each
     training log/eval step. Returns the study's best trial over *all* its trials.
     """
-    from lmcore.prepare import load_prepared
-    from lmcore.settings import get_settings
-
     opt = params.optimize
     dims = parse_space(opt.search_space)
     check_against(params, dims)
@@ -249,8 +245,6 @@ def _open_study(opt: Any, storage_url: str, study_name: str | None, seed: int | 
 
     A resumed study's seed moves past the trials already there, so it repeats no start-up draws.
     """
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = open_storage(storage_url)
     name = study_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -269,8 +263,6 @@ def _open_study(opt: Any, storage_url: str, study_name: str | None, seed: int | 
 def _start_parent(params: Any, name: str, storage_url: str, n_trials: int, budget_min: float, pruning: bool,
                   sampler_seed: int, dataset_version: str | None, worker: str) -> Any:
     """The sweep's MLflow parent run: the search's settings as params, the study as tags."""
-    from lmcore.tracking import RunTracker
-
     opt = params.optimize
     return RunTracker.start(
         params.registry.experiment, f"sweep-{name}",
@@ -302,10 +294,6 @@ class _Objective:
     ran: list[int] = field(default_factory=list)  # trial numbers this call ran (enqueued ones already have one)
 
     def __call__(self, trial: Any) -> float:
-        import optuna
-
-        from lmcore.train import train
-
         self.ran.append(trial.number)
         values = {d.key: d.suggest(trial) for d in self.dims}
         trial.set_user_attr("worker", self.worker)
@@ -341,7 +329,6 @@ class _Objective:
         """The trial's nested MLflow run (None when the sweep is not tracked)."""
         if self.parent is None:
             return None
-        from lmcore.tracking import RunTracker
 
         tracker = RunTracker.start(
             self.params.registry.experiment, f"{self.study}-trial-{trial.number}", params=values,
@@ -354,8 +341,6 @@ class _Objective:
 
     def _reporter(self, trial: Any, tracker: Any, max_steps: int) -> Callable[[int, dict[str, float]], None]:
         """Training's ``on_metrics``: log the step, pass it on, and prune a hopeless trial."""
-        import optuna
-
         def report(step: int, metrics: dict[str, float]) -> None:
             if tracker is not None:
                 tracker.log_metrics(step, metrics)
@@ -421,13 +406,9 @@ def _finish_parent(parent: Any, study: Any, name: str, status: str, result: Swee
 
 def apply_best(result: SweepResult, params_path: str | Path | None = None) -> list[tuple[str, Any, Any]]:
     """Write ``result.best_params`` into ``params.yaml`` (comments and order kept)."""
-    from lmcore.optimize.apply import apply_params
-
     if not result.best_params:
         raise LmopsError(f"study {result.study} has no completed trial: nothing to apply")
     if params_path is None:
-        from lmcore.settings import get_settings
-
         params_path = get_settings().params_path
     return apply_params(params_path, result.best_params)
 

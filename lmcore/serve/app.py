@@ -13,8 +13,10 @@ import logging
 import os
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI
 
+from lmcore.config import Params
 from lmcore.serve.errors import install_error_handlers
 from lmcore.serve.metrics import MetricsMiddleware
 from lmcore.serve.openapi import install_openapi
@@ -58,10 +60,6 @@ def create_app(source: str, params=None, settings=None, *, store=None, api_token
 
 def serve(source: str, params=None, settings=None, host: str | None = None, port: int | None = None) -> None:
     """Run the app under uvicorn until interrupted (what ``lmops serve`` calls)."""
-    import uvicorn
-
-    from lmcore.config import Params
-
     params = params or Params()
     host = host or params.serve.host
     port = port or params.serve.port

@@ -2,8 +2,8 @@
 
 Each loaded model version gets a :class:`Batcher`: one background thread that owns the model.
 Every step it admits queued requests into free slots (prefilling each prompt on its own), then
-decodes *all* active rows with one step over a :class:`lmcore.decode.Decoder`'s slot cache, in
-which every row has its own length: the same step, eager or compiled, that ``lmcore.generate``
+decodes *all* active rows with one step over a :class:`lmcore.model.decode.Decoder`'s slot cache, in
+which every row has its own length: the same step, eager or compiled, that ``lmcore.model.generate``
 runs for one sequence. Active rows hold the leading slots 0..B-1; when a row finishes, the last
 row's cache moves into its slot (one copy per finished request), so a step reads one block of
 slots and never gathers. Requests that arrive while others are decoding join at the next step, so
@@ -37,11 +37,13 @@ from typing import Any
 
 import torch
 
-from lmcore.decode import DECODER_SLOTS, Decoder
+from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
-from lmcore.generate import SamplingParams, pick_next
-from lmcore.model import Transformer
-from lmcore.tokenizer import Tokenizer
+from lmcore.model.checkpoint import load_model
+from lmcore.model.decode import DECODER_SLOTS, Decoder
+from lmcore.model.generate import SamplingParams, decode_threads, pick_next
+from lmcore.model.transformer import Transformer
+from lmcore.registry.models import fetch_model_dir, resolve_alias
 
 log = logging.getLogger("lmops.serve")
 
@@ -66,15 +68,9 @@ def _weights_digest(folder: Path) -> str:
 
 
 def load_version(source: str) -> LoadedModel:
-    """``models:/<name>@<alias>`` (through ``lmcore.registry``) or a local model folder -> a LoadedModel."""
-    from lmcore.checkpoint import load_model
-
+    """``models:/<name>@<alias>`` (through ``lmcore.registry.models``) or a local model folder -> a LoadedModel."""
     info: dict[str, Any] = {}
     if source.startswith("models:/"):
-        try:
-            from lmcore.registry import fetch_model_dir
-        except ImportError:
-            raise LmopsError("model registry support (lmcore.registry) is not installed") from None
         folder, info = fetch_model_dir(source)
         folder = Path(folder)
     else:
@@ -123,7 +119,7 @@ class Batcher:
         self.max_batch = max_batch
         self.window = batch_window_ms / 1000.0
         self.max_len = lm.model.cfg.block_size + max_new_tokens
-        # the cache's length rounded as lmcore.generate rounds it: one compiled step serves both
+        # the cache's length rounded as lmcore.model.generate rounds it: one compiled step serves both
         self.decoder = Decoder(lm.model, -(-self.max_len // DECODER_SLOTS) * DECODER_SLOTS, slots=max_batch)
         self.compiled = compiled
         self.compile_done = threading.Event()  # set once the compiled step is in use, or has failed
@@ -165,8 +161,6 @@ class Batcher:
 
     # -- the decode thread -----------------------------------------------------------------
     def _run(self) -> None:
-        from lmcore.generate import decode_threads
-
         with decode_threads(self.lm.model.embed.weight.device, self.lm.model.cfg):
             if self.compiled:  # compiled for the thread count this thread decodes on
                 threading.Thread(target=self._compile, args=(self.decoder, torch.get_num_threads()),
@@ -379,8 +373,6 @@ class Engine:
         name, _, alias = self.source[len("models:/"):].partition("@")
         while not self._stop.wait(interval_s):
             try:
-                from lmcore.registry import resolve_alias
-
                 target = resolve_alias(name, alias)
             except Exception as e:
                 log.warning("polling %s failed: %s", self.source, str(e).splitlines()[0] if str(e) else e)

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import LmopsError
+from lmcore.model.generate import SamplingParams
+from lmcore.serve.engine import Row
 from lmcore.serve.limits import ApiError, error_body
 from lmcore.serve.schemas import GenerateRequest
 from lmcore.serve.state import ServeState
 
 if TYPE_CHECKING:
-    from lmcore.generate import SamplingParams
+    from lmcore.data.tokenizer import StreamDecoder
+    from lmcore.model.generate import SamplingParams
     from lmcore.serve.engine import LoadedModel, Row
-    from lmcore.tokenizer import StreamDecoder
 
 log = logging.getLogger("lmops.serve")
 
@@ -51,9 +53,6 @@ class _Collected:
 
 
 def _submit(state: ServeState, req: GenerateRequest) -> _Submitted:
-    from lmcore.generate import SamplingParams
-    from lmcore.serve.engine import Row
-
     q: asyncio.Queue = asyncio.Queue()
     sp = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_k=req.top_k,
                         top_p=req.top_p, seed=req.seed, stop_at_eos=not req.ignore_eos)

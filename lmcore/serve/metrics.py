@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
 KNOWN_PATHS = {"/", "/health", "/metrics", "/v1/info", "/v1/generate", "/v1/feedback", "/admin/reload"}
 
 
 class Metrics:
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
         r = self.registry = CollectorRegistry()
         self.requests = Counter("lmops_requests", "HTTP requests served", ["path", "method", "status"], registry=r)
         self.latency = Histogram(
@@ -32,8 +32,6 @@ class Metrics:
         self.model.labels(name=name, version=version).set(1)
 
     def render(self) -> tuple[bytes, str]:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 
 from lmcore.serve.schemas import FeedbackRequest, GenerateRequest
 
@@ -12,8 +13,6 @@ from lmcore.serve.schemas import FeedbackRequest, GenerateRequest
 def install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
-
             spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             for model in (GenerateRequest, FeedbackRequest):

@@ -13,12 +13,16 @@ from typing import TYPE_CHECKING
 
 from fastapi import Request
 
+from lmcore.config import Params
+from lmcore.feedback.store import FeedbackStore
+from lmcore.serve.engine import Engine
 from lmcore.serve.limits import ApiError, ConcurrencyGate
 from lmcore.serve.metrics import Metrics
+from lmcore.settings import get_settings
 
 if TYPE_CHECKING:
     from lmcore.config import FeedbackParams, Params, ServeParams
-    from lmcore.feedback import FeedbackStore
+    from lmcore.feedback.store import FeedbackStore
     from lmcore.serve.engine import Engine
     from lmcore.settings import Settings
 
@@ -37,10 +41,6 @@ class ServeState:
     @classmethod
     def build(cls, source: str, params=None, settings=None, *, store=None, api_token: str | None = None) -> ServeState:
         """The engine for ``source`` (not loaded yet), a metrics registry of its own, the limits from ``params``."""
-        from lmcore.config import Params
-        from lmcore.serve.engine import Engine
-        from lmcore.settings import get_settings
-
         params = params or Params()
         sp_cfg = params.serve
         metrics = Metrics()
@@ -65,8 +65,6 @@ class ServeState:
     def start(self) -> None:
         """At app startup: open the feedback store, load the model in a background thread."""
         if self.store is None:
-            from lmcore.feedback import FeedbackStore
-
             self.store = FeedbackStore(self.settings.feedback_db)
         threading.Thread(target=self._initial_load, name="initial-load", daemon=True).start()
 

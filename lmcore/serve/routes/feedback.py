@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Header, Request
 
 from lmcore.errors import LmopsError
+from lmcore.feedback.store import UnknownGeneration
 from lmcore.serve.bodies import documented_body, read_body
 from lmcore.serve.errors import ERROR_RESPONSES
 from lmcore.serve.limits import ApiError, check_text, check_token
@@ -23,8 +24,6 @@ router = APIRouter()
 )
 async def feedback(request: Request, authorization: str | None = Header(None),
                    state: ServeState = Depends(get_state)):
-    from lmcore.feedback import UnknownGeneration
-
     check_token(authorization, state.api_token, request.client.host if request.client else None)
     req = await read_body(request, FeedbackRequest)
     fb_cfg = state.feedback_cfg

@@ -1,9 +1,10 @@
 """Sampling from a model with its KV cache: greedy, temperature, top-k, top-p, seeded, streaming.
 
 The prompt is prefilled in one forward pass; each new token then costs one decode step
-(``lmcore.decode.step``, eager or compiled) over the preallocated cache. Seeds drive a local ``torch.Generator`` per
-sequence, so generation never touches global RNG state, the same seed gives the same text,
-and a request the server batches with others samples exactly as it would alone
+(``lmcore.model.decode.step``, eager or compiled) over the preallocated cache. Seeds drive a
+local ``torch.Generator`` per sequence, so generation never touches global RNG state, the same
+seed gives the same text, and a request the server batches with others samples exactly as it
+would alone
 (``lmcore.serve.engine`` decodes with the same step and :func:`pick_next`).
 
 Speed notes (CPU): a decode step is a few hundred tiny ops, so per-op overhead rules.
@@ -25,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lmcore.decode import DECODER_SLOTS, Decoder
-from lmcore.model import Transformer
-from lmcore.tokenizer import Tokenizer
+from lmcore.data.tokenizer import Tokenizer
+from lmcore.model.decode import DECODER_SLOTS, Decoder
+from lmcore.model.transformer import Transformer
+from lmcore.probe import decode_probe
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,6 @@ def _wanted_threads(cfg) -> int:
         return int(env)
     if cfg is None:
         return 0
-    from lmcore.probe import decode_probe
 
     return decode_probe(cfg).decode_threads
 
@@ -128,7 +129,7 @@ def generate_tokens(
     """Yield (token id, probability) for each new token of one sequence.
 
     Generation may run past ``block_size``: the cache is sized for prompt + new tokens and the
-    RoPE table grows as needed. Decodes with a one-slot :class:`lmcore.decode.Decoder`, the step the
+    RoPE table grows as needed. Decodes with a one-slot :class:`lmcore.model.decode.Decoder`, the step the
     server's engine runs too; ``compiled`` uses its compiled step (same tokens, 2-3x faster per token
     on a CPU; the first call for a model shape compiles for 20-30 s, later processes load the result
     from the lmops home).

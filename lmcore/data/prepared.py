@@ -1,7 +1,7 @@
 """Which prepared-data folder a command trains or evaluates on: one answer for every caller.
 
-``lmops train``/``lmops evaluate`` (``lmcore.cli.model_cmds``), the hyper-parameter sweep
-(``lmcore.optimize.sweep``) and the DVC stages (``lmcore.stages``) all ask here. The order:
+``lmops train``/``lmops evaluate`` (``lmcore.cli.train_cmds``), the hyper-parameter sweep
+(``lmcore.optimize.sweep``) and the DVC stages (``lmcore.training.stages``) all ask here. The order:
 
 1. ``data`` is a prepared folder (it has ``meta.json``): that folder.
 2. ``data`` is a text file or a folder of text files: prepared once, with dataset version
@@ -9,7 +9,7 @@
    keeps it in its run folder, reused on ``--resume`` so a resumed run keeps its tokenizer),
    else into ``<home>/runs/prepared/text-<hash>`` (keyed on the files and the prepare params).
 3. no ``data``: the data registry's current version, prepared into the training flow's folder
-   (:func:`lmcore.prepare.prepared_dir`), so ``lmops run``, ``lmops train`` and a sweep see the
+   (:func:`lmcore.data.prepare.prepared_dir`), so ``lmops run``, ``lmops train`` and a sweep see the
    same tokens;
 4. no version in the registry: the workspace's ``data/prepared`` (the DVC ``prepare`` stage's
    output, :data:`WORKSPACE_PREPARED`) if it holds prepared data;
@@ -23,7 +23,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from lmcore.data.prepare import META, load_prepared, prepare_dataset, prepared_dir, read_text_source
+from lmcore.data.versions import DataRegistry
 from lmcore.errors import LmopsError
+from lmcore.locks import file_lock
+from lmcore.settings import get_settings
 
 WORKSPACE_PREPARED = Path("data/prepared")  # relative to the workspace; dvc.yaml's prepare output
 
@@ -31,15 +35,11 @@ WORKSPACE_PREPARED = Path("data/prepared")  # relative to the workspace; dvc.yam
 def workspace_prepared(workspace: Path | None = None) -> Path:
     """The workspace's ``data/prepared`` (``workspace`` default: the settings' workspace)."""
     if workspace is None:
-        from lmcore.settings import get_settings
-
         workspace = get_settings().workspace
     return Path(workspace) / WORKSPACE_PREPARED
 
 
 def is_prepared(folder: Path) -> bool:
-    from lmcore.prepare import META
-
     return (Path(folder) / META).is_file()
 
 
@@ -63,9 +63,6 @@ def _key(*parts: str) -> str:
 def _prepare_once(out: Path, records: Callable[[], Iterable[tuple]], params: Any,
                   version: Callable[[Any], str | None]) -> None:
     """Prepare into ``out`` unless a complete folder is there; one process at a time per folder."""
-    from lmcore.locks import file_lock
-    from lmcore.prepare import prepare_dataset
-
     out.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out.parent / f".{out.name}.lock"):
         if not is_prepared(out):
@@ -80,9 +77,6 @@ def resolve_prepared(data: str | Path | None, params: Any, *, text_dir: Path | N
     ``text_dir``: where text ``data`` is prepared (default: a content-keyed folder under the
     home, reused while complete); an explicit ``text_dir`` is re-prepared unless ``resume``.
     """
-    from lmcore.prepare import load_prepared, prepare_dataset, prepared_dir, read_text_source
-    from lmcore.settings import get_settings
-
     if data is not None:
         path = Path(data)
         if path.is_dir() and is_prepared(path):
@@ -104,13 +98,8 @@ def resolve_prepared(data: str | Path | None, params: Any, *, text_dir: Path | N
                                    dataset_version=text_dataset_version(records))
         return prepared.dir, prepared.dataset_version
 
-    try:
-        from lmcore.data.registry import DataRegistry
-    except ImportError:  # a slim install without the data extras: only a prepared folder or text can be used
-        registry = None
-    else:
-        registry = DataRegistry.open()
-    current = registry.current() if registry is not None else None
+    registry = DataRegistry.open()
+    current = registry.current()
     if current is not None:
         out = prepared_dir(current.id, params)  # the training flow's prepared folder
         _prepare_once(out, lambda: registry.iter_records(current.id), params, lambda _: current.id)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmcore.errors import LmopsError
-from lmcore.settings import MLFLOW_PORT
+from lmcore.settings import MLFLOW_PORT, apply_environment, get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmcore.settings import Settings
@@ -141,8 +141,6 @@ def check_port(host: str, port: int, what: str) -> None:
 def start_mlflow_ui(port: int = MLFLOW_PORT, host: str = "127.0.0.1", settings: Settings | None = None,
                     timeout: float = 60.0) -> Service:
     """`mlflow server` on the embedded sqlite store (one worker), artifacts under the lmops home."""
-    from lmcore.settings import apply_environment, get_settings
-
     settings = apply_environment(settings or get_settings())
     uri = settings.mlflow_tracking_uri
     if uri.startswith(("http://", "https://")):

@@ -32,16 +32,27 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
+from lmcore.config import to_dict
+from lmcore.data.prepare import load_prepared
+from lmcore.data.tokenizer import Tokenizer
+from lmcore.device import ThreadTuner, pick_device, training_choices
 from lmcore.errors import LmopsError
-from lmcore.weights import tie_head
+from lmcore.model.checkpoint import WEIGHTS, atomic_dir, commit_dir, save_model, write_model_files
+from lmcore.model.transformer import ModelConfig, Transformer
+from lmcore.model.weights import tie_head
+from lmcore.training.optimizers import build_optimizers, lr_multiplier, set_lr
 
 if TYPE_CHECKING:
     from lmcore.config import ModelParams, TrainParams
+    from lmcore.data.prepare import PreparedData
+    from lmcore.data.tokenizer import Tokenizer
     from lmcore.device import TrainingChoices
-    from lmcore.model import ModelConfig
-    from lmcore.prepare import PreparedData
-    from lmcore.tokenizer import Tokenizer
+    from lmcore.model.transformer import ModelConfig
 
 STATE = "trainer_state.pt"
 HISTORY_FIELDS = ("step", "train_loss", "val_loss", "lr", "tokens_per_s")
@@ -80,7 +91,6 @@ def _dist_setup(device: torch.device) -> tuple[_Dist, torch.device]:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else single process."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return _Dist(), device
-    import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -97,7 +107,6 @@ def _rank0_choices(resolve: Callable[[], TrainingChoices], d: _Dist, device: tor
     shared cores would slow each other's timings and could disagree on a close call."""
     if d.world == 1:
         return resolve()
-    import torch.distributed as dist
 
     box = [resolve() if d.main else None]
     dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
@@ -108,7 +117,6 @@ def _sync_scalar(value: float, d: _Dist, device: torch.device) -> float:
     """Rank 0's value on every rank: keeps time-based decisions identical across ranks."""
     if d.world == 1:
         return value
-    import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
@@ -163,8 +171,6 @@ def _autocast(device: torch.device, amp: torch.dtype | None):
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, tokenizer, meta: dict, state: dict) -> Path:
     """Weights (safetensors), config, tokenizer and trainer state, renamed into place only when complete."""
-    from lmcore.checkpoint import atomic_dir, commit_dir, write_model_files
-
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_dir(folder)
     try:
@@ -187,10 +193,6 @@ def find_checkpoint(out_dir: Path) -> Path | None:
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(weights, trainer state) of a checkpoint; no pickle (``weights_only=True``); one-line errors."""
-    from safetensors.torch import load_file
-
-    from lmcore.checkpoint import WEIGHTS
-
     try:
         weights = load_file(str(folder / WEIGHTS))
     except Exception as e:
@@ -220,7 +222,6 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 def _progress_bar(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=True, file=sys.stderr)
 
@@ -243,10 +244,6 @@ def train(
     ``on_model(model)`` runs on every rank with the trained, unwrapped model just before returning
     (in-memory evaluation for sweeps; DDP tests compare ranks with it).
     """
-    from lmcore.device import pick_device
-    from lmcore.prepare import load_prepared
-    from lmcore.tokenizer import Tokenizer
-
     data = load_prepared(Path(data_dir))
     if data.train_tokens < model.block_size + 1:
         raise LmopsError(f"corpus too small: the train split has {data.train_tokens} tokens, fewer than one block "
@@ -315,10 +312,6 @@ class _Trainer:
               on_metrics: Callable[[int, dict[str, float]], None] | None) -> _Trainer:
         """The model (seeded), the training choices (rank 0's), a checkpoint's state when resuming,
         the optimizers, the DDP/compile wrapping and the batch source."""
-        from lmcore.config import to_dict
-        from lmcore.device import training_choices
-        from lmcore.model import ModelConfig
-
         cfg = ModelConfig.from_params(mp, data.vocab_size)
         choices = _rank0_choices(lambda: training_choices(device, tp, cfg), d, device)
         net = _new_model(cfg, tp)
@@ -354,8 +347,6 @@ class _Trainer:
 
     def state_dict(self) -> dict:
         """What a checkpoint holds beside the weights: enough to continue as if never stopped."""
-        from lmcore.config import to_dict
-
         st = {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "model": self.cfg.to_dict(),
               "optimizers": [o.state_dict() for o in self.optimizers], "rng_cpu": torch.get_rng_state(),
               "dataset_version": self.dataset_version, "train": to_dict(self.tp), "history": self.history,
@@ -381,9 +372,6 @@ class _Trainer:
 
     def run(self, *, progress: bool, threads: int) -> str:
         """Step until ``train.max_steps`` or the wall-clock budget; returns what stopped it."""
-        from lmcore.device import ThreadTuner
-        from lmcore.optim import lr_multiplier, set_lr
-
         tp, d = self.tp, self.d
         budget_s = tp.max_minutes * 60.0
         per_step_tokens = tp.batch_size * self.mp.block_size * tp.grad_accum * d.world
@@ -483,9 +471,6 @@ class _Trainer:
 
     def finish(self, stopped_by: str, on_model: Callable[[torch.nn.Module], None] | None) -> TrainResult:
         """The final evaluation (when the loop ran no step), model/, train_summary.json, the result."""
-        from lmcore.checkpoint import save_model
-        from lmcore.config import to_dict
-
         history = self.history
         if self.step == 0 or not history or history[-1]["step"] != self.step:  # resumed at/after the budget
             self.last_val = self.evaluate()
@@ -520,8 +505,6 @@ class _Trainer:
 
 def _new_model(cfg: ModelConfig, tp: TrainParams) -> torch.nn.Module:
     """A freshly initialised model from ``train.seed`` (residual projections zeroed if asked)."""
-    from lmcore.model import Transformer
-
     torch.manual_seed(tp.seed)
     net = Transformer(cfg)
     if tp.zero_init_residual:
@@ -554,8 +537,6 @@ def _resume_model(ckpt: Path, net: torch.nn.Module, cfg: ModelConfig, device: to
 def _optimizers(net: torch.nn.Module, tp: TrainParams, choices: TrainingChoices, states: list | None,
                 ckpt: Path | None) -> list[torch.optim.Optimizer]:
     """The optimizers the choices name, with a checkpoint's states loaded into them when resuming."""
-    from lmcore.optim import build_optimizers
-
     optimizers = build_optimizers(net, tp, choices.optimizer, choices.muon_ns_dtype)
     if states is not None:
         if len(states) != len(optimizers):
@@ -573,8 +554,6 @@ def _wrap(net: torch.nn.Module, tp: TrainParams, d: _Dist, device: torch.device)
     """What the training step calls: ``net`` in DDP under torchrun, compiled with ``train.compile``."""
     fwd: torch.nn.Module = net
     if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         fwd = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     if tp.compile:
         fwd = torch.compile(fwd)

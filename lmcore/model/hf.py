@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from lmcore.data.tokenizer import EOS, Tokenizer
 from lmcore.errors import LmopsError
-from lmcore.model import ModelConfig, Transformer
-from lmcore.tokenizer import EOS, Tokenizer
-from lmcore.weights import tie_head, unwrap
+from lmcore.model.checkpoint import atomic_dir, commit_dir, load_model, write_model_files
+from lmcore.model.transformer import ModelConfig, Transformer
+from lmcore.model.weights import tie_head, unwrap
 
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
 
@@ -111,7 +113,7 @@ def hf_config_dict(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any
 def hf_config(cfg: ModelConfig, eos_id: int | None = None):
     """A ``transformers.LlamaConfig`` equal to what :func:`export_hf` writes (imports transformers)."""
     try:
-        from transformers import LlamaConfig
+        from transformers import LlamaConfig  # lazy: transformers imports in ~1 s
     except ImportError:
         raise LmopsError("transformers is not installed (pip install 'lmops[dev]')") from None
     d = hf_config_dict(cfg, eos_id)
@@ -178,8 +180,6 @@ def _prepare_out(out_dir: Path, force: bool) -> None:
 
 
 def _write_atomic(out_dir: Path, write) -> Path:
-    from lmcore.checkpoint import atomic_dir, commit_dir
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_dir(out_dir)
     try:
@@ -192,10 +192,6 @@ def _write_atomic(out_dir: Path, write) -> Path:
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, force: bool = False) -> Path:
     """An lmops model folder -> a Hugging Face folder that ``from_pretrained`` loads."""
-    from safetensors.torch import save_file
-
-    from lmcore.checkpoint import load_model
-
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(model_dir).resolve():
         raise LmopsError(f"export would overwrite its own source folder: {out_dir}")
@@ -214,8 +210,6 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, force: bool = False) -
 
 
 def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     files = [hf_dir / HF_WEIGHTS]
     if (hf_dir / HF_INDEX).is_file():  # sharded checkpoint
         index = json.loads((hf_dir / HF_INDEX).read_text())
@@ -233,8 +227,6 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(hf_dir: str | Path, out_model_dir: str | Path, force: bool = False) -> Path:
     """A Hugging Face Llama folder (safetensors, with ``<|endoftext|>`` in its tokenizer) -> an lmops model folder."""
-    from lmcore.checkpoint import write_model_files
-
     hf_dir, out = Path(hf_dir), Path(out_model_dir)
     if out.resolve() == hf_dir.resolve():
         raise LmopsError(f"import would overwrite its own source folder: {out}")

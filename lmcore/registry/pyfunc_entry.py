@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from lmcore.pyfunc import LmopsLanguageModel
+from lmcore.registry.pyfunc import LmopsLanguageModel
 
 set_model(LmopsLanguageModel())

@@ -4,11 +4,12 @@ One registered model (``params.registry.model_name``). Every new version gets th
 ``challenger``; ``champion`` is what serving uses. Only the gate (or a person through
 ``promote``/``rollback``, with a reason) moves ``champion``; every move is recorded in the
 version's tags and in an alias history kept as a registered-model tag. Aliases, not stages.
-What the gate decides lives in :mod:`lmcore.gate`; here it is evaluated, recorded and acted on.
+What the gate decides lives in :mod:`lmcore.registry.gate`; here it is evaluated, recorded and acted on.
 """
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import shutil
 import tempfile
@@ -18,8 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
+from lmcore.device import pick_device
 from lmcore.errors import LmopsError
-from lmcore.gate import (
+from lmcore.model.checkpoint import load_model, read_meta
+from lmcore.registry.gate import (
     GateDecision,
     behaviour_checks,
     decide,
@@ -27,6 +32,10 @@ from lmcore.gate import (
     is_champion,
     prompt_completions,
 )
+from lmcore.registry.reports import comparison_markdown, comparison_table
+from lmcore.registry.tracking import MODEL_DIR_ARTIFACT, RunTracker, get_client
+from lmcore.settings import get_settings
+from lmcore.training.evaluate import evaluate_model
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "lmops.alias_history"
@@ -38,8 +47,6 @@ MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 # --------------------------------------------------------------------------- logging a model
 def _pip_requirements() -> list[str]:
     """Pinned runtime deps of the pyfunc (no slow inference); ``lmops`` provides the model class."""
-    import importlib.metadata as md
-
     reqs = []
     for pkg in ("torch", "safetensors", "tokenizers", "mlflow", "pandas", "lmops"):
         try:
@@ -53,14 +60,12 @@ def _pip_requirements() -> list[str]:
 def log_model(tracker_or_run_id: Any, model_dir: Path) -> str:
     """Log a model folder to a run as a pyfunc model (weights as a safetensors artifact); returns its URI.
 
-    The model is saved "from code" (``lmcore/pyfunc_entry.py``) so nothing is pickled, into a
+    The model is saved "from code" (``lmcore/registry/pyfunc_entry.py``) so nothing is pickled, into a
     temporary folder, then uploaded with ``log_artifacts`` against the explicit run id.
     """
-    import mlflow.pyfunc
+    import mlflow.pyfunc  # lazy: MLflow imports in ~1.8 s
 
-    from lmcore.checkpoint import read_meta
-    from lmcore.pyfunc import MODEL_DIR_ARTIFACT, signature
-    from lmcore.tracking import get_client
+    from lmcore.registry.pyfunc import signature  # lazy: its class subclasses MLflow's PythonModel
 
     model_dir = Path(model_dir)
     read_meta(model_dir)
@@ -97,7 +102,7 @@ def _source_for(client: Any, model_uri: str) -> str:
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s
 
     try:
         client.get_registered_model(name)
@@ -110,8 +115,6 @@ def _ensure_registered_model(client: Any, name: str) -> None:
 
 def register_version(model_uri: str, name: str, tags: dict, run_id: str) -> str:
     """Register ``model_uri`` as a new version of ``name`` with ``tags``; alias ``challenger`` points at it."""
-    from lmcore.tracking import get_client
-
     client = get_client()
     _ensure_registered_model(client, name)
     mv = client.create_model_version(name, _source_for(client, model_uri), run_id=run_id,
@@ -134,7 +137,7 @@ def _wait_ready(client: Any, name: str, version: str, timeout: float = 60.0) -> 
 
 # --------------------------------------------------------------------------- lookups
 def _require_model(client: Any, name: str) -> Any:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s
 
     try:
         return client.get_registered_model(name)
@@ -148,7 +151,7 @@ def _require_model(client: Any, name: str) -> Any:
 
 
 def _require_version(client: Any, name: str, version: str) -> Any:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s
 
     _require_model(client, name)
     try:
@@ -159,9 +162,7 @@ def _require_version(client: Any, name: str, version: str) -> Any:
 
 def resolve_alias(name: str, alias: str) -> str | None:
     """Version number an alias points at, or None when the alias is unset (LmopsError for an unknown model)."""
-    from mlflow.exceptions import MlflowException
-
-    from lmcore.tracking import get_client
+    from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s
 
     client = get_client()
     _require_model(client, name)
@@ -173,9 +174,7 @@ def resolve_alias(name: str, alias: str) -> str | None:
 
 def find_version_by_tag(name: str, key: str, value: str) -> str | None:
     """The version of ``name`` whose tag ``key`` equals ``value`` (None if none or no such model)."""
-    from mlflow.exceptions import MlflowException
-
-    from lmcore.tracking import get_client
+    from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s
 
     client = get_client()
     try:
@@ -190,9 +189,7 @@ def find_version_by_tag(name: str, key: str, value: str) -> str | None:
 
 def list_versions(name: str) -> list[dict]:
     """All versions (newest first) with aliases, their run's metrics, lineage tags and gate outcome."""
-    from mlflow.exceptions import MlflowException
-
-    from lmcore.tracking import get_client
+    from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s
 
     client = get_client()
     rm = _require_model(client, name)
@@ -224,8 +221,6 @@ def list_versions(name: str) -> list[dict]:
 
 def alias_history(name: str) -> list[dict]:
     """Every recorded champion move for ``name``, oldest first."""
-    from lmcore.tracking import get_client
-
     rm = _require_model(get_client(), name)
     raw = (rm.tags or {}).get(HISTORY_TAG)
     try:
@@ -237,10 +232,6 @@ def alias_history(name: str) -> list[dict]:
 # --------------------------------------------------------------------------- fetching a model
 def _validate_model_dir(folder: Path, label: str) -> None:
     """Cheap integrity check: config parses, tokenizer present, safetensors header matches file size."""
-    from safetensors import safe_open
-
-    from lmcore.checkpoint import read_meta
-
     try:
         read_meta(folder)
     except LmopsError as e:
@@ -281,12 +272,8 @@ def fetch_model_dir(model_uri: str, dst: Path | None = None) -> tuple[Path, dict
         _validate_model_dir(local, str(local))
         return local, {"name": None, "version": None, "aliases": [], "run_id": None}
 
-    import mlflow.artifacts
+    import mlflow.artifacts  # lazy: MLflow imports in ~1.8 s
     from mlflow.exceptions import MlflowException
-
-    from lmcore.pyfunc import MODEL_DIR_ARTIFACT
-    from lmcore.settings import get_settings
-    from lmcore.tracking import get_client
 
     client = get_client()
     if model_uri.startswith("runs:/"):
@@ -351,8 +338,6 @@ def _move_champion(client: Any, name: str, version: str, action: str, reason: st
 
 def promote(name: str, version: str, reason: str) -> None:
     """Point ``champion`` at ``version`` by hand; the reason goes into tags and the alias history."""
-    from lmcore.tracking import get_client
-
     if not reason or not reason.strip():
         raise LmopsError("a reason is required to move the champion")
     client = get_client()
@@ -376,8 +361,6 @@ def _champion_stack(history: list[dict]) -> list[str]:
 
 def rollback(name: str, reason: str) -> str:
     """Move ``champion`` back to the previous champion; returns that version."""
-    from lmcore.tracking import get_client
-
     if not reason or not reason.strip():
         raise LmopsError("a reason is required to roll back the champion")
     client = get_client()
@@ -400,9 +383,6 @@ def rollback(name: str, reason: str) -> str:
 
 # --------------------------------------------------------------------------- the gate
 def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, device: Any) -> tuple[dict, list, Any]:
-    from lmcore.checkpoint import load_model
-    from lmcore.evaluate import evaluate_model
-
     folder, _ = fetch_model_dir(f"models:/{name}/{version}")
     model, tokenizer, _ = load_model(folder, device=device)
     if not finite_logits(model, tokenizer, tuple(params.eval.prompts)):
@@ -415,7 +395,7 @@ def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, devi
 
 def _recorded_bpb(client: Any, name: str, version: str) -> float | None:
     """Bits per byte the version's own run recorded at evaluation (None if it has none)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s
 
     run_id = client.get_model_version(name, version).run_id
     if not run_id:
@@ -430,7 +410,7 @@ def _recorded_bpb(client: Any, name: str, version: str) -> float | None:
 
 def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
          parent_run_id: str | None = None) -> GateDecision:
-    """Evaluate challenger and champion on the same current validation set and decide (:func:`lmcore.gate.decide`).
+    """Evaluate challenger and champion on the same current validation set and decide (:func:`.gate.decide`).
 
     The challenger becomes ``champion`` when it passes the behaviour checks and there is no
     champion or it beats the champion's bits per byte by at least ``params.gate.min_improvement``.
@@ -439,10 +419,6 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
     that already is the champion has nothing to decide: ``promoted=False``, nothing is evaluated,
     logged or tagged (its earlier gate record stands), and the alias stays where it is.
     """
-    from lmcore.device import pick_device
-    from lmcore.reports import comparison_markdown, comparison_table
-    from lmcore.tracking import RunTracker, get_client
-
     client = get_client()
     challenger_version = str(challenger_version)
     _require_version(client, name, challenger_version)

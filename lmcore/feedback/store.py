@@ -23,9 +23,13 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from lmcore.errors import LmopsError
+from lmcore.settings import get_settings
 
 log = logging.getLogger("lmops.feedback")
 
@@ -61,8 +65,6 @@ class Claim:
 
 
 def _tables(metadata):
-    import sqlalchemy as sa
-
     generations = sa.Table(
         "generations", metadata,
         sa.Column("id", sa.String(64), primary_key=True),
@@ -106,8 +108,6 @@ def _tables(metadata):
 
 
 def _sqlite_engine(url: str):
-    import sqlalchemy as sa
-
     engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
     @sa.event.listens_for(engine, "connect")
@@ -130,14 +130,10 @@ class FeedbackStore:
     """Generations, feedback and the harvest watermark behind one SQLAlchemy URL."""
 
     def __init__(self, url: str):
-        import sqlalchemy as sa
-
         self.url = url
         if url.startswith("sqlite"):
             path = sa.engine.make_url(url).database
             if path and path != ":memory:":
-                from pathlib import Path
-
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             self.engine = _sqlite_engine(url)
         else:
@@ -160,8 +156,6 @@ class FeedbackStore:
 
     @classmethod
     def open(cls, settings=None) -> FeedbackStore:
-        from lmcore.settings import get_settings
-
         return cls((settings or get_settings()).feedback_db)
 
     # -- writes (group commit) ------------------------------------------------------------
@@ -177,8 +171,6 @@ class FeedbackStore:
         return fut
 
     def _write_loop(self) -> None:
-        import sqlalchemy as sa
-
         while True:
             item = self._queue.get()
             if item is None:
@@ -254,23 +246,17 @@ class FeedbackStore:
 
     # -- reads ----------------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
-        import sqlalchemy as sa
-
         with self.engine.connect() as conn:
             g = conn.execute(sa.select(sa.func.count()).select_from(self.generations)).scalar_one()
             f = conn.execute(sa.select(sa.func.count()).select_from(self.feedback)).scalar_one()
         return {"generations": int(g), "feedback": int(f)}
 
     def get_generation(self, generation_id: str) -> dict | None:
-        import sqlalchemy as sa
-
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(self.generations).where(self.generations.c.id == generation_id)).first()
         return dict(row._mapping) if row is not None else None
 
     def feedback_for(self, generation_id: str) -> list[dict]:
-        import sqlalchemy as sa
-
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(self.feedback).where(self.feedback.c.generation_id == generation_id)
@@ -279,16 +265,12 @@ class FeedbackStore:
         return [dict(r._mapping) for r in rows]
 
     def watermark(self) -> int:
-        import sqlalchemy as sa
-
         with self.engine.connect() as conn:
             wm = conn.execute(sa.select(self.state.c.watermark).where(self.state.c.name == _STATE_NAME)).scalar()
         return int(wm or 0)
 
     def pending(self) -> int:
         """Feedback rows past the watermark (not yet claimed by a harvest)."""
-        import sqlalchemy as sa
-
         wm = self.watermark()
         with self.engine.connect() as conn:
             n = conn.execute(
@@ -303,8 +285,6 @@ class FeedbackStore:
         The watermark moves by compare-and-set in the same transaction that records the batch, so
         a concurrent claimer either sees the new watermark or loses the race and claims nothing.
         """
-        import sqlalchemy as sa
-
         b, st = self.batches, self.state
         with self.engine.begin() as conn:
             failed = conn.execute(
@@ -336,8 +316,6 @@ class FeedbackStore:
         return Claim(batch_id=int(batch_id), lo=int(lo), hi=int(hi), rows=rows)
 
     def _rows_between(self, conn, lo: int, hi: int) -> list[FeedbackRow]:
-        import sqlalchemy as sa
-
         f, g = self.feedback, self.generations
         q = (
             sa.select(f.c.seq, f.c.generation_id, f.c.rating, f.c.correction, f.c.comment, f.c.created_at,

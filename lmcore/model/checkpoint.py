@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
-from lmcore.model import ModelConfig, Transformer
-from lmcore.tokenizer import Tokenizer
-from lmcore.weights import HEAD, tie_head, unwrap
+from lmcore.model.int8 import load_quantized
+from lmcore.model.transformer import ModelConfig, Transformer
+from lmcore.model.weights import HEAD, tie_head, unwrap
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 
@@ -105,7 +106,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     if meta.get("quantization"):  # int8 variant (lmops optimize quantize): CPU-only kernels
         if meta["quantization"] != "int8-dynamic":
             raise LmopsError(f"model in {folder} uses unknown quantization {meta['quantization']!r}")
-        from lmcore.optimize.int8 import load_quantized  # the format, not the quantize job: no import cycle
 
         return load_quantized(cfg, state), tokenizer, meta
     tie_head(state, cfg)

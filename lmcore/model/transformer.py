@@ -3,9 +3,9 @@
 Pre-norm blocks of RMSNorm -> causal self-attention with RoPE (through
 ``F.scaled_dot_product_attention``) -> RMSNorm -> SwiGLU MLP; tied input/output
 embeddings; grouped-query attention when ``n_kv_head < n_head``; a preallocated KV cache of
-slots (:class:`KVCache`) that the forward pass fills with prompts and ``lmcore.decode.step``
+slots (:class:`KVCache`) that the forward pass fills with prompts and ``lmcore.model.decode.step``
 extends one token per row (the one incremental-decoding path). Weights are laid out so that
-``lmcore.hf`` maps them one-to-one onto Hugging Face ``LlamaForCausalLM`` (q/k/v and gate/up
+``lmcore.model.hf`` maps them one-to-one onto Hugging Face ``LlamaForCausalLM`` (q/k/v and gate/up
 are fused here for speed and split on export).
 
 Shapes: B batch, T time (tokens), C = d_model, H heads, Hkv kv-heads, D head dim, V vocab,
@@ -86,7 +86,7 @@ class KVCache:
 
     Per layer ``k[i]``, ``v[i]``: (S, Hkv, max_len + 1, D), preallocated; ``lens[s]`` tokens of slot s are
     filled. Two writers, one layout: :meth:`Transformer.forward` with ``cache=`` appends a chunk of T tokens
-    to B slots of equal length (a prompt's prefill), and ``lmcore.decode.step`` appends one token to each of
+    to B slots of equal length (a prompt's prefill), and ``lmcore.model.decode.step`` appends one token to each of
     the slots 0..B-1 at its own length (eager or compiled, batch 1 or a server's batch). Nothing else copies
     a cache, except :meth:`move`: a serving engine keeps its active rows in slots 0..B-1 and, when a row
     finishes, moves the last row into the freed slot, so that a step always reads a leading block of slots.

@@ -4,7 +4,7 @@
 out; no MLflow, no model, no I/O), so every branch is testable on its own. :func:`behaviour_checks`
 and :func:`prompt_completions` run a model to produce the decision's inputs and the gate's
 side-by-side samples. Tracking the decision (a gate run, version tags) and moving the alias
-are the registry's job (:func:`lmcore.registry.gate`); this module never touches either.
+are the registry's job (:func:`lmcore.registry.models.gate`); this module never touches either.
 
 The rules, in order:
 
@@ -22,6 +22,10 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import torch
+
+from lmcore.model.generate import SamplingParams, generate_text
 
 FINITE_METRICS = ("val_loss", "bits_per_byte")
 
@@ -92,8 +96,6 @@ def finite_metrics(metrics: Mapping[str, Any]) -> bool:
 
 def finite_logits(model: Any, tokenizer: Any, prompts: tuple[str, ...]) -> bool:
     """One forward pass over the prompts gives finite logits (sampling from NaN logits would crash)."""
-    import torch
-
     device = next(model.parameters()).device
     ids = tokenizer.encode(" ".join(prompts or ("\n",)))[: model.cfg.block_size] or [tokenizer.eos_id]
     with torch.inference_mode():
@@ -103,8 +105,6 @@ def finite_logits(model: Any, tokenizer: Any, prompts: tuple[str, ...]) -> bool:
 
 def behaviour_checks(model: Any, tokenizer: Any, prompts: tuple[str, ...], seed: int, metrics: dict) -> dict[str, bool]:
     """Cheap sanity checks a challenger must pass: text comes out, a seed pins it, numbers are finite."""
-    from lmcore.generate import SamplingParams, generate_text
-
     prompts = prompts or ("\n",)
     finite_numbers = finite_metrics(metrics)
     if not finite_logits(model, tokenizer, prompts):  # sampling from NaN logits would just crash
@@ -123,8 +123,6 @@ def behaviour_checks(model: Any, tokenizer: Any, prompts: tuple[str, ...], seed:
 
 def prompt_completions(model: Any, tokenizer: Any, eval_params: Any) -> list[dict]:
     """Seeded completions of the fixed prompt set (``params.eval.prompts``), the same for every version."""
-    from lmcore.generate import SamplingParams, generate_text
-
     sp = SamplingParams(max_new_tokens=eval_params.sample_max_new_tokens, temperature=eval_params.temperature,
                         top_k=eval_params.top_k, top_p=eval_params.top_p, seed=eval_params.seed)
     return [{"prompt": p, "completion": generate_text(model, tokenizer, p, sp)} for p in eval_params.prompts]

@@ -13,7 +13,7 @@ whether the users' corrections were learnt without having trained on them. Only
 ``meta.split == "train"`` records are for training (:func:`is_trainable`).
 
 Rows are claimed from the feedback store by advancing its watermark (see
-``lmcore.feedback.FeedbackStore.claim``), validated by the ``feedback`` GX suite (personal data
+``lmcore.feedback.store.FeedbackStore.claim``), validated by the ``feedback`` GX suite (personal data
 is quarantined) and versioned as a ``data/feedback`` shard through the data registry. A batch
 whose ingest fails is handed back and retried by the next harvest, so nothing is lost or
 appended twice; a harvest with nothing new does nothing.
@@ -25,7 +25,14 @@ import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import pandas as pd
+
+from lmcore.config import DataParams
+from lmcore.data.clean import make_cleaner, record_id
+from lmcore.data.ingest import ingest_records
+from lmcore.data.versions import DataRegistry, split_hint
 from lmcore.errors import LmopsError
+from lmcore.feedback.store import FeedbackStore
 
 SPLITS = ("train", "holdout", "negative")
 
@@ -49,8 +56,6 @@ class HarvestResult:
 
 def is_trainable(meta: str | dict | None) -> bool:
     """True unless a record's meta marks it as feedback ``holdout`` or ``negative``."""
-    from lmcore.data.registry import split_hint
-
     return split_hint(meta) in (None, "train")
 
 
@@ -60,12 +65,7 @@ def holdout_score(record_id: str) -> float:
 
 
 def build_records(rows, holdout_fraction: float, data_params=None) -> list[dict]:
-    """Feedback rows (``lmcore.feedback.FeedbackRow``) -> record dicts for ``ingest_records``."""
-    import pandas as pd
-
-    from lmcore.config import DataParams
-    from lmcore.data.clean import make_cleaner, record_id
-
+    """Feedback rows (``lmcore.feedback.store.FeedbackRow``) -> record dicts for ``ingest_records``."""
     clean = make_cleaner(data_params or DataParams())
     out = []
     for r in rows:
@@ -90,12 +90,6 @@ def build_records(rows, holdout_fraction: float, data_params=None) -> list[dict]
 
 def harvest(settings, params, *, registry=None, store=None) -> HarvestResult:
     """Claim new feedback, turn it into records, validate and version them; see the module doc."""
-    import pandas as pd
-
-    from lmcore.data.ingest import ingest_records
-    from lmcore.data.registry import DataRegistry
-    from lmcore.feedback import FeedbackStore
-
     own_store = store is None
     store = store or FeedbackStore(settings.feedback_db)
     registry = registry or DataRegistry.open(settings)

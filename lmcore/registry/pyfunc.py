@@ -1,6 +1,6 @@
 """The lmops language model as an MLflow pyfunc: prompt strings in, completions out.
 
-Logged "from code" (``lmcore/pyfunc_entry.py``), so MLflow pickles nothing: the class is
+Logged "from code" (``lmcore/registry/pyfunc_entry.py``), so MLflow pickles nothing: the class is
 imported and its weights are read from safetensors in ``load_context``. Any process that
 can ``import lmcore`` (the pip requirement ``lmops``) can load and serve it.
 """
@@ -8,6 +8,12 @@ can ``import lmcore`` (the pip requirement ``lmops``) can load and serve it.
 from __future__ import annotations
 
 import warnings
+
+import pandas as pd
+
+from lmcore.model.checkpoint import load_model
+from lmcore.model.generate import SamplingParams, generate_text
+from lmcore.registry.tracking import MODEL_DIR_ARTIFACT
 
 try:  # keep importable without mlflow for docs/tools; MLflow itself always has it
     from mlflow.pyfunc import PythonModel
@@ -17,26 +23,21 @@ except ImportError:  # pragma: no cover
 # After importing mlflow (it installs its own warning filters): our predict is untyped on purpose.
 warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
 
-MODEL_DIR_ARTIFACT = "model_dir"
 DEFAULT_PARAMS = {"max_new_tokens": 64, "temperature": 0.8, "top_p": 0.95, "seed": -1}
 
 
 class LmopsLanguageModel(PythonModel):
-    """Wraps ``lmcore.checkpoint.load_model`` + ``lmcore.generate.generate_text``.
+    """Wraps ``lmcore.model.checkpoint.load_model`` + ``lmcore.model.generate.generate_text``.
 
     ``predict`` has no type hints on purpose: the signature is explicit (``signature()``), and
     MLflow's hint-based validation would reject the sampling ``params``.
     """
 
     def load_context(self, context) -> None:  # noqa: ANN001 - no hints: MLflow infers schemas from them
-        from lmcore.checkpoint import load_model
 
         self.model, self.tokenizer, self.meta = load_model(context.artifacts[MODEL_DIR_ARTIFACT])
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow passes a DataFrame
-        import pandas as pd
-
-        from lmcore.generate import SamplingParams, generate_text
 
         p = {**DEFAULT_PARAMS, **(params or {})}
         seed = int(p["seed"])
@@ -54,7 +55,7 @@ class LmopsLanguageModel(PythonModel):
 
 def signature():
     """``prompt`` (string) -> ``completion`` (string), with sampling knobs as inference params."""
-    from mlflow.models import ModelSignature
+    from mlflow.models import ModelSignature  # lazy: MLflow imports in ~1.8 s
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(

@@ -1,6 +1,6 @@
 """The int8-dynamic model format: per-channel int8 linear weights plus scales, and the model they load as.
 
-This is a checkpoint format (:func:`lmcore.checkpoint.load_model` reads it), so it sits below
+This is a checkpoint format (:func:`lmcore.model.checkpoint.load_model` reads it), so it sits below
 both the checkpoint code and the quantization job (:mod:`lmcore.optimize.quantize`), which
 imports it: neither imports the other back. See :mod:`lmcore.optimize.quantize` for why dynamic
 int8 and why these modules are built directly.
@@ -14,10 +14,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from lmcore.errors import LmopsError
-from lmcore.model import ModelConfig, Transformer
-from lmcore.weights import tie_head
+from lmcore.model.transformer import ModelConfig, Transformer
+from lmcore.model.weights import tie_head
+from lmcore.probe import decode_probe
 
 QUANTIZATION = "int8-dynamic"
 SCALE_SUFFIX = "_scale"
@@ -37,8 +39,6 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A ``DynamicQuantizedLinear`` holding exactly ``q * scale`` (per-channel qint8)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     out_f, in_f = q.shape
     with warnings.catch_warnings():  # quantized tensor creation warns of a future removal (see module doc)
         warnings.simplefilter("ignore", UserWarning)
@@ -46,7 +46,7 @@ def _dynamic_linear(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | N
         w = q.float() * scale[:, None]  # exact multiples of scale, so re-quantizing returns q
         qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
         mod.set_weight_bias(qw, bias)
-    mod.int8_weight, mod.int8_scale = q, scale  # the same values in plain tensors, for lmcore.decode
+    mod.int8_weight, mod.int8_scale = q, scale  # the same values in plain tensors, for lmcore.model.decode
     return mod
 
 
@@ -101,8 +101,6 @@ def load_quantized(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Transfor
 def _quantized_engine(cfg: ModelConfig) -> Iterator[None]:
     """Pack with the quantized engine (x86, fbgemm, onednn) that ran int8 linears fastest at this
     model's shapes on this machine (``lmcore.probe.decode_probe``): they differ by up to 3x by CPU."""
-    from lmcore.probe import decode_probe
-
     engine = decode_probe(cfg).int8_engine
     saved = torch.backends.quantized.engine
     if engine and engine != saved:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.optim._muon import _adjust_lr
 
 from lmcore.errors import LmopsError
 
@@ -80,8 +81,6 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim._muon import _adjust_lr  # torch's rule for the shape-dependent lr
-
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import LmopsError
+from lmcore.settings import apply_environment, get_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import mlflow
@@ -39,6 +43,7 @@ TAG_PARAMS_HASH = "lmops.params_hash"
 TAG_CODE_REV = "lmops.code_rev"
 TAG_FLOW_RUN = "lmops.flow_run_id"
 TAG_DEVICE = "lmops.device"
+MODEL_DIR_ARTIFACT = "model_dir"  # the logged model folder, inside the pyfunc's artifacts
 LINEAGE_KEYS = (TAG_DATASET_VERSION, TAG_DATASET_GIT_REV, TAG_PARAMS_HASH, TAG_CODE_REV, TAG_FLOW_RUN, TAG_DEVICE)
 
 _configured: dict[str, str] = {}
@@ -51,9 +56,6 @@ def _is_remote(uri: str) -> bool:
 
 def _check_reachable(uri: str, retries: int, backoff: float) -> None:
     """GET <uri>/health with exponential backoff; one-line LmopsError when it never answers."""
-    import urllib.error
-    import urllib.request
-
     last = ""
     for attempt in range(retries + 1):
         try:
@@ -78,8 +80,6 @@ def configure_mlflow(settings: Settings | None = None) -> str:
     to a server, whose ``/health`` is checked with retry + exponential backoff
     (``LMOPS_MLFLOW_RETRIES``, default 4; ``LMOPS_MLFLOW_BACKOFF`` seconds, default 0.5).
     """
-    from lmcore.settings import apply_environment, get_settings
-
     settings = settings or get_settings()
     apply_environment(settings)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -94,9 +94,8 @@ def configure_mlflow(settings: Settings | None = None) -> str:
         else:
             settings.ensure()
             settings.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-        import logging
 
-        import mlflow
+        import mlflow  # lazy: MLflow imports in ~1.8 s
 
         # Alembic chatter on first sqlite use is noise for a CLI user.
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -117,7 +116,7 @@ def configure_mlflow(settings: Settings | None = None) -> str:
 
 def get_client() -> mlflow.MlflowClient:
     """An ``MlflowClient`` bound to the configured tracking + registry URI (configures on first use)."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # lazy: MLflow imports in ~1.8 s
 
     uri = configure_mlflow()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -125,7 +124,7 @@ def get_client() -> mlflow.MlflowClient:
 
 def ensure_experiment(client: mlflow.MlflowClient, name: str) -> str:
     """Experiment id for ``name``; created with its artifacts under the lmops home (never ./mlruns)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -145,8 +144,6 @@ def ensure_experiment(client: mlflow.MlflowClient, name: str) -> str:
 
 def code_revision(cwd: Path | None = None) -> str:
     """``git rev-parse HEAD`` of the workspace (``+dirty`` when there are local changes), else "unknown"."""
-    from lmcore.settings import get_settings
-
     cwd = cwd or get_settings().workspace
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
@@ -164,7 +161,7 @@ def current_flow_run_id() -> str | None:
     if "prefect" not in sys.modules:
         return None
     try:
-        from prefect.runtime import flow_run
+        from prefect.runtime import flow_run  # lazy: only inside a flow run, where Prefect is imported already
 
         fid = flow_run.id
         return str(fid) if fid else None
@@ -247,7 +244,8 @@ class RunTracker:
 
     def _start_system_metrics(self) -> None:
         try:
-            import psutil  # noqa: F401
+            # lazy: optional: system metrics only where installed
+            import psutil  # noqa: F401 - lazy: optional, system metrics only where installed
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         except ImportError:
             return
@@ -283,14 +281,14 @@ class RunTracker:
 
     # -- params / tags / metrics ----------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: MLflow imports in ~1.8 s
 
         items = [Param(str(k), _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # lazy: MLflow imports in ~1.8 s
 
         items = [RunTag(str(k), str(v)) for k, v in tags.items()]
         if items:
@@ -298,7 +296,7 @@ class RunTracker:
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Buffer one step's metrics (the ``on_metrics`` hook of ``train``); flushed in batches."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: MLflow imports in ~1.8 s
 
         ts = int(time.time() * 1000)
         items = [Metric(str(k), float(v), ts, int(step)) for k, v in metrics.items()
@@ -365,7 +363,7 @@ class RunTracker:
 
     def log_dataset_input(self, version: Any, path: str | Path, context: str = "training") -> None:
         """Record the DVC dataset version as an MLflow dataset input (source = DVC path @ git rev)."""
-        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.meta_dataset import MetaDataset  # lazy: MLflow imports in ~1.8 s
         from mlflow.entities import DatasetInput, InputTag
 
         vid = getattr(version, "id", None) or (str(version) if version else "unknown")
@@ -379,7 +377,7 @@ class RunTracker:
 
 
 def _dvc_source_class():
-    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.dataset_source import DatasetSource  # lazy: MLflow imports in ~1.8 s
 
     class _DVCDatasetSource(DatasetSource):
         """A dataset living in DVC: the tracked path, its git revision and content hash."""

@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmcore.data.prepare import load_prepared, token_byte_lengths, tokenizer_hash
+from lmcore.device import pick_device
 from lmcore.errors import LmopsError
-from lmcore.weights import unwrap
+from lmcore.model.checkpoint import load_model
+from lmcore.model.generate import SamplingParams, generate_text
+from lmcore.model.weights import unwrap
 
 
 def _val_ids(tokenizer, data_dir: Path) -> np.ndarray:
     """Val token ids under *this* tokenizer: the prepared file, or the val text re-encoded."""
-    from lmcore.prepare import load_prepared, tokenizer_hash
-
     data = load_prepared(data_dir)
     if data.meta.get("tokenizer_hash") == tokenizer_hash(tokenizer):
         return np.asarray(data.tokens("val"))
@@ -80,8 +82,6 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, texts: list[str], max_token
     pass: an int8-dynamic model quantizes activations per call, so batching windows would change
     its numbers. ``lmcore.optimize.quantize`` compares fp32 and int8 with it.
     """
-    from lmcore.prepare import token_byte_lengths
-
     ids: list[int] = []
     for t in texts:
         ids.extend([*tokenizer.encode(t), tokenizer.eos_id])
@@ -99,10 +99,6 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, texts: list[str], max_token
 def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, device: str | torch.device = "auto"
                    ) -> dict:
     """Metrics of an in-memory model (eval ``params`` = ``EvalParams``) on ``data_dir``'s val split."""
-    from lmcore.device import pick_device
-    from lmcore.generate import SamplingParams, generate_text
-    from lmcore.prepare import token_byte_lengths
-
     dev = device if isinstance(device, torch.device) else pick_device(device)
     net = unwrap(model)
     was_training = net.training
@@ -136,9 +132,6 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, de
 
 def evaluate(model_dir: Path, data_dir: Path, params, out_path: Path | None = None, device: str = "auto") -> dict:
     """Load a model folder and score it on ``data_dir``; the metrics JSON goes to ``out_path`` if given."""
-    from lmcore.checkpoint import load_model
-    from lmcore.device import pick_device
-
     dev = pick_device(device)
     model, tokenizer, meta = load_model(model_dir, dev)
     metrics = evaluate_model(model, tokenizer, data_dir, params, dev)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 
 from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, WIDE_OPTION, emit_json, load_params_cli, print_table
@@ -17,6 +19,20 @@ def _model_name(name: str | None, params_path: str | None) -> str:
 
 COLUMNS = ["version", "aliases", "bits/byte", "gate", "data", "code", "params", "run"]
 DEFAULT_COLUMNS = ["version", "aliases", "bits/byte", "gate", "data"]  # fit 80 columns; --wide shows all
+
+
+def _move_champion(name: str | None, params_path: str | None, as_json: bool, reason: str,
+                   move: Callable[[str], str], label: str = "") -> None:
+    """Run ``move`` (model name -> the version now champion) and report the alias move it made."""
+    from lmcore.registry.models import CHAMPION, resolve_alias  # lazy: keeps `lmops --help` fast
+
+    model = _model_name(name, params_path)
+    previous = resolve_alias(model, CHAMPION)
+    target = move(model)
+    if as_json:
+        emit_json({"name": model, "champion": target, "previous": previous, "reason": reason})
+    else:
+        typer.echo(f"{model}: champion v{previous or '-'} -> v{target} ({label}{reason})")
 
 
 def _row(v: dict) -> list:
@@ -47,7 +63,7 @@ def register(app: typer.Typer) -> None:
         The table shows version, aliases, bits/byte, gate and dataset version; --wide adds the code
         revision, params hash and MLflow run; --json has every value in full.
         """
-        from lmcore.registry import alias_history, list_versions
+        from lmcore.registry.models import alias_history, list_versions  # lazy: keeps `lmops --help` fast
 
         model = _model_name(name, params_path)
         versions = list_versions(model)
@@ -69,16 +85,10 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Point the `champion` alias at VERSION by hand, recording the reason."""
-        from lmcore.registry import CHAMPION, resolve_alias
-        from lmcore.registry import promote as do_promote
+        from lmcore.registry.models import promote as do_promote  # lazy: keeps `lmops --help` fast
 
-        model = _model_name(name, params_path)
-        previous = resolve_alias(model, CHAMPION)
-        do_promote(model, version.removeprefix("v"), reason)
-        if as_json:
-            emit_json({"name": model, "champion": version.removeprefix("v"), "previous": previous, "reason": reason})
-        else:
-            typer.echo(f"{model}: champion v{previous or '-'} -> v{version.removeprefix('v')} ({reason})")
+        target = version.removeprefix("v")
+        _move_champion(name, params_path, as_json, reason, lambda model: do_promote(model, target, reason) or target)
 
     @app.command()
     def rollback(
@@ -88,13 +98,6 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Move `champion` back to the previous champion, recording the reason."""
-        from lmcore.registry import CHAMPION, resolve_alias
-        from lmcore.registry import rollback as do_rollback
+        from lmcore.registry.models import rollback as do_rollback  # lazy: keeps `lmops --help` fast
 
-        model = _model_name(name, params_path)
-        previous = resolve_alias(model, CHAMPION)
-        target = do_rollback(model, reason)
-        if as_json:
-            emit_json({"name": model, "champion": target, "previous": previous, "reason": reason})
-        else:
-            typer.echo(f"{model}: champion v{previous} -> v{target} (rollback: {reason})")
+        _move_champion(name, params_path, as_json, reason, lambda model: do_rollback(model, reason), "rollback: ")

@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from lmcore.data.clean import record_id
+from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
+from lmcore.model.checkpoint import atomic_dir, commit_dir
+from lmcore.settings import get_settings
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".text", ".json", ".jsonl", ".csv", ".tsv", ".yaml", ".yml",
                  ".toml", ".cfg", ".ini", ".html", ".xml", ".c", ".h", ".cpp", ".js", ".ts", ".java", ".go", ".rs",
@@ -191,9 +194,6 @@ def prepare_dataset(records: Iterable[tuple], out_dir: Path, tok, prep,
 def prepare_split_texts(train_docs: list[str], val_docs: list[str], out_dir: Path, tok,
                         dataset_version: str | None = None, extra: dict | None = None) -> PreparedData:
     """Write a prepared folder from an explicit split (benchmarks use first 90% / last 10%)."""
-    from lmcore.checkpoint import atomic_dir, commit_dir
-    from lmcore.tokenizer import Tokenizer
-
     if not train_docs or not val_docs:
         raise LmopsError("corpus is too small to split into train and validation text")
     tokenizer = Tokenizer.train(iter(train_docs), tok.kind, tok.vocab_size)
@@ -240,8 +240,6 @@ def prepare_key(dataset_version: str, params) -> str:
 
 def prepared_dir(dataset_version: str, params) -> Path:
     """Where the prepared data of a dataset version lives under the lmops home."""
-    from lmcore.settings import get_settings
-
     return get_settings().runs_dir / "prepared" / prepare_key(dataset_version, params)
 
 

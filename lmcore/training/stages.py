@@ -1,4 +1,4 @@
-"""DVC stage entry points: ``python -m lmcore.stages prepare|train|evaluate`` (see ``dvc.yaml``).
+"""DVC stage entry points: ``python -m lmcore.training.stages prepare|train|evaluate`` (see ``dvc.yaml``).
 
 Each stage reads ``params.yaml`` through ``lmcore.config.load_params`` (the one loader) and uses
 only its own slices, ``STAGE_PARAMS``: the ones ``dvc.yaml`` lists under ``params``, so DVC's change
@@ -17,10 +17,19 @@ DVC cache), all kinds (raw and feedback), so the prepared data names its dataset
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
-from lmcore.prepared_data import WORKSPACE_PREPARED as PREPARED  # the one name of the workspace's prepared folder
+from lmcore.config import load_params
+from lmcore.data.prepare import prepare_dataset
+from lmcore.data.prepared import WORKSPACE_PREPARED as PREPARED  # the one name of the workspace's prepared folder
+from lmcore.data.prepared import current_dataset
+from lmcore.data.versions import DataRegistry
+from lmcore.errors import LmopsError
+from lmcore.settings import apply_environment, get_settings
+from lmcore.training.evaluate import evaluate
+from lmcore.training.loop import train
 
 MODEL_OUT = Path("models/latest")
 EVAL_OUT = Path("metrics/eval.json")
@@ -31,9 +40,12 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "evaluate": ("eval",),
 }
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "prepare": ("lmcore.prepare", "lmcore.tokenizer"),
-    "train": ("lmcore.train", "lmcore.model", "lmcore.optim", "lmcore.device", "lmcore.checkpoint", "lmcore.weights"),
-    "evaluate": ("lmcore.evaluate", "lmcore.generate", "lmcore.weights"),
+    "prepare": ("lmcore.data.prepare", "lmcore.data.tokenizer"),
+    "train": (
+        "lmcore.training.loop", "lmcore.model.transformer", "lmcore.training.optimizers", "lmcore.device",
+        "lmcore.model.checkpoint", "lmcore.model.weights",
+    ),
+    "evaluate": ("lmcore.training.evaluate", "lmcore.model.generate", "lmcore.model.weights"),
 }
 
 
@@ -44,49 +56,32 @@ def code_files(stage: str) -> list[str]:
 
 def run_stage(stage: str, workspace: Path | None = None) -> dict:
     """Run one stage in ``workspace`` (default: cwd); returns a small summary."""
-    from lmcore.config import load_params
-    from lmcore.errors import LmopsError
-
     if stage not in STAGES:
         raise LmopsError(f"unknown stage '{stage}' (choose from {', '.join(STAGES)})")
     ws = Path(workspace or Path.cwd()).resolve()
     params = load_params(ws / "params.yaml")
     if stage == "prepare":
-        from lmcore.data.registry import DataRegistry
-        from lmcore.prepare import prepare_dataset
-        from lmcore.settings import get_settings
-
         settings = get_settings()
-        from lmcore.prepared_data import current_dataset
 
         reg = DataRegistry(ws, settings.home)
         current = current_dataset(reg)
         prepared = prepare_dataset(reg.iter_records(current.id), ws / PREPARED,
                                    params.tokenizer, params.prepare, dataset_version=current.id)
-        return {"stage": stage, "dataset_version": current.id, "prepared": str(getattr(prepared, "out_dir", PREPARED))}
+        return {"stage": stage, "dataset_version": current.id, "prepared": str(prepared.dir)}
     if stage == "train":
-        from lmcore.train import train
-
         res = train(ws / PREPARED, ws / MODEL_OUT, params.model, params.train, progress=False)
         return {"stage": stage, "steps": res.steps, "final_val_loss": res.final_val_loss}
     if stage == "evaluate":
-        from lmcore.evaluate import evaluate
-
         metrics = evaluate(ws / MODEL_OUT / "model", ws / PREPARED, params.eval, out_path=ws / EVAL_OUT)
         return {"stage": stage, **{k: v for k, v in metrics.items() if isinstance(v, int | float)}}
     raise AssertionError(stage)  # every name in STAGES is handled above
 
 
 def main(argv: list[str] | None = None) -> int:
-    import json
-
-    from lmcore.errors import LmopsError
-    from lmcore.settings import apply_environment
-
     apply_environment()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print(f"usage: python -m lmcore.stages {{{'|'.join(STAGES)}}}", file=sys.stderr)
+        print(f"usage: python -m lmcore.training.stages {{{'|'.join(STAGES)}}}", file=sys.stderr)
         return 2
     try:
         print(json.dumps(run_stage(args[0]), default=str))

@@ -1,4 +1,4 @@
-"""`lmops train`, `lmops evaluate`, `lmops generate`: the model verbs over lmcore.train/evaluate/generate."""
+"""`lmops train`, `lmops evaluate`, `lmops generate`: the model verbs over lmcore.training.loop/evaluate/generate."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ from pathlib import Path
 
 import typer
 
-from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, SET_OPTION, emit_json
+from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, SET_OPTION, emit_json, load_params_cli
+from lmcore.config import load_params
 from lmcore.errors import LmopsError
+from lmcore.settings import get_settings
 
 
 def _default_run() -> Path:
-    from lmcore.settings import get_settings
-
     return get_settings().runs_dir / "latest"
 
 
 def _resolve_training_data(data: Path | None, out: Path, resume: bool, params) -> tuple[Path, str | None]:
-    """A prepared folder to train on (``lmcore.prepared_data``): text ``--data`` is prepared into <out>/data."""
-    from lmcore.prepared_data import resolve_prepared
+    """A prepared folder to train on (``lmcore.data.prepared``): text ``--data`` is prepared into <out>/data."""
+    from lmcore.data.prepared import resolve_prepared  # lazy: keeps `lmops --help` fast
 
     return resolve_prepared(data, params, text_dir=out / "data", resume=resume)
 
@@ -26,10 +26,10 @@ def _resolve_training_data(data: Path | None, out: Path, resume: bool, params) -
 def _model_dir(model: str | None) -> Path:
     """--model (a folder or a ``models:/name@alias`` URI); else the last `lmops train` run's model;
     else the registry's champion (what `lmops run` produced and `lmops serve` serves)."""
-    from lmcore.checkpoint import CONFIG
+    from lmcore.model.checkpoint import CONFIG  # lazy: keeps `lmops --help` fast
 
     if model and model.startswith(("models:/", "runs:/")):
-        from lmcore.registry import fetch_model_dir
+        from lmcore.registry.models import fetch_model_dir  # lazy: keeps `lmops --help` fast
 
         return fetch_model_dir(model)[0]
     folder = Path(model) if model else _default_run() / "model"
@@ -37,8 +37,7 @@ def _model_dir(model: str | None) -> Path:
         return folder
     if model:
         raise LmopsError(f"no model at {folder}")
-    from lmcore.config import load_params
-    from lmcore.registry import CHAMPION, fetch_model_dir, resolve_alias
+    from lmcore.registry.models import CHAMPION, fetch_model_dir, resolve_alias  # lazy: keeps `lmops --help` fast
 
     name = load_params().registry.model_name
     try:
@@ -66,8 +65,7 @@ def train(
     Writes <out>/model (the trained model), <out>/checkpoint (resumable state), <out>/history.csv and
     <out>/train_summary.json. Stops at train.max_steps or train.max_minutes, whichever comes first.
     """
-    from lmcore.cli._common import load_params_cli
-    from lmcore.train import train as run_training
+    from lmcore.training.loop import train as run_training  # lazy: keeps `lmops --help` fast
 
     p = load_params_cli(params, sets)
     out_dir = out or _default_run()
@@ -97,14 +95,13 @@ def evaluate(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Score a model on a validation split: loss, perplexity, bits per byte, top-1 accuracy, seeded samples."""
-    from lmcore.checkpoint import read_meta
-    from lmcore.cli._common import load_params_cli
-    from lmcore.evaluate import evaluate as run_eval
+    from lmcore.model.checkpoint import read_meta  # lazy: keeps `lmops --help` fast
+    from lmcore.training.evaluate import evaluate as run_eval  # lazy: keeps `lmops --help` fast
 
     p = load_params_cli(params, sets)
     folder = _model_dir(model)
     if data is None:  # the data the model was trained on, else the one every command defaults to
-        from lmcore.prepared_data import resolve_prepared
+        from lmcore.data.prepared import resolve_prepared  # lazy: keeps `lmops --help` fast
 
         trained_on = read_meta(folder).get("data_dir")
         data = Path(trained_on) if trained_on and Path(trained_on).is_dir() else resolve_prepared(None, p)[0]
@@ -134,9 +131,9 @@ def generate(
                                   "token on a CPU, after a one-off 20-30 s compile (cached on disk)."),
 ) -> None:
     """Continue PROMPT with a trained model (KV-cached sampling: greedy, temperature, top-k, top-p)."""
-    from lmcore.checkpoint import load_model
-    from lmcore.device import pick_device
-    from lmcore.generate import SamplingParams, generate_text, stream_text
+    from lmcore.device import pick_device  # lazy: keeps `lmops --help` fast
+    from lmcore.model.checkpoint import load_model
+    from lmcore.model.generate import SamplingParams, generate_text, stream_text  # lazy: keeps `lmops --help` fast
 
     if top_p <= 0:
         raise LmopsError("--top-p must be within (0, 1]")

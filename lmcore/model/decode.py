@@ -1,9 +1,9 @@
 """The one incremental-decoding step: B sequences, one new token each, eager or compiled.
 
-:func:`step` appends one token to each of the slots 0..B-1 of a :class:`lmcore.model.KVCache`
+:func:`step` appends one token to each of the slots 0..B-1 of a :class:`lmcore.model.transformer.KVCache`
 (each slot at its own length) and returns next-token logits. :class:`Decoder` drives it over a
 cache: :meth:`Decoder.prefill` puts a prompt into a slot with the model's ordinary forward,
-:meth:`Decoder.step` decodes the leading B slots together. ``lmcore.generate`` uses one slot, the
+:meth:`Decoder.step` decodes the leading B slots together. ``lmcore.model.generate`` uses one slot, the
 server's engine (``lmcore.serve.engine``) one slot per concurrent request; both run the same step,
 eagerly or compiled, over the same cache, so switching from one to the other mid-sequence is free.
 
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -58,8 +59,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten, treespec_dumps, treespec_loads
 
-from lmcore.model import KVCache, Transformer, apply_rope
-from lmcore.weights import unwrap
+from lmcore.machine import (
+    PROBE_VERSION,
+    cache_dir,
+    cache_key,
+    interleaved_ms,
+    machine_identity,
+    read_memo,
+    write_cached,
+)
+from lmcore.model.transformer import KVCache, Transformer, apply_rope
+from lmcore.model.weights import unwrap
+from lmcore.settings import get_settings
 
 # A weight is a float matrix (out, in), or int8 values (out, in) with float32 scales (out,).
 Weight = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -83,8 +94,6 @@ CPU_INT8_OPTIONS = {"cpp.min_chunk_size": 8}
 def compiled_cache_dir() -> None:
     """Inductor's on-disk cache under the lmops home, not /tmp (``apply_environment`` sets it for the CLI)."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from lmcore.settings import get_settings
-
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(get_settings().inductor_cache)
 
 
@@ -111,9 +120,55 @@ def use_int8_kernels(model: nn.Module) -> bool:
         return env != "0"
     if model.embed.weight.device.type != "cpu":
         return True
-    from lmcore.probe import int8_matvec_speedup
 
     return int8_matvec_speedup()["speedup"] >= 1.0
+
+
+INT8_PROBE_SHAPE = (1024, 384)  # (out, in): a mid-size decode matrix; the ratio is a property of the kernels
+
+
+def int8_matvec_speedup(refresh: bool = False, home: Path | None = None) -> dict:
+    """Speed of lmcore.model.decode's compiled weight-only int8 matrix-vector product over its fp32 one.
+
+    Measured once per machine (~10-20 s: two small Inductor compiles), at 1 thread and at all,
+    best of each side. It decides whether compiled decoding of an int8 model reads int8 weights
+    (a quarter of the bytes, but each widened in registers: 1.6x faster on an AMX Xeon) or their
+    float32 values (0.35-0.38x of fp32's speed on an AVX2-only EPYC, which lacks int8 dot products).
+    """
+    ident = machine_identity()
+    path = cache_dir(home) / f"int8-{cache_key(ident)}.json"
+    if not refresh and (hit := read_memo(path)):
+        return hit["int8"]
+
+    compiled_cache_dir()
+    torch.manual_seed(0)
+    out_f, in_f = INT8_PROBE_SHAPE
+    w, x, norm = torch.randn(out_f, in_f), torch.randn(1, 1, in_f), torch.ones(in_f)
+    scale = w.abs().amax(dim=1) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+
+    def step(x, weight, norm):  # what a decode step does around each product: norm, then matvec
+        return linear(torch.rms_norm(x, (in_f,), norm, 1e-5), weight)
+
+    fp32 = torch.compile(step, options=CPU_INDUCTOR_OPTIONS, dynamic=False)
+    int8 = torch.compile(step, options={**CPU_INDUCTOR_OPTIONS, **CPU_INT8_OPTIONS}, dynamic=False)
+    saved, best = torch.get_num_threads(), {"fp32": math.inf, "int8": math.inf}
+    # memory_planning's pool views (Inductor's own ``_alloc_from_pool``) fail torch's first-call
+    # custom-op aliasing check, an error wherever CI is set; decoding itself runs AOT and is not checked
+    no_alias_check = torch._functorch.config.patch(check_custom_op_aliasing=False)
+    try:
+        with torch.inference_mode(), no_alias_check:
+            for threads in sorted({1, saved}):
+                torch.set_num_threads(threads)
+                times = interleaved_ms({"fp32": (lambda: fp32(x, w, norm), 1.0),
+                                         "int8": (lambda: int8(x, (q, scale), norm), 1.0)}, rounds=200)
+                best = {k: min(best[k], times[k]) for k in best}
+    finally:
+        torch.set_num_threads(saved)
+    result = {"fp32_us": round(best["fp32"] * 1e3, 1), "int8_us": round(best["int8"] * 1e3, 1),
+              "speedup": round(best["fp32"] / best["int8"], 3), "shape": list(INT8_PROBE_SHAPE)}
+    write_cached(path, {"version": PROBE_VERSION, "machine": ident, "int8": result})
+    return result
 
 
 def linear(x: torch.Tensor, w: Weight | nn.Module) -> torch.Tensor:
@@ -144,7 +199,7 @@ def step(tokens, pos, span, weights: Weights, ks, vs, rope_cos, rope_sin, n_head
     Hkv, D = ks[0].shape[1], ks[0].shape[3]
     G = n_head // Hkv
     one = B == 1  # a single row (fixed when compiled): it attends all n positions, nothing to mask
-    cos, sin = rope_cos[pos][:, None], rope_sin[pos][:, None]  # (B, 1, D), sin's first half negated (lmcore.model)
+    cos, sin = rope_cos[pos][:, None], rope_sin[pos][:, None]  # (B, 1, D), sin's first half negated (transformer.py)
     if not one:
         # where each row's new key and value go: (rows (B, 1), heads (1, Hkv), pos (B, 1)), broadcast to (B, Hkv);
         # compiled, index_put_ writes the cache in place (scatter_ with a dynamic B made Inductor copy it twice)
@@ -253,8 +308,6 @@ def _cpu_runner(weights: Weights, rope: tuple, cache: KVCache, n_head: int, eps:
     key = hashlib.sha256(repr(sig).encode()).hexdigest()[:24]
     with _compile_lock:
         if key not in _libraries:
-            from lmcore.settings import get_settings
-
             path = get_settings().decode_cache / f"step-{key}.pt2"
             if not path.is_file():
                 _compile_in_child(args, leaves, n_head, eps, rows, options, path)
@@ -284,7 +337,7 @@ def _compile_in_child(args: tuple, leaves: list[torch.Tensor], n_head: int, eps:
         "n_head": n_head, "eps": eps, "rows": rows, "options": options, "path": str(path),
         "threads": torch.get_num_threads(),
     }
-    code = "import json, sys; from lmcore.decode import _compile_main; _compile_main(json.loads(sys.stdin.read()))"
+    code = "import json, sys; from lmcore.model.decode import _compile_main; _compile_main(json.load(sys.stdin))"
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(payload), capture_output=True, text=True)
     if done.returncode != 0 or not path.is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

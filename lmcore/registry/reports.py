@@ -11,6 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
+from lmcore.model.checkpoint import read_meta
+from lmcore.plots import loss_curve
+
 EVAL_KEYS = ("val_loss", "perplexity", "bits_per_byte", "accuracy", "tokens")
 
 
@@ -107,13 +112,9 @@ def log_evaluation(tracker: Any, metrics: dict, prefix: str = "eval/", samples: 
 def log_training_outputs(tracker: Any, *, model_dir: Path, metrics: dict, history_csv: Path | None = None,
                          params: Any = None, dataset_version: str | None = None, lineage: dict | None = None) -> None:
     """Attach the run's readable outputs: loss curve, eval metrics + samples, tokenizer, model card."""
-    from lmcore.checkpoint import read_meta
-
     model_dir = Path(model_dir)
     log_evaluation(tracker, metrics)
     if history_csv is not None and Path(history_csv).is_file():
-        from lmcore.plots import loss_curve
-
         tracker.log_figure(loss_curve(history_csv, "training loss"), "plots/loss_curve.png")
         tracker.log_artifact(history_csv, "history")
     if (model_dir / "tokenizer.json").is_file():
@@ -121,8 +122,6 @@ def log_training_outputs(tracker: Any, *, model_dir: Path, metrics: dict, histor
     meta = read_meta(model_dir)
     n_params = None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(model_dir / "model.safetensors"), framework="pt") as sf:
             n_params = 0
             for k in sf.keys():  # noqa: SIM118 - safe_open is not a dict

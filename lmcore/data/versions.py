@@ -30,10 +30,12 @@ previous version current and readable; the next writer (``ensure_initialized``) 
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import secrets
 import subprocess
@@ -43,7 +45,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from dvc.repo import Repo
+
+from lmcore.config import DataParams, from_dict
+from lmcore.data import RECORD_COLUMNS
 from lmcore.errors import LmopsError
+from lmcore.locks import file_lock
+from lmcore.settings import get_settings
 
 KINDS = ("raw", "feedback")
 CATALOG = "data/versions.jsonl"
@@ -103,10 +115,7 @@ def _now() -> str:
 
 def _quiet_dvc() -> Any:
     """``dvc.repo.Repo`` with DVC's INFO chatter off (it logs to stdout, which ``--json`` owns)."""
-    import logging
-
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    from dvc.repo import Repo
 
     for name in ("dvc", "dvc_data", "dvc_objects"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -124,17 +133,11 @@ class DataRegistry:
     @classmethod
     def open(cls, settings: Any = None, git_commit: bool | None = None) -> DataRegistry:
         """The registry of the current workspace (``lmcore.settings.get_settings()``)."""
-        from lmcore.settings import get_settings
-
         settings = settings or get_settings()
         if git_commit is None:
             git_commit = False
             with contextlib.suppress(LmopsError):
                 if settings.params_path.is_file():
-                    import yaml
-
-                    from lmcore.config import DataParams, from_dict
-
                     raw = yaml.safe_load(settings.params_path.read_text(encoding="utf-8")) or {}
                     git_commit = from_dict(DataParams, raw.get("data"), "data").git_commit
         return cls(settings.workspace, settings.home, git_commit=git_commit)
@@ -175,8 +178,6 @@ class DataRegistry:
         """``dvc init`` if needed (``--no-scm`` outside git), local config, then crash recovery."""
         Repo = _quiet_dvc()  # noqa: N806
 
-        from lmcore.locks import file_lock
-
         self.home.mkdir(parents=True, exist_ok=True)
         with file_lock(self.home / "locks" / "dvc-init.lock"):  # two first runs at once: one inits
             if not (self.workspace / ".dvc").is_dir():
@@ -192,8 +193,6 @@ class DataRegistry:
             self._recover()
 
     def _write_local_config(self) -> None:
-        import configparser
-
         shared = configparser.ConfigParser()
         shared.read(self.workspace / ".dvc" / "config")
         has_team_remote = shared.has_option("core", "remote")
@@ -282,8 +281,6 @@ class DataRegistry:
     # -- reading ----------------------------------------------------------------------------
 
     def _cache_root(self) -> Path:
-        import configparser
-
         root = self.workspace / ".dvc" / "cache"
         for name in ("config", "config.local"):
             cfg = configparser.ConfigParser()
@@ -319,8 +316,6 @@ class DataRegistry:
         return out
 
     def _remote_url(self) -> str:
-        import configparser
-
         cfg = configparser.ConfigParser()
         for name in ("config", "config.local"):
             cfg.read(self.workspace / ".dvc" / name)
@@ -334,18 +329,12 @@ class DataRegistry:
 
     def read(self, version_id: str | None = None, kinds: tuple[str, ...] = KINDS) -> Any:
         """The records of a version (default: current), exactly as versioned, shard by shard."""
-        import pandas as pd
-        import pyarrow.parquet as pq
-
-        from lmcore.data import RECORD_COLUMNS
-
         v = self._resolve(version_id)
         if v is None:
             return pd.DataFrame({c: pd.Series([], dtype="str") for c in RECORD_COLUMNS})
         tables = [pq.read_table(p) for _, p in self._files(v, kinds)]
         if not tables:
             return pd.DataFrame({c: pd.Series([], dtype="str") for c in RECORD_COLUMNS})
-        import pyarrow as pa
 
         return pa.concat_tables(tables, promote_options="default").to_pandas().reset_index(drop=True)
 
@@ -356,8 +345,6 @@ class DataRegistry:
         The hint is the ``split`` a feedback record's meta carries (train / holdout / negative),
         None for ingested text.
         """
-        import pyarrow.parquet as pq
-
         v = self._resolve(version_id)
         if v is None:
             return
@@ -371,8 +358,6 @@ class DataRegistry:
 
     def known_ids(self, include_quarantine: bool = True) -> set[str]:
         """Ids in the current version, plus rows quarantined for a row-level reason (no re-flood)."""
-        import pyarrow.parquet as pq
-
         ids: set[str] = set()
         v = self.current()
         if v is not None:
@@ -389,9 +374,6 @@ class DataRegistry:
 
     def add_shard(self, df: Any, kind: str, stats: dict | None = None) -> DatasetVersion:
         """Version ``df`` (record schema) as a new shard of ``kind``; returns the new version."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         staged = self.staging_path()
         table = pa.Table.from_pandas(df, preserve_index=False, schema=shard_schema())
         pq.write_table(table, staged, compression=COMPRESSION)
@@ -399,8 +381,6 @@ class DataRegistry:
 
     def add_shard_file(self, staged: Path, kind: str, stats: dict) -> DatasetVersion:
         """Move a staged Parquet shard into ``data/<kind>/``, ``dvc add`` + push, record the version."""
-        import pyarrow.parquet as pq
-
         if kind not in KINDS:
             raise LmopsError(f"unknown shard kind '{kind}' (choose from {', '.join(KINDS)})")
         self.ensure_initialized()
@@ -474,8 +454,6 @@ class DataRegistry:
         return self._pointer(kind)
 
     def _pointer(self, kind: str) -> dict:
-        import yaml
-
         path = self.workspace / "data" / f"{kind}.dvc"
         if not path.is_file():
             return {}
@@ -593,7 +571,5 @@ def split_hint(meta: str | dict | None) -> str | None:
 
 def shard_schema() -> Any:
     """Arrow schema of every shard: the record schema, ``created_at`` a UTC timestamp."""
-    import pyarrow as pa
-
     return pa.schema([("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("uri", pa.string()),
                       ("created_at", pa.timestamp("us", tz="UTC")), ("meta", pa.string())])

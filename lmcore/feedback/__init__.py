@@ -1,0 +1,2 @@
+"""Feedback: the store the server writes every generation and rating into (``store``), and the
+harvest that turns it into validated, versioned training data (``harvest``)."""
