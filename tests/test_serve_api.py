@@ -173,7 +173,7 @@ def test_health_metrics_and_openapi(server):
     assert h.status_code == 200 and h.json()["ready"] and h.json()["last_reload_error"] is None
     text = httpx.get(server + "/metrics").text
     version = h.json()["model_version"]
-    for needle in ("lmops_requests_total{", "lmops_request_latency_seconds_bucket{", "lmops_tokens_generated_total",
+    for needle in ("lmops_requests_total{", "lmops_request_latency_seconds_bucket{", "lmops:generation_tokens_total{",
                    f'lmops_model_info{{name="tiny",version="{version}"}} 1.0'):
         assert needle in text
     spec = httpx.get(server + "/openapi.json").json()

@@ -31,9 +31,10 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -86,6 +87,29 @@ def load_version(source: str) -> LoadedModel:
 
 
 # -- one generation request ---------------------------------------------------------------
+class RowObserver(Protocol):
+    """What the decode thread reports about each row of one model version (``Metrics.for_version``).
+
+    Every request any route submits passes through exactly one batcher, so each is observed once.
+    Times are seconds.
+    """
+
+    def admitted(self, queue_s: float, prompt_tokens: int) -> None: ...
+    def token(self, first: bool, gap_s: float) -> None: ...  # gap: since arrival (first) or the previous token
+    def finished(self, reason: str, e2e_s: float) -> None: ...
+
+
+class _NoObserver:
+    def admitted(self, queue_s: float, prompt_tokens: int) -> None:
+        pass
+
+    def token(self, first: bool, gap_s: float) -> None:
+        pass
+
+    def finished(self, reason: str, e2e_s: float) -> None:
+        pass
+
+
 @dataclass
 class Row:
     """One request's state inside a batcher, and the channel back to its asyncio caller."""
@@ -100,8 +124,11 @@ class Row:
     last: int = 0  # last sampled token (input of the next step)
     n_new: int = 0
     cancelled: bool = False
-    queued_at: float = field(default_factory=time.perf_counter)
+    queued_at: float = field(default_factory=time.perf_counter)  # arrival: queue time and TTFT count from here
     first_token_at: float | None = None
+    last_token_at: float = 0.0
+    top_logprobs: int | None = None  # None: no log-probabilities; k: the token's and the k most likely
+    cancel_reason: str = "cancelled"  # the finish reason a cancelled row reports ("stop": a stop sequence)
 
     def emit(self, event: tuple) -> None:
         try:
@@ -110,11 +137,23 @@ class Row:
             self.cancelled = True
 
 
+def _logprobs(row: Row, logits: torch.Tensor, token: int) -> tuple:
+    """``((logprob, [(id, logprob), ...]),)`` of the model's own distribution, only for a row that asked."""
+    if row.top_logprobs is None:
+        return ()
+    lp = torch.log_softmax(logits[0].float(), dim=-1)
+    top: list = []
+    if row.top_logprobs:
+        values, ids = torch.topk(lp, min(row.top_logprobs, lp.numel()))
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return ((float(lp[token]), top),)
+
+
 class Batcher:
     """The decode loop of one model version: admit, prefill, decode all rows together."""
 
     def __init__(self, lm: LoadedModel, max_batch: int, max_new_tokens: int, batch_window_ms: float,
-                 on_tokens=None, on_batch=None, compiled: bool = True):
+                 on_batch=None, compiled: bool = True, observer: RowObserver | None = None):
         self.lm = lm
         self.max_batch = max_batch
         self.window = batch_window_ms / 1000.0
@@ -125,8 +164,8 @@ class Batcher:
         self.compile_done = threading.Event()  # set once the compiled step is in use, or has failed
         self.pending: queue.Queue[Row] = queue.Queue()
         self.active: list[Row] = []  # active[i].slot == i
-        self.on_tokens = on_tokens or (lambda n: None)
         self.on_batch = on_batch or (lambda n: None)
+        self.observer = observer or _NoObserver()
         self._retired = threading.Event()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"decode-{lm.version}", daemon=True)
@@ -158,6 +197,10 @@ class Batcher:
 
     def load(self) -> int:
         return len(self.active) + self.pending.qsize()
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting): rows decoding now, rows queued for a slot."""
+        return len(self.active), self.pending.qsize()
 
     # -- the decode thread -----------------------------------------------------------------
     def _run(self) -> None:
@@ -228,10 +271,12 @@ class Batcher:
     def _admit(self, row: Row) -> None:
         """Prefill one prompt into the first free slot and sample its first token."""
         if row.cancelled:
+            self.observer.finished("cancelled", time.perf_counter() - row.queued_at)
             return
         if len(self.active) >= self.max_batch:  # cannot happen with a correct caller; keep the row for later
             self.pending.put(row)
             return
+        self.observer.admitted(time.perf_counter() - row.queued_at, len(row.prompt_ids))
         row.slot = len(self.active)
         logits = self.decoder.prefill(row.prompt_ids, row.slot)  # (1, V)
         self.active.append(row)
@@ -242,21 +287,25 @@ class Batcher:
         nxt, prob = pick_next(logits, row.sp, row.gen)
         token = int(nxt.item())
         eos = self.lm.tokenizer.eos_id
+        now = time.perf_counter()
         if row.first_token_at is None:
-            row.first_token_at = time.perf_counter()
+            row.first_token_at = now
         done_reason = None
         if row.sp.stop_at_eos and token == eos:
             done_reason = "eos"
         else:
+            first = row.n_new == 0
+            self.observer.token(first, now - (row.queued_at if first else row.last_token_at))
+            row.last_token_at = now
             row.n_new += 1
             row.last = token
-            row.emit(("token", token, float(prob.item())))
+            row.emit(("token", token, float(prob.item()), *_logprobs(row, logits, token)))
             if row.n_new >= row.sp.max_new_tokens or self.decoder.cache.lens[row.slot] + 1 >= self.max_len:
                 done_reason = "length"
         if done_reason is None and time.monotonic() > row.deadline:
             done_reason = "timeout"
         if done_reason is None and row.cancelled:
-            done_reason = "cancelled"
+            done_reason = row.cancel_reason
         if done_reason is not None:
             self._finish(row, done_reason)
 
@@ -267,6 +316,7 @@ class Batcher:
             self.decoder.move(last.slot, row.slot)
             last.slot = row.slot
             self.active[row.slot] = last
+        self.observer.finished(reason, time.perf_counter() - row.queued_at)
         row.emit(("done", reason))
 
     @torch.inference_mode()
@@ -275,7 +325,6 @@ class Batcher:
         tokens = torch.tensor([r.last for r in rows], dtype=torch.long, device=self.lm.model.embed.weight.device)
         logits = self.decoder.step(tokens)  # (B, V)
         self.on_batch(len(rows))
-        self.on_tokens(len(rows))
         for i, row in enumerate(rows):
             self._accept(row, logits[i : i + 1])
 
@@ -284,11 +333,13 @@ class Engine:
     """The model currently served, plus reload (hot swap) and alias polling."""
 
     def __init__(self, source: str, *, max_batch: int = 16, max_new_tokens: int = 256,
-                 batch_window_ms: float = 5.0, on_tokens=None, on_batch=None, compiled: bool = True):
+                 batch_window_ms: float = 5.0, on_batch=None, compiled: bool = True,
+                 observe: Callable[[LoadedModel], RowObserver] | None = None):
         self.source = source
         self.compiled = compiled  # decode with the compiled step once it is built (see the module doc)
         self.max_batch, self.max_new_tokens, self.batch_window_ms = max_batch, max_new_tokens, batch_window_ms
-        self.on_tokens, self.on_batch = on_tokens, on_batch
+        self.on_batch = on_batch
+        self.observe = observe  # a RowObserver per loaded version (its metrics labels)
         self.current: Batcher | None = None
         self.retired: list[Batcher] = []
         self.last_reload_error: str | None = None
@@ -333,8 +384,8 @@ class Engine:
             self.last_reload_error = None
             if previous is not None and lm.version == previous and self.source == source:
                 return {"ok": True, "version": previous, "previous": previous, "swapped": False, "error": None}
-            batcher = Batcher(lm, self.max_batch, self.max_new_tokens, self.batch_window_ms,
-                              self.on_tokens, self.on_batch, self.compiled)
+            batcher = Batcher(lm, self.max_batch, self.max_new_tokens, self.batch_window_ms, self.on_batch,
+                              self.compiled, self.observe(lm) if self.observe else None)
             with self._swap_lock:
                 old, self.current = self.current, batcher
                 self.source = source
@@ -347,18 +398,20 @@ class Engine:
                 self.on_swap(previous, lm.version)
             return {"ok": True, "version": lm.version, "previous": previous, "swapped": True, "error": None}
 
-    def submit(self, row: Row, prompt: str | None = None) -> LoadedModel:
+    def submit(self, row: Row, prompt: str | None = None, rendered: bool = False) -> LoadedModel:
         """Hand a row to the current batcher; returns the model version it will run on.
 
         With ``prompt``, it is encoded by that same version's tokenizer (a swap cannot slip
-        between encoding and admission).
+        between encoding and admission); ``rendered``: chat-template output, whose special tokens
+        become their ids.
         """
         with self._swap_lock:
             batcher = self.current
             if batcher is None:
                 raise LmopsError("no model loaded yet")
             if prompt is not None:
-                row.prompt_ids = batcher.lm.tokenizer.encode(prompt)
+                tok = batcher.lm.tokenizer
+                row.prompt_ids = tok.encode_rendered(prompt) if rendered else tok.encode(prompt)
             batcher.submit(row)
         return batcher.lm
 
@@ -380,6 +433,11 @@ class Engine:
             if target is not None and str(target) != self.version:
                 log.info("alias %s@%s moved to version %s: reloading", name, alias, target)
                 self.reload()
+
+    def loads(self) -> list[tuple[LoadedModel, int, int]]:
+        """(model, running, waiting) of the served version and of retired ones still draining."""
+        batchers = [self.current, *self.retired]
+        return [(b.lm, *b.counts()) for b in batchers if b is not None and (b is self.current or b.alive)]
 
     def stop(self) -> None:
         self._stop.set()

@@ -47,8 +47,9 @@ class ServeState:
         engine = Engine(
             source, max_batch=sp_cfg.max_batch, max_new_tokens=sp_cfg.max_new_tokens,
             batch_window_ms=sp_cfg.batch_window_ms,
-            on_tokens=metrics.tokens.inc, on_batch=metrics.batch_rows.observe,
+            on_batch=metrics.batch_rows.observe, observe=metrics.for_version,
         )
+        metrics.watch(engine.loads)
         engine.on_swap = lambda _old, _new: metrics.set_model(engine.current.lm.name, engine.current.lm.version)
         token = api_token if api_token is not None else os.environ.get("LMOPS_API_TOKEN") or None
         return cls(engine=engine, metrics=metrics, gate=ConcurrencyGate(sp_cfg.max_concurrent), params=params,

@@ -37,5 +37,7 @@ async def feedback(request: Request, authorization: str | None = Header(None),
         raise ApiError(404, "unknown_generation", "generation_id", str(e)) from None
     except LmopsError as e:
         raise ApiError(503, "store_unavailable", None, str(e)) from None
-    state.metrics.feedback.labels(rating=str(req.rating)).inc()
+    gen = await asyncio.to_thread(state.store.get_generation, req.generation_id)
+    lm = state.engine.current.lm if state.engine.current else None
+    state.metrics.feedback_stored(req.rating, lm.name if lm else "", gen["model_version"] if gen else "")
     return {"ok": True, "feedback_id": seq, "generation_id": req.generation_id}
