@@ -14,7 +14,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean stack stack-down
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ $(STAMP): pyproject.toml
 
 run: install
 	$(BIN)/lmops run
+
+stack: install
+	$(BIN)/lmops stack up
+
+stack-down: install
+	$(BIN)/lmops stack down
 
 test: install
 	$(BIN)/ruff check .

@@ -8,7 +8,8 @@ from lmcore.cli import app
 from lmcore.cli import main as _lmcore_main
 from lmcore.cli._common import JSON_OPTION, PARAMS_OPTION, SET_OPTION, emit_json, load_params_cli
 from lmcore.config import parse_override
-from lmcore.settings import MLFLOW_PORT, PREFECT_PORT
+from lmcore.errors import LmopsError
+from lmcore.settings import MLFLOW_PORT, POSTGRES_PORT, PREFECT_PORT, WORKER_HEALTH_PORT
 
 
 def _overrides(sets: list[str] | None) -> dict:
@@ -81,6 +82,36 @@ def harvest(
 
 
 @app.command()
+def monitor(
+    params: str = PARAMS_OPTION,
+    no_trigger: bool = typer.Option(False, "--no-trigger", help="Only report; never run harvest and training."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Prompt drift against the champion's training data, 👎/correction rates and latency per model version.
+
+    Publishes a Prefect artifact and an MLflow run; when drift is flagged or the champion's 👎 rate
+    is over monitor.max_thumbs_down_rate, runs the harvest flow, then the training flow.
+    """
+    load_params_cli(params, None)
+    from flows.monitor import monitor_flow  # lazy: keeps `lmops --help` fast
+    from flows.prefect_home import prefect_start_errors
+
+    _prepare_prefect()
+    with prefect_start_errors():
+        result = monitor_flow(params_path=params, trigger=False if no_trigger else None)
+    if as_json:
+        emit_json(result)
+        return
+    from lmcore.feedback.monitor import report_lines  # lazy: keeps `lmops --help` fast
+
+    typer.echo("\n".join(report_lines(result["report"])))
+    if result["training"]:
+        t = result["training"]
+        typer.echo(f"triggered harvest ({result['harvest']['new_rows'] or 0} new feedback rows) and training: "
+                   f"v{t['model_version']} {'promoted' if t['promoted'] else 'not promoted'}")
+
+
+@app.command()
 def schedule(
     params: str = PARAMS_OPTION,
     port: int = typer.Option(PREFECT_PORT,
@@ -115,6 +146,79 @@ def ui(
 
     run_uis(mlflow_port=mlflow_port, prefect_port=None if no_prefect else prefect_port, host=host,
             echo=typer.echo)
+
+
+stack_app = typer.Typer(help="The team stack on this machine: PostgreSQL, Prefect server + workers, MLflow server.",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+
+@stack_app.command("up")
+def stack_up_cmd(
+    workers: int = typer.Option(0, "--workers", "-n", help="Process workers (default: stack.workers in params)."),
+    no_schedules: bool = typer.Option(False, "--no-schedules", help="Deploy with the cron schedules paused."),
+    postgres_port: int = typer.Option(POSTGRES_PORT, "--postgres-port"),
+    prefect_port: int = typer.Option(PREFECT_PORT, "--prefect-port"),
+    mlflow_port: int = typer.Option(MLFLOW_PORT, "--mlflow-port"),
+    worker_port: int = typer.Option(WORKER_HEALTH_PORT, "--worker-port", help="First worker's health port (+1 each)."),
+    params: str = PARAMS_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Start the team stack on 127.0.0.1 and print the environment other machines need (export lines).
+
+    PostgreSQL under the lmops home holds Prefect's, MLflow's, the feedback store's and Optuna's
+    databases; MLflow proxies artifacts; the work pool runs prefect.yaml's deployments on N workers
+    sharing one result folder. `lmops stack down` stops it all.
+    """
+    p = load_params_cli(params, None)
+    from flows.stack import Ports, export_lines, stack_up  # lazy: keeps `lmops --help` fast
+
+    ports = Ports(postgres=postgres_port, prefect=prefect_port, mlflow=mlflow_port, worker_health=worker_port)
+    state = stack_up(p, workers or None, ports, schedules=not no_schedules,
+                     echo=lambda m: typer.secho(m, err=True, dim=True))
+    if as_json:
+        emit_json(state)
+        return
+    for s in state["services"]:
+        typer.echo(f"{s['name']:<16} {s['url']:<28} pid {s['pid']}", err=True)
+    typer.echo("# the environment for this shell and for other machines (`eval \"$(lmops stack env)\"`):", err=True)
+    typer.echo(export_lines(state["env"]))
+
+
+@stack_app.command("env")
+def stack_env_cmd() -> None:
+    """Print the running stack's environment as export lines (`eval "$(lmops stack env)"`)."""
+    from flows.stack import export_lines, read_state  # lazy: keeps `lmops --help` fast
+
+    state = read_state()
+    if not state or "env" not in state:
+        raise LmopsError("no stack is up here (`lmops stack up`)")
+    typer.echo(export_lines(state["env"]))
+
+
+@stack_app.command("status")
+def stack_status_cmd(as_json: bool = JSON_OPTION) -> None:
+    """Each part of the stack with its URL, PID and health; exit 1 when any part is down."""
+    from flows.stack import stack_status  # lazy: keeps `lmops --help` fast
+
+    rows = stack_status()
+    if as_json:
+        emit_json(rows)
+    elif not rows:
+        typer.echo("no stack is up here (`lmops stack up`)")
+    for r in [] if as_json else rows:
+        health = "healthy" if r["healthy"] else ("running, not answering" if r["alive"] else "down")
+        typer.echo(f"{r['name']:<16} {r['url']:<28} pid {r['pid'] or '-':<8} {health}")
+    if rows and not all(r["healthy"] for r in rows):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down_cmd() -> None:
+    """Stop every part `lmops stack up` started, by PID (workers first, PostgreSQL last); data is kept."""
+    from flows.stack import stack_down  # lazy: keeps `lmops --help` fast
+
+    stack_down(echo=typer.echo)
 
 
 def main() -> None:

@@ -43,19 +43,25 @@ def prepare_server_database(settings: Settings, echo: Callable[[str], None] = _s
 
 
 def start_prefect_server(port: int = PREFECT_PORT, host: str = "127.0.0.1", settings: Settings | None = None,
-                         timeout: float = 120.0, echo: Callable[[str], None] = _stderr) -> Service:
-    """`prefect server start` with PREFECT_HOME inside the lmops home and analytics off; its database
-    is created first (``prepare_server_database``), with ``echo`` saying so on a first start."""
+                         timeout: float = 120.0, echo: Callable[[str], None] = _stderr,
+                         database_url: str | None = None, env: dict[str, str] | None = None) -> Service:
+    """`prefect server start` with PREFECT_HOME inside the lmops home and analytics off.
+
+    Its local SQLite database is created first (``prepare_server_database``), with ``echo`` saying so on a
+    first start; with ``database_url`` (PostgreSQL, the team stack) the server migrates that database itself.
+    """
     settings = apply_environment(settings or get_settings())
     check_port(host, port, "prefect")
     settings.prefect_home.mkdir(parents=True, exist_ok=True)
-    prepare_server_database(settings, echo)
+    if database_url is None:
+        prepare_server_database(settings, echo)
     cmd = [console_script("prefect"), "server", "start", "--host", host, "--port", str(port)]
     url = f"http://{host}:{port}"
-    env = {"PREFECT_HOME": str(settings.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "DO_NOT_TRACK": "1", "PREFECT_UI_API_URL": f"{url}/api", "PREFECT_API_URL": f"{url}/api"}
+    full_env = {"PREFECT_HOME": str(settings.prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "DO_NOT_TRACK": "1", "PREFECT_UI_API_URL": f"{url}/api", "PREFECT_API_URL": f"{url}/api",
+                **({"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}), **(env or {})}
     return start_service("prefect", cmd, url, f"{url}/api/health", settings.home / "logs" / "prefect-server.log",
-                         env=env, timeout=timeout)
+                         env=full_env, timeout=timeout)
 
 
 def run_uis(mlflow_port: int = MLFLOW_PORT, prefect_port: int | None = PREFECT_PORT, host: str = "127.0.0.1",

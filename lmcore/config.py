@@ -264,6 +264,20 @@ class OptimizeParams:
         _require(0 <= self.prune_percentile <= 100, "optimize.prune_percentile must be in [0, 100]")
 
 
+@params_slice("stack")
+class StackParams:
+    workers: int  # process workers `lmops stack up` starts on the work pool
+    heartbeat_s: int  # flow-run heartbeat period (Prefect's minimum is 30 s)
+    crash_after_s: int  # a running flow run silent this long is marked Crashed (its worker died)
+    nproc_per_node: int  # torchrun processes of the ddp-train deployment
+
+    def check(self) -> None:
+        _require(self.workers >= 1, "stack.workers must be >= 1")
+        _require(self.heartbeat_s >= 30, "stack.heartbeat_s must be >= 30 (Prefect's minimum)")
+        _require(self.crash_after_s > self.heartbeat_s, "stack.crash_after_s must be > stack.heartbeat_s")
+        _require(self.nproc_per_node >= 1, "stack.nproc_per_node must be >= 1")
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -278,6 +292,7 @@ class Params:
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
     optimize: OptimizeParams = field(default_factory=OptimizeParams)
+    stack: StackParams = field(default_factory=StackParams)
 
     def slice_hash(self, *names: str) -> str:
         """Content hash of some slices: a cache key shared by Prefect tasks and lineage tags."""

@@ -132,15 +132,42 @@ def stop_service(svc: Service, grace: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def stop_group(pid: int, grace: float = 10.0) -> None:
+    """Stop a process group known only by its leader's PID (one another process started): SIGTERM, then
+    SIGKILL what is left after ``grace`` seconds; returns once the group is empty."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.1)
+
+
 def check_port(host: str, port: int, what: str) -> None:
     """LmopsError naming the --WHAT-port option when ``port`` is taken."""
     if not port_free(host, port):
         raise LmopsError(f"port {port} on {host} is already in use (choose another with --{what}-port)")
 
 
+def start_mlflow_server(port: int, host: str, backend_uri: str, artifacts: list[str], log: Path,
+                        timeout: float = 60.0) -> Service:
+    """`mlflow server` (one worker, no job runner) on ``backend_uri``; ``artifacts`` are its artifact options."""
+    cmd = [console_script("mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
+           "--backend-store-uri", backend_uri, *artifacts]
+    url = f"http://{host}:{port}"
+    return start_service("mlflow", cmd, url, f"{url}/health", log,
+                         env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, timeout=timeout)
+
+
 def start_mlflow_ui(port: int = MLFLOW_PORT, host: str = "127.0.0.1", settings: Settings | None = None,
                     timeout: float = 60.0) -> Service:
-    """`mlflow server` on the embedded sqlite store (one worker), artifacts under the lmops home."""
+    """`mlflow server` on the embedded sqlite store, artifacts under the lmops home."""
     settings = apply_environment(settings or get_settings())
     uri = settings.mlflow_tracking_uri
     if uri.startswith(("http://", "https://")):
@@ -148,8 +175,5 @@ def start_mlflow_ui(port: int = MLFLOW_PORT, host: str = "127.0.0.1", settings: 
     check_port(host, port, "mlflow")
     settings.ensure()
     settings.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-    cmd = [console_script("mlflow"), "server", "--host", host, "--port", str(port), "--workers", "1",
-           "--backend-store-uri", uri, "--default-artifact-root", settings.mlflow_artifacts.as_uri()]
-    url = f"http://{host}:{port}"
-    return start_service("mlflow", cmd, url, f"{url}/health", settings.home / "logs" / "mlflow-ui.log",
-                         env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, timeout=timeout)
+    return start_mlflow_server(port, host, uri, ["--default-artifact-root", settings.mlflow_artifacts.as_uri()],
+                               settings.home / "logs" / "mlflow-ui.log", timeout)

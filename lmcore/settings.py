@@ -27,6 +27,9 @@ QUIET_ENV = {
 # The local web UIs' ports (each tool's own default), used by every command that starts or links to them.
 MLFLOW_PORT = 5000  # `lmops ui`'s MLflow server
 PREFECT_PORT = 4200  # the local Prefect server of `lmops ui` and `lmops schedule`
+POSTGRES_PORT = 5433  # `lmops stack up`'s PostgreSQL (5432 is left to a system one)
+WORKER_HEALTH_PORT = 8090  # `lmops stack up`'s first worker health endpoint; worker i uses this + i
+RDZV_PORT = 29500  # torchrun's rendezvous (c10d) port, torch's own default
 
 
 def find_workspace(start: Path | None = None) -> Path:
@@ -75,6 +78,11 @@ class Settings:
     @property
     def feedback_db(self) -> str:
         return os.environ.get("LMOPS_FEEDBACK_DB") or f"sqlite:///{self.home / 'feedback.db'}"
+
+    @property
+    def optuna_db(self) -> str:
+        """Optuna's study storage when ``optimize.storage`` is empty: ``$LMOPS_OPTUNA_DB``, else SQLite here."""
+        return os.environ.get("LMOPS_OPTUNA_DB") or f"sqlite:///{self.home / 'optuna.db'}"
 
     @property
     def runs_dir(self) -> Path:

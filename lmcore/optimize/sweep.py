@@ -79,8 +79,7 @@ def resolve_data(data: str | Path | None, params: Any) -> tuple[Path, str | None
 
 
 def default_storage() -> str:
-    home = get_settings().ensure().home
-    return f"sqlite:///{home / 'optuna.db'}"
+    return get_settings().ensure().optuna_db
 
 
 def open_storage(url: str) -> Any:
