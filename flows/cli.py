@@ -117,9 +117,9 @@ def schedule(
     port: int = typer.Option(PREFECT_PORT,
                              help="Port of the local Prefect server started when PREFECT_API_URL is unset."),
 ) -> None:
-    """Keep the scheduled flows running on this machine (training nightly, harvest hourly by default).
+    """Keep the scheduled flows running on this machine (training nightly, harvest and monitor hourly by default).
 
-    Starts a local Prefect server on 127.0.0.1 if none is configured, serves both deployments
+    Starts a local Prefect server on 127.0.0.1 if none is configured, serves the deployments
     with the cron schedules from params.yaml, prints the UI address, and shuts everything down on
     Ctrl-C or SIGTERM.
     """
@@ -219,6 +219,31 @@ def stack_down_cmd() -> None:
     from flows.stack import stack_down  # lazy: keeps `lmops --help` fast
 
     stack_down(echo=typer.echo)
+
+
+@app.command()
+def doctor(
+    no_workers: bool = typer.Option(False, "--no-workers", help="Skip the checks that run a probe on each worker."),
+    params: str = PARAMS_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Check this machine's team configuration, one line per check; exit 1 on any failure.
+
+    No SQLite behind a shared server; MLflow's artifact proxy on; the DVC remote writable; every
+    worker on the same git revision and torch, with CUDA where train.device asks for it; the torchrun
+    rendezvous port reachable; Prefect results in one folder every worker shares.
+    """
+    p = load_params_cli(params, None)
+    from flows.doctor import run_doctor  # lazy: keeps `lmops --help` fast
+
+    checks = run_doctor(p, workers=not no_workers)
+    if as_json:
+        emit_json([c.__dict__ for c in checks])
+    else:
+        for c in checks:
+            typer.secho(c.line(), fg=None if c.ok else typer.colors.RED)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -43,6 +43,10 @@ def deployment_specs(params: Params) -> dict[str, dict[str, str]]:
     }
 
 
+# Deployments a team's pool runs on demand (no schedule; `lmops schedule` does not serve them).
+ON_DEMAND = {"doctor": "flows/doctor.py:probe_flow", "ddp-train": "flows/ddp.py:ddp_training_flow"}
+
+
 def prefect_yaml_differences(params: Params, path: str | Path) -> list[str]:
     """Where ``prefect.yaml``'s deployments differ from ``deployment_specs(params)``; empty when they agree."""
     declared = {d.get("name"): d for d in (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {})
@@ -58,6 +62,10 @@ def prefect_yaml_differences(params: Params, path: str | Path) -> list[str]:
         got = [(s.get("cron"), s.get("timezone")) for s in d.get("schedules") or []]
         if got != [(spec["cron"], spec["timezone"])]:
             out.append(f"{name}: schedules {got}, params.yaml says [{(spec['cron'], spec['timezone'])}]")
+    for name, entrypoint in ON_DEMAND.items():
+        d = declared.pop(name, None)
+        if d is None or d.get("entrypoint") != entrypoint or d.get("schedules"):
+            out.append(f"on-demand deployment '{name}' must run {entrypoint}, with no schedule")
     out += [f"deployment '{name}' is not one lmops serves" for name in declared]
     return out
 
