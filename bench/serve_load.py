@@ -2,13 +2,17 @@
 batching speedup (same server with max_batch=1 as the reference), and a 5,000-POST feedback
 burst at concurrency 32 whose rows are counted in the DB afterwards (feedback_lost must be 0).
 
-Requests stream (server-sent events), so each one gives its time to first token (TTFT) as well
-as its latency. Each phase starts once the server decodes with its compiled step (``/health``'s
-``compiled_decode``; it compiles in the background after start-up), and the wait is reported.
+Requests stream (server-sent events), so each one gives its time to first token (TTFT) and its
+inter-token latencies (ITL, the gaps between token arrivals) as well as its latency. ``--api openai``
+adds the same load through ``/v1/completions`` with the official ``openai`` client at concurrency 1
+and 16, and the OpenAI layer's cost: 1 - its req/s over the native endpoint's at c16 (the native
+phase is run before and after it, against drift; target <= 5%). Each phase starts once the server
+decodes with its compiled step (``/health``'s ``compiled_decode``; it compiles in the background
+after start-up), and the wait is reported.
 
 Model: random weights, 4 layers x 4 heads x d_model 128, block 128, byte-level tokenizer.
 Servers are real `lmops serve` subprocesses on 127.0.0.1; every loop is bounded.
-Usage: python bench/serve_load.py [--seconds 8] [--tokens 32] [--feedback 5000] [--json]
+Usage: python bench/serve_load.py [--seconds 8] [--tokens 32] [--feedback 5000] [--api native|openai] [--json]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 from _common import cpu_header, with_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,32 +99,67 @@ class Server:
                 self.proc.wait()
 
 
-def load(base: str, concurrency: int, seconds: float, tokens: int) -> dict:
-    """``concurrency`` clients generating fixed-length completions for ``seconds`` (bounded)."""
+def _native_request(c: httpx.Client, base: str, body: dict) -> tuple[bool, list[float]]:
+    """One streamed ``/v1/generate``: whether it ended with ``done``, and when each token arrived."""
+    times: list[float] = []
+    done = False
+    with c.stream("POST", base + "/v1/generate", json=body) as r:
+        for line in r.iter_lines():
+            if line == "event: token":
+                times.append(time.perf_counter())
+            done = done or line == "event: done"
+    return r.status_code == 200 and done, times
+
+
+def _openai_request(c, model: str, body: dict) -> tuple[bool, list[float]]:
+    """The same request through ``/v1/completions`` with the official client (``ignore_eos``: vLLM's extension)."""
+    times: list[float] = []
+    finished = False
+    try:
+        stream = c.completions.create(model=model, prompt=body["prompt"], max_tokens=body["max_new_tokens"],
+                                      temperature=body["temperature"], seed=body["seed"], stream=True,
+                                      extra_body={"ignore_eos": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                times.append(time.perf_counter())
+            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
+    except openai.APIError:
+        return False, times
+    return finished, times
+
+
+def load(base: str, concurrency: int, seconds: float, tokens: int, api: str = "native") -> dict:
+    """``concurrency`` clients generating fixed-length completions for ``seconds`` (bounded), streamed through
+    the native API or (``api="openai"``) the OpenAI-compatible one with the ``openai`` client."""
     lat: list[float] = []
     ttft: list[float] = []
+    itl: list[float] = []
     errors = [0]
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
     def client(k: int) -> None:
-        with httpx.Client(timeout=120) as c:
+        if api == "openai":
+            c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+            model = c.models.list().data[0].id
+            send = lambda body: _openai_request(c, model, body)  # noqa: E731
+        else:
+            c = httpx.Client(timeout=120)
+            send = lambda body: _native_request(c, base, body)  # noqa: E731
+        with c:
             for i in range(100_000):
                 if time.monotonic() >= stop_at:
                     return
-                t, first, done = time.perf_counter(), None, False
+                t = time.perf_counter()
                 body = {"prompt": f"client {k} request {i}: ", "max_new_tokens": tokens, "ignore_eos": True,
                         "temperature": 0.8, "seed": i, "stream": True}
-                with c.stream("POST", base + "/v1/generate", json=body) as r:
-                    for line in r.iter_lines():
-                        if first is None and line == "event: token":
-                            first = time.perf_counter() - t
-                        done = done or line == "event: done"
+                ok, times = send(body)
                 dt = time.perf_counter() - t
                 with lock:
-                    if r.status_code == 200 and done and first is not None:
+                    if ok and times:
                         lat.append(dt)
-                        ttft.append(first)
+                        ttft.append(times[0] - t)
+                        itl.extend(b - a for a, b in zip(times, times[1:], strict=False))
                     else:
                         errors[0] += 1
 
@@ -131,9 +171,11 @@ def load(base: str, concurrency: int, seconds: float, tokens: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     n = len(lat)
-    return {"requests": n, "errors": errors[0], "rps": round(n / wall, 2), "tokens_per_s": round(n * tokens / wall, 1),
+    return {"api": api, "requests": n, "errors": errors[0], "rps": round(n / wall, 2),
+            "tokens_per_s": round(n * tokens / wall, 1),
             "p50_ms": _percentile_ms(lat, 0.5), "p99_ms": _percentile_ms(lat, 0.99),
-            "ttft_p50_ms": _percentile_ms(ttft, 0.5), "ttft_p99_ms": _percentile_ms(ttft, 0.99)}
+            "ttft_p50_ms": _percentile_ms(ttft, 0.5), "ttft_p99_ms": _percentile_ms(ttft, 0.99),
+            "itl_p50_ms": _percentile_ms(itl, 0.5), "itl_p99_ms": _percentile_ms(itl, 0.99)}
 
 
 def _percentile_ms(seconds: list[float], q: float) -> float | None:
@@ -181,6 +223,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="duration of each load phase")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per completion (fixed: ignore_eos)")
     ap.add_argument("--feedback", type=int, default=5000, help="feedback POSTs in the burst")
+    ap.add_argument("--api", choices=("native", "openai"), default="native",
+                    help="openai: also load /v1/completions through the openai client and report its cost")
     ap.add_argument("--json", action="store_true", help="last line: one JSON object")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -203,6 +247,11 @@ def main() -> None:
             load(srv.base, 2, 1.0, args.tokens)
             out["batched_c1"] = load(srv.base, 1, args.seconds, args.tokens)
             out["batched_c16"] = load(srv.base, 16, args.seconds, args.tokens)
+            if args.api == "openai":
+                load(srv.base, 2, 1.0, args.tokens, "openai")
+                out["openai_c1"] = load(srv.base, 1, args.seconds, args.tokens, "openai")
+                out["openai_c16"] = load(srv.base, 16, args.seconds, args.tokens, "openai")
+                out["batched_c16_after"] = load(srv.base, 16, args.seconds, args.tokens)
             fb = feedback_burst(srv.base, args.feedback, 32)
         finally:
             srv.stop()
@@ -214,11 +263,20 @@ def main() -> None:
         out["feedback_lost"] = len(set(ids) - stored)
     out["batching_speedup"] = round(out["batched_c16"]["rps"] / max(out["unbatched_c16"]["rps"], 1e-9), 2)
     out["throughput_c16_over_c1"] = round(out["batched_c16"]["rps"] / max(out["batched_c1"]["rps"], 1e-9), 2)
-    for name in ("batched_c1", "batched_c16", "unbatched_c16"):
+    if args.api == "openai":
+        native = (out["batched_c16"]["rps"] + out["batched_c16_after"]["rps"]) / 2
+        out["openai_cost_c16"] = round(1 - out["openai_c16"]["rps"] / max(native, 1e-9), 4)
+        out["openai_cost_c1"] = round(1 - out["openai_c1"]["rps"] / max(out["batched_c1"]["rps"], 1e-9), 4)
+    for name in ("batched_c1", "batched_c16", "unbatched_c16", "openai_c1", "openai_c16", "batched_c16_after"):
+        if name not in out:
+            continue
         r = out[name]
-        print(f"{name:14s} {r['rps']:8.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_ms']} ms  "
+        print(f"{name:17s} {r['rps']:8.2f} req/s  {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_ms']} ms  "
               f"p99 {r['p99_ms']} ms  TTFT p50 {r['ttft_p50_ms']} ms  p99 {r['ttft_p99_ms']} ms  "
-              f"errors {r['errors']}")
+              f"ITL p50 {r['itl_p50_ms']} ms  p99 {r['itl_p99_ms']} ms  errors {r['errors']}")
+    if args.api == "openai":
+        print(f"OpenAI layer cost vs native req/s: c16 {100 * out['openai_cost_c16']:.1f}% (target <= 5%), "
+              f"c1 {100 * out['openai_cost_c1']:.1f}%")
     print(f"waited for the compiled decode step (s): {out['compile_wait_s']}")
     print(f"batching_speedup (batched / unbatched at c16): {out['batching_speedup']}x  (target >= 3)")
     f = out["feedback"]

@@ -30,6 +30,18 @@ def make_model(folder: Path, seed: int = 0, **overrides) -> Path:
     return save_model(folder, Transformer(cfg), Tokenizer.train([], "byte"), {})
 
 
+@contextlib.contextmanager
+def feedback_store(folder: Path):
+    """A feedback store (SQLite in ``folder``), closed on exit."""
+    from lmcore.feedback.store import FeedbackStore
+
+    store = FeedbackStore(f"sqlite:///{folder / 'feedback.db'}")
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

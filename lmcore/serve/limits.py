@@ -40,10 +40,9 @@ def check_text(value: str | None, field: str, max_chars: int, limit: str) -> Non
                        limit)
 
 
-def check_max_new_tokens(value: int, cap: int) -> None:
+def check_max_new_tokens(value: int, cap: int, field: str = "max_new_tokens") -> None:
     if value > cap:
-        raise ApiError(422, "over_limit", "max_new_tokens", f"max_new_tokens={value} is over the cap of {cap}",
-                       "serve.max_new_tokens")
+        raise ApiError(422, "over_limit", field, f"{field}={value} is over the cap of {cap}", "serve.max_new_tokens")
 
 
 def check_token(authorization: str | None, token: str | None, client_host: str | None, *,

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
+
+# Stop sequences as OpenAI takes them: one string or up to four, each non-empty (one string is a list of one).
+StopText = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+_STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 256},
+                          {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 256},
+                           "maxItems": 4},
+                          {"type": "null"}]}
+Stop = Annotated[list[StopText] | None, Field(max_length=4), WithJsonSchema(_STOP_SCHEMA),
+                 BeforeValidator(lambda v: [v] if isinstance(v, str) else v)]
+STOP_DESCRIPTION = ("Stop sequences (a string or up to 4): generation ends before the first one; it is not "
+                    "part of the output. Streams hold back text that could begin one.")
+TOP_LOGPROBS_DESCRIPTION = "With logprobs: also the k most likely tokens at each step (0-20)."
+
 
 
 class GenerateRequest(BaseModel):
@@ -17,14 +30,28 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 = off.")
     seed: int | None = Field(None, ge=0, description="Seed for this request's own RNG: same seed, same text.")
     stream: bool = Field(False, description="Stream tokens as server-sent events (start, token..., done).")
-    logprobs: bool = Field(False, description="Also return every generated token with its probability.")
+    logprobs: bool = Field(False, description="Also return every generated token with its probability and "
+                           "log-probability.")
+    top_logprobs: int = Field(0, ge=0, le=20, description=TOP_LOGPROBS_DESCRIPTION)
+    stop: Stop = Field(None, description=STOP_DESCRIPTION)
     ignore_eos: bool = Field(False, description="Keep generating past end-of-text (fixed-length load tests).")
+
+
+class TopLogprob(BaseModel):
+    id: int = Field(..., description="Token id.")
+    text: str = Field(..., description="The token's text (U+FFFD where it holds part of a UTF-8 character).")
+    logprob: float
 
 
 class TokenProb(BaseModel):
     id: int = Field(..., description="Token id.")
     text: str = Field(..., description="Text this token added (empty while a UTF-8 character is incomplete).")
     prob: float = Field(..., description="Probability of the token under the sampling distribution.")
+    logprob: float | None = Field(None, description="With logprobs: log-probability of the token under the model's "
+                                  "own distribution (temperature 1, no top-k/top-p), as OpenAI-compatible servers "
+                                  "report it.")
+    top_logprobs: list[TopLogprob] | None = Field(None, description="The top_logprobs most likely tokens there.")
+
 
 
 class Usage(BaseModel):
@@ -43,7 +70,8 @@ class GenerateResponse(BaseModel):
     model_name: str = Field(..., description="Registered model name (or folder name).")
     model_version: str = Field(..., description="Model version that produced the completion.")
     completion: str = Field(..., description="Generated text.")
-    finish_reason: Literal["eos", "length", "timeout", "cancelled"] = Field(..., description="Why generation stopped.")
+    finish_reason: Literal["eos", "stop", "length", "timeout", "cancelled"] = Field(
+        ..., description="Why generation stopped (stop: a stop sequence).")
     tokens: list[TokenProb] | None = Field(None, description="Per-token probabilities (with logprobs: true).")
     usage: Usage
     timings: Timings

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from lmcore.serve.routes import admin, feedback, generate, playground, probes
+from lmcore.serve.routes import admin, feedback, generate, openai, playground, probes
 
-ROUTERS = (playground.router, probes.router, generate.router, feedback.router, admin.router)
+ROUTERS = (playground.router, probes.router, generate.router, openai.router, feedback.router, admin.router)
