@@ -22,6 +22,7 @@ from prefect import serve
 from prefect.schedules import Cron
 
 from flows.harvest import harvest_flow
+from flows.monitor import monitor_flow
 from flows.training import training_flow
 from flows.ui import start_prefect_server
 from lmcore.config import Params
@@ -30,6 +31,7 @@ from lmcore.settings import PREFECT_PORT, get_settings
 
 TRAINING_DEPLOYMENT = "nightly"
 HARVEST_DEPLOYMENT = "hourly"
+MONITOR_DEPLOYMENT = "monitoring"
 
 
 def deployment_specs(params: Params) -> dict[str, dict[str, str]]:
@@ -40,7 +42,19 @@ def deployment_specs(params: Params) -> dict[str, dict[str, str]]:
                               "timezone": s.timezone},
         HARVEST_DEPLOYMENT: {"entrypoint": "flows/harvest.py:harvest_flow", "cron": s.harvest_cron,
                              "timezone": s.timezone},
+        MONITOR_DEPLOYMENT: {"entrypoint": "flows/monitor.py:monitor_flow", "cron": s.monitor_cron,
+                             "timezone": s.timezone},
     }
+
+
+# Each deployment's flow and description (prefect.yaml repeats the descriptions).
+DEPLOYED_FLOWS = {
+    TRAINING_DEPLOYMENT: (training_flow, "The whole loop on the configured sources, nightly."),
+    HARVEST_DEPLOYMENT: (harvest_flow,
+                         "Feedback -> training data, hourly; triggers training past feedback.min_new_records."),
+    MONITOR_DEPLOYMENT: (monitor_flow, "Prompt drift, ratings and latency, hourly; a crossed threshold runs "
+                                       "harvest, then training."),
+}
 
 
 # Deployments a team's pool runs on demand (no schedule; `lmops schedule` does not serve them).
@@ -73,20 +87,9 @@ def prefect_yaml_differences(params: Params, path: str | Path) -> list[str]:
 def build_deployments(params: Params, params_path: str | None = None) -> list[Any]:
     specs = deployment_specs(params)
     return [
-        training_flow.to_deployment(
-            name=TRAINING_DEPLOYMENT,
-            schedules=[Cron(specs[TRAINING_DEPLOYMENT]["cron"], timezone=specs[TRAINING_DEPLOYMENT]["timezone"])],
-            parameters={"params_path": params_path},
-            description="The whole loop on the configured sources, nightly.",
-            tags=["lmops"],
-        ),
-        harvest_flow.to_deployment(
-            name=HARVEST_DEPLOYMENT,
-            schedules=[Cron(specs[HARVEST_DEPLOYMENT]["cron"], timezone=specs[HARVEST_DEPLOYMENT]["timezone"])],
-            parameters={"params_path": params_path},
-            description="Feedback -> training data, hourly; triggers training past feedback.min_new_records.",
-            tags=["lmops"],
-        ),
+        flow_.to_deployment(name=name, schedules=[Cron(specs[name]["cron"], timezone=specs[name]["timezone"])],
+                            parameters={"params_path": params_path}, description=description, tags=["lmops"])
+        for name, (flow_, description) in DEPLOYED_FLOWS.items()
     ]
 
 
@@ -107,11 +110,9 @@ def serve_schedules(params: Params, params_path: str | None = None, port: int = 
             echo(f"Prefect UI: {server.url}  (server pid {server.pid}, log {server.log})")
         stack.enter_context(prefect.settings.temporary_settings(updates={prefect.settings.PREFECT_API_URL: api_url}))
         deployments = build_deployments(params, params_path)
-        echo(
-            f"serving deployments training/{TRAINING_DEPLOYMENT} ({params.schedule.training_cron}) and "
-            f"harvest/{HARVEST_DEPLOYMENT} ({params.schedule.harvest_cron}), time zone {params.schedule.timezone}; "
-            "Ctrl-C stops"
-        )
+        specs = deployment_specs(params)
+        names = ", ".join(f"{flow_.name}/{name} ({specs[name]['cron']})" for name, (flow_, _) in DEPLOYED_FLOWS.items())
+        echo(f"serving deployments {names}, time zone {params.schedule.timezone}; Ctrl-C stops")
         try:
             serve(*deployments, print_starting_message=False)
         except KeyboardInterrupt:

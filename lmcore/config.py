@@ -241,6 +241,36 @@ class ScheduleParams:
     timezone: str
     training_cron: str
     harvest_cron: str
+    monitor_cron: str
+
+
+@params_slice("monitor")
+class MonitorParams:
+    window_hours: float  # prompts, ratings and latencies of the last N hours
+    max_prompts: int  # the most recent prompts tested for drift
+    min_prompts: int  # fewer: drift is not tested
+    alpha: float  # p-value at or below which drift is flagged: the false-alarm rate
+    permutations: int
+    ngram: int
+    max_features: int  # most frequent n-grams compared (the rest pooled)
+    reference_ratio: int  # reference windows per prompt
+    reference_records: int  # training records sampled for the reference windows
+    max_thumbs_down_rate: float
+    min_ratings: int  # the champion's ratings before its thumbs-down rate can trigger
+    trigger: bool  # a crossed threshold runs harvest, then training
+    seed: int
+
+    def check(self) -> None:
+        _require(self.window_hours > 0, "monitor.window_hours must be > 0")
+        _require(0 < self.min_prompts <= self.max_prompts, "monitor.min_prompts must be within [1, max_prompts]")
+        _require(0.0 < self.alpha < 1.0, "monitor.alpha must be within (0, 1)")
+        _require(self.permutations >= 1 / self.alpha - 1,
+                 "monitor.permutations must be >= 1/alpha - 1 (else no p-value can reach alpha)")
+        _require(self.ngram > 0 and self.max_features > 0, "monitor.ngram and monitor.max_features must be > 0")
+        _require(self.reference_ratio > 0 and self.reference_records > 0,
+                 "monitor.reference_ratio and monitor.reference_records must be > 0")
+        _require(0.0 <= self.max_thumbs_down_rate <= 1.0, "monitor.max_thumbs_down_rate must be within [0, 1]")
+        _require(self.min_ratings > 0, "monitor.min_ratings must be > 0")
 
 
 @params_slice("optimize")
@@ -291,6 +321,7 @@ class Params:
     serve: ServeParams = field(default_factory=ServeParams)
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
+    monitor: MonitorParams = field(default_factory=MonitorParams)
     optimize: OptimizeParams = field(default_factory=OptimizeParams)
     stack: StackParams = field(default_factory=StackParams)
 

@@ -46,13 +46,14 @@ def test_schedule_serves_deployments_and_a_triggered_run_completes(prefect_serve
     )
     try:
         deadline, deployments = time.time() + 120, {}
-        while time.time() < deadline and len(deployments) < 2:
+        while time.time() < deadline and len(deployments) < 3:
             assert proc.poll() is None, (tmp_path / "schedule.log").read_text()
             deployments = _read_deployments(api_url)
             time.sleep(1)
-        assert set(deployments) == {"training/nightly", "harvest/hourly"}
+        assert set(deployments) == {"training/nightly", "harvest/hourly", "monitor/monitoring"}
         crons = {k: [s["schedule"]["cron"] for s in d["schedules"]] for k, d in deployments.items()}
-        assert crons == {"training/nightly": ["0 2 * * *"], "harvest/hourly": ["0 * * * *"]}
+        assert crons == {"training/nightly": ["0 2 * * *"], "harvest/hourly": ["0 * * * *"],
+                         "monitor/monitoring": ["30 * * * *"]}
         tz = deployments["training/nightly"]["schedules"][0]["schedule"]["timezone"]
         assert tz == "UTC"
 

@@ -264,6 +264,23 @@ class FeedbackStore:
             ).all()
         return [dict(r._mapping) for r in rows]
 
+    def recent_generations(self, since: float, limit: int) -> list[dict]:
+        """Generations logged at or after ``since`` (epoch seconds), newest first, at most ``limit``."""
+        g = self.generations
+        q = (sa.select(g.c.id, g.c.created_at, g.c.model_version, g.c.prompt, g.c.latency_ms, g.c.prompt_tokens,
+                       g.c.completion_tokens)
+             .where(g.c.created_at >= since).order_by(g.c.created_at.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def feedback_since(self, since: float) -> list[dict]:
+        """Feedback given at or after ``since``: rating, correction and the rated generation's model version."""
+        f, g = self.feedback, self.generations
+        q = (sa.select(f.c.rating, f.c.correction, f.c.created_at, g.c.model_version)
+             .join(g, g.c.id == f.c.generation_id).where(f.c.created_at >= since).order_by(f.c.seq))
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
     def watermark(self) -> int:
         with self.engine.connect() as conn:
             wm = conn.execute(sa.select(self.state.c.watermark).where(self.state.c.name == _STATE_NAME)).scalar()

@@ -172,6 +172,11 @@ def resolve_alias(name: str, alias: str) -> str | None:
         return None
 
 
+def version_tags(name: str, version: str) -> dict[str, str]:
+    """A version's tags (its lineage: dataset version, params hash, ...); LmopsError when it does not exist."""
+    return dict(_require_version(get_client(), name, version).tags or {})
+
+
 def find_version_by_tag(name: str, key: str, value: str) -> str | None:
     """The version of ``name`` whose tag ``key`` equals ``value`` (None if none or no such model)."""
     from mlflow.exceptions import MlflowException  # lazy: MLflow imports in ~1.8 s

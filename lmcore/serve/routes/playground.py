@@ -1,13 +1,15 @@
-"""The playground page and its static files (not part of the OpenAPI schema)."""
+"""The playground page, its monitoring page and its static files (not part of the OpenAPI schema)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse, HTMLResponse
 
 from lmcore.serve.limits import ApiError
+from lmcore.serve.monitor_page import monitor_html
+from lmcore.serve.state import ServeState, get_state
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 
@@ -17,6 +19,12 @@ router = APIRouter()
 @router.get("/", include_in_schema=False)
 async def playground():
     return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/monitor", include_in_schema=False)
+def monitor(state: ServeState = Depends(get_state)):
+    """Ratings, latency and drift charts; a plain ``def``: FastAPI renders it on a worker thread."""
+    return HTMLResponse(monitor_html(state))
 
 
 @router.get("/static/{name}", include_in_schema=False)
