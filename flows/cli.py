@@ -28,6 +28,8 @@ def run(
     source: list[str] = typer.Option(
         None, "--source", "-s", help="Source to ingest (path or built-in name); repeatable. Default: data.sources."
     ),
+    base: str = typer.Option(None, "--base", help="Fine-tune this pretrained base (a Hugging Face Llama folder "
+                                                  "or hub id) instead of training from scratch: -S model.base=..."),
     params: str = PARAMS_OPTION,
     sets: list[str] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -38,6 +40,8 @@ def run(
     home unless MLFLOW_TRACKING_URI is set, and DVC with a local remote. With unchanged data and
     params a re-run is cached and does no training work.
     """
+    if base:
+        sets = [*(sets or []), f"model.base={base}"]
     load_params_cli(params, sets)  # fail fast on bad params, before Prefect starts
     from flows.prefect_home import prefect_start_errors  # lazy: keeps `lmops --help` fast
 

@@ -28,9 +28,10 @@ from prefect.tasks import exponential_backoff
 
 from lmcore.config import Params
 from lmcore.data.ingest import ingest
-from lmcore.data.prepare import prepare_dataset, prepare_key, prepared_dir
+from lmcore.data.prepare import params_tokenizer, prepare_dataset, prepare_key, prepared_dir
 from lmcore.data.versions import DataRegistry
 from lmcore.errors import LmopsError
+from lmcore.model.base import TAG_BASE_HASH, base_lineage
 from lmcore.registry.models import find_version_by_tag, gate, log_model, register_version
 from lmcore.registry.reports import log_training_outputs
 from lmcore.registry.tracking import TAG_DATASET_VERSION, RunTracker
@@ -66,8 +67,9 @@ def source_hash(*modules: str) -> str:
 
 
 def train_key(version: str, params: Params) -> str:
+    base = base_lineage(params.model.base)[TAG_BASE_HASH] if params.model.base else ""  # a base's files, not its name
     return _hash("train", prepare_key(version, params), source_hash(*PREPARE_CODE),
-                 params.slice_hash(*STAGE_PARAMS["train"]), source_hash(*TRAIN_CODE))
+                 params.slice_hash(*STAGE_PARAMS["train"]), source_hash(*TRAIN_CODE), base)
 
 
 def train_dir(version: str, params: Params) -> Path:
@@ -106,7 +108,8 @@ def prepare_task(version: str, params: Params) -> str:
     """Tokenizer + deterministic split + memmaps for one dataset version."""
     out = prepared_dir(version, params)
     records = DataRegistry.open().iter_records(version)
-    prepare_dataset(records, out, params.tokenizer, params.prepare, dataset_version=version)
+    prepare_dataset(records, out, params.tokenizer, params.prepare, dataset_version=version,
+                    tokenizer=params_tokenizer(params))
     return str(out)
 
 
@@ -126,6 +129,8 @@ def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: 
         )
         # what `auto` resolved to on this machine, beside the params that said `auto`
         tracker.log_params({f"resolved.{k}": v for k, v in result.choices.items()})
+        if (result.out_dir / "adapter").is_dir():  # LoRA: the adapter alone, beside the merged model
+            tracker.log_artifact(result.out_dir / "adapter", "adapter")
         tracker.flush()
     except BaseException:
         tracker.finish("FAILED")

@@ -27,6 +27,7 @@ from flows.tasks import (
 from lmcore.config import load_params
 from lmcore.device import pick_device
 from lmcore.locks import file_lock
+from lmcore.model.base import base_lineage
 from lmcore.registry.tracking import configure_mlflow, lineage_tags
 from lmcore.settings import get_settings
 
@@ -79,6 +80,8 @@ def training_flow(
         flow_run_id=str(flow_run.get_id() or ""),
         device=str(pick_device(params.train.device)),
     )
+    if params.model.base:  # the pretrained base is lineage as much as the data is
+        lineage.update(base_lineage(params.model.base), **{"lmops.finetune": "lora" if params.train.lora_r else "full"})
     with stage(3, steps, "train") as note:
         trained_state = run_cached(
             train_task, lambda t: (Path(t["model_dir"]) / "config.json").is_file(), prepared, data, params, lineage

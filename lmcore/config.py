@@ -99,6 +99,7 @@ class TokenizerParams:
 
 @params_slice("model")
 class ModelParams:
+    base: str
     n_layer: int
     n_head: int
     n_kv_head: int
@@ -148,9 +149,16 @@ class TrainParams:
     muon_momentum: float
     zero_init_residual: bool
     threads: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
 
     def check(self) -> None:
         _require(self.threads >= 0, "train.threads must be >= 0 (0 = auto)")
+        _require(self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+                 "train.lora_r must be >= 0, train.lora_alpha > 0 and train.lora_dropout within [0, 1)")
+        _require(self.lora_r == 0 or bool(self.lora_targets), "train.lora_targets must name modules when lora_r > 0")
         _require(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
         _require(0 <= self.min_lr <= self.lr, "train.min_lr must be within [0, train.lr]")
         _require(self.batch_size > 0 and self.grad_accum > 0, "train.batch_size and train.grad_accum must be > 0")

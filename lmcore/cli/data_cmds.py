@@ -65,7 +65,8 @@ def register(app: typer.Typer) -> None:
                                                      "default: params data.sources."),
         source: str = typer.Option(None, "--source", help="Source name stored on every record "
                                                           "(must be in data.allowed_sources)."),
-        fmt: str = typer.Option("auto", "--format", help="auto|text|jsonl|csv|parquet (auto: by extension)."),
+        fmt: str = typer.Option("auto", "--format", help="auto|text|jsonl|csv|parquet (auto: by extension), or "
+                                                         "chat: JSONL of prompt/completion or messages."),
         text_field: str = typer.Option("text", "--text-field", help="Field/column holding the text."),
         include: list[str] = typer.Option(None, "--include", help="Glob of files to take inside folders "
                                                                   "(repeatable)."),
@@ -74,11 +75,15 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Ingest text: clean, validate (Great Expectations), quarantine bad rows, version the rest (DVC)."""
-        from lmcore.data.ingest import ingest  # lazy: keeps `lmops --help` fast
+        from lmcore.data.chat import ingest_chat  # lazy: keeps `lmops --help` fast
+        from lmcore.data.ingest import ingest
 
         params = load_params_cli(params_path, None).data
-        r = ingest(paths or [], params, source=source, fmt=fmt, text_field=text_field,
-                   include=include or None, exclude=exclude or None, progress=not as_json)
+        if fmt == "chat":
+            r = ingest_chat(paths or [], params)
+        else:
+            r = ingest(paths or [], params, source=source, fmt=fmt, text_field=text_field,
+                       include=include or None, exclude=exclude or None, progress=not as_json)
         if as_json:
             emit_json(r.to_dict())
             return

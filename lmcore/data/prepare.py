@@ -6,12 +6,18 @@ uint16 when the vocabulary fits, else uint32; documents joined by EOS), ``val_do
 same bytes) and ``meta.json`` (vocab size, dtype, token and UTF-8 byte counts per split,
 dataset version, tokenizer hash). Records are split by a seeded hash of their id, so the
 same record always lands in the same split whatever order or batch it arrives in.
+
+Chat records (:mod:`lmcore.data.chat`) are rendered by the tokenizer's chat template; when any
+is present, ``train_mask.bin``/``val_mask.bin`` (uint8, one per token) mark the tokens the loss
+counts: 1 on assistant turns and plain text, 0 on prompts and template scaffolding. With a
+pretrained base (``model.base``) its own tokenizer is used instead of training one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lmcore.data.chat import parse_chat
 from lmcore.data.clean import record_id
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
+from lmcore.model.base import base_tokenizer
 from lmcore.model.checkpoint import atomic_dir, commit_dir
 from lmcore.settings import get_settings
 
@@ -51,6 +59,14 @@ class PreparedData:
         if n == 0:
             return np.zeros(0, dtype=self.dtype)  # type: ignore[return-value]
         return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r", shape=(n,))
+
+    def loss_mask(self, split: str) -> np.memmap | None:
+        """Read-only memmap of one split's loss mask (1 = a target the loss counts); None: every token counts."""
+        n = self.train_tokens if split == "train" else self.val_tokens
+        path = self.dir / f"{split}_mask.bin"
+        if n == 0 or not path.is_file():
+            return None
+        return np.memmap(path, dtype=np.uint8, mode="r", shape=(n,))
 
 
 def _chunks(text: str, size: int = CHUNK_CHARS) -> Iterator[str]:
@@ -161,66 +177,100 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return out
 
 
-def _encode_docs(tokenizer, docs: list[str], path: Path, dtype: str) -> int:
-    """Write documents as token ids joined (and ended) by EOS; returns the token count."""
-    n = 0
-    with open(path, "wb") as f:
+def doc_text(doc: str, tokenizer: Tokenizer | None = None) -> str:
+    """What a document reads as: plain text itself, a chat rendered (by ``tokenizer``'s template, else plainly)."""
+    msgs = parse_chat(doc)
+    if msgs is None:
+        return doc
+    return tokenizer.render_chat(msgs) if tokenizer is not None else "".join(m["content"] for m in msgs)
+
+
+def encode_doc(tokenizer: Tokenizer, doc: str) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of one document: a chat by its template (prompts masked), plain text + EOS all counted."""
+    msgs = parse_chat(doc)
+    if msgs is not None:
+        return tokenizer.encode_chat(msgs)
+    ids = [*tokenizer.encode(doc), tokenizer.eos_id]
+    return ids, [1] * len(ids)
+
+
+def _encode_docs(tokenizer, docs: list[str], path: Path, dtype: str, masked: bool) -> tuple[int, int]:
+    """Write documents as token ids (plain text ended by EOS), and their loss mask when ``masked``.
+
+    Returns (tokens, target tokens)."""
+    n = targets = 0
+    mask_path = path.with_name(path.stem + "_mask.bin")
+    with open(path, "wb") as f, (open(mask_path, "wb") if masked else open(os.devnull, "wb")) as fm:
         for start in range(0, len(docs), 256):
-            batch = tokenizer.encode_batch(docs[start : start + 256])
-            for ids in batch:
-                arr = np.asarray([*ids, tokenizer.eos_id], dtype=dtype)
+            batch = docs[start : start + 256]
+            plain = [d for d in batch if parse_chat(d) is None]
+            encoded = dict(zip(plain, tokenizer.encode_batch(plain), strict=True))
+            for doc in batch:
+                ids, mask = (([*encoded[doc], tokenizer.eos_id], None) if doc in encoded
+                             else encode_doc(tokenizer, doc))
+                arr = np.asarray(ids, dtype=dtype)
                 arr.tofile(f)
+                m = np.ones(arr.size, dtype=np.uint8) if mask is None else np.asarray(mask, dtype=np.uint8)
+                m.tofile(fm)
                 n += arr.size
-    return n
+                targets += int(m.sum())
+    return n, targets
 
 
 def prepare_dataset(records: Iterable[tuple], out_dir: Path, tok, prep,
-                    dataset_version: str | None = None) -> PreparedData:
+                    dataset_version: str | None = None, tokenizer: Tokenizer | None = None) -> PreparedData:
     """Split records by seeded id hash, train the tokenizer on the train split, write it all atomically.
 
     ``records`` are ``(id, text)`` or ``(id, text, split_hint)`` (see ``_split``).
 
-    ``tok`` is a ``TokenizerParams`` and ``prep`` a ``PrepareParams``; the output folder only
-    appears once complete.
+    ``tok`` is a ``TokenizerParams`` and ``prep`` a ``PrepareParams``; ``tokenizer`` (a base's) is used
+    instead of training one. The output folder only appears once complete.
     """
     recs = [r for r in records if r[1] and r[1].strip()]
     if not recs:
         raise LmopsError("corpus is empty: no non-blank text to prepare")
     train_docs, val_docs = _split(recs, prep.val_fraction, prep.seed)
     extra = {"val_fraction": prep.val_fraction, "seed": prep.seed}
-    return prepare_split_texts(train_docs, val_docs, out_dir, tok, dataset_version, extra)
+    return prepare_split_texts(train_docs, val_docs, out_dir, tok, dataset_version, extra, tokenizer)
 
 
 def prepare_split_texts(train_docs: list[str], val_docs: list[str], out_dir: Path, tok,
-                        dataset_version: str | None = None, extra: dict | None = None) -> PreparedData:
+                        dataset_version: str | None = None, extra: dict | None = None,
+                        tokenizer: Tokenizer | None = None) -> PreparedData:
     """Write a prepared folder from an explicit split (benchmarks use first 90% / last 10%)."""
     if not train_docs or not val_docs:
         raise LmopsError("corpus is too small to split into train and validation text")
-    tokenizer = Tokenizer.train(iter(train_docs), tok.kind, tok.vocab_size)
+    if tokenizer is None:
+        tokenizer = Tokenizer.train((doc_text(d) for d in train_docs), tok.kind, tok.vocab_size)
+    masked = any(parse_chat(d) is not None for d in (*train_docs, *val_docs))
     dtype = "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = atomic_dir(out_dir)
     try:
         tokenizer.save(tmp / "tokenizer.json")
-        n_train = _encode_docs(tokenizer, train_docs, tmp / "train.bin", dtype)
-        n_val = _encode_docs(tokenizer, val_docs, tmp / "val.bin", dtype)
+        n_train, t_train = _encode_docs(tokenizer, train_docs, tmp / "train.bin", dtype, masked)
+        n_val, t_val = _encode_docs(tokenizer, val_docs, tmp / "val.bin", dtype, masked)
+        val_texts = [doc_text(d, tokenizer) for d in val_docs]
         with open(tmp / "val_docs.jsonl", "w", encoding="utf-8") as f:
-            for d in val_docs:
+            for d in val_texts:
                 f.write(json.dumps(d, ensure_ascii=False) + "\n")
         meta = {
             "vocab_size": tokenizer.vocab_size,
             "dtype": dtype,
             "train_tokens": n_train,
             "val_tokens": n_val,
-            "train_bytes": sum(len(d.encode("utf-8")) for d in train_docs),
-            "val_bytes": sum(len(d.encode("utf-8")) for d in val_docs),
+            "train_bytes": sum(len(doc_text(d, tokenizer).encode("utf-8")) for d in train_docs),
+            "val_bytes": sum(len(d.encode("utf-8")) for d in val_texts),
             "train_docs": len(train_docs),
             "val_docs": len(val_docs),
             "dataset_version": dataset_version,
             "tokenizer_kind": tok.kind,
             "tokenizer_hash": tokenizer_hash(tokenizer),
             "eos_id": tokenizer.eos_id,
+            "loss_mask": masked,
+            "train_target_tokens": t_train,
+            "val_target_tokens": t_val,
             **(extra or {}),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))
@@ -231,10 +281,17 @@ def prepare_split_texts(train_docs: list[str], val_docs: list[str], out_dir: Pat
     return load_prepared(out_dir)
 
 
+def params_tokenizer(params) -> Tokenizer | None:
+    """The base's own tokenizer when the params name one (``model.base``); None: prepare trains one."""
+    return base_tokenizer(params.model.base) if params.model.base else None
+
+
 def prepare_key(dataset_version: str, params) -> str:
-    """Names the prepared data of a dataset version under the prepare + tokenizer params: the one
-    content key the training flow's cache, the optimizer sweep and the output folders share."""
+    """Names the prepared data of a dataset version under the prepare + tokenizer params (and a base's
+    tokenizer): the one content key the training flow's cache, the optimizer sweep and the output folders share."""
     payload = f"prepare|{dataset_version}|{params.slice_hash('prepare', 'tokenizer')}"
+    if params.model.base:
+        payload += f"|base-tokenizer={tokenizer_hash(base_tokenizer(params.model.base))}"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lmcore.data.prepare import META, load_prepared, prepare_dataset, prepared_dir, read_text_source
+from lmcore.data.prepare import (
+    META,
+    load_prepared,
+    params_tokenizer,
+    prepare_dataset,
+    prepare_key,
+    prepared_dir,
+    read_text_source,
+)
 from lmcore.data.versions import DataRegistry
 from lmcore.errors import LmopsError
 from lmcore.locks import file_lock
@@ -67,7 +75,8 @@ def _prepare_once(out: Path, records: Callable[[], Iterable[tuple]], params: Any
     with file_lock(out.parent / f".{out.name}.lock"):
         if not is_prepared(out):
             recs = records()
-            prepare_dataset(recs, out, params.tokenizer, params.prepare, dataset_version=version(recs))
+            prepare_dataset(recs, out, params.tokenizer, params.prepare, dataset_version=version(recs),
+                            tokenizer=params_tokenizer(params))
 
 
 def resolve_prepared(data: str | Path | None, params: Any, *, text_dir: Path | None = None,
@@ -86,7 +95,7 @@ def resolve_prepared(data: str | Path | None, params: Any, *, text_dir: Path | N
         if text_dir is None:
             stamp = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
                              for p in sorted([path] if path.is_file() else path.rglob("*")) if p.is_file())
-            prep_hash = params.slice_hash("prepare", "tokenizer")
+            prep_hash = prepare_key("text", params)  # the prepare + tokenizer params, and a base's tokenizer
             out = get_settings().runs_dir / "prepared" / f"text-{_key('text', str(path.resolve()), stamp, prep_hash)}"
             _prepare_once(out, lambda: list(read_text_source(path)), params, text_dataset_version)
             return out, load_prepared(out).dataset_version
@@ -95,7 +104,7 @@ def resolve_prepared(data: str | Path | None, params: Any, *, text_dir: Path | N
             return out, load_prepared(out).dataset_version
         records = list(read_text_source(path))
         prepared = prepare_dataset(records, out, params.tokenizer, params.prepare,
-                                   dataset_version=text_dataset_version(records))
+                                   dataset_version=text_dataset_version(records), tokenizer=params_tokenizer(params))
         return prepared.dir, prepared.dataset_version
 
     registry = DataRegistry.open()

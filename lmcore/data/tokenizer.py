@@ -3,13 +3,22 @@
 ``kind="byte"`` is the same machinery with no merges: 256 byte symbols plus the end-of-text
 token, so tiny runs and character-level benchmarks share one file format and one code path.
 Either way encode -> decode round-trips any UTF-8 string exactly.
+
+A pretrained base brings its own ``tokenizer.json`` plus a ``tokenizer_config.json`` naming its
+end-of-sequence token and chat template (transformers 5 may keep the template in
+``chat_template.jinja``): :meth:`Tokenizer.load` reads them, :meth:`Tokenizer.save` writes them back
+beside ``tokenizer.json``, so a fine-tuned model stops and formats chats as its base did.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -17,16 +26,30 @@ from lmcore.errors import LmopsError
 
 EOS = "<|endoftext|>"
 BYTE_VOCAB = 257  # 256 byte symbols + EOS
+TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE = "tokenizer_config.json", "chat_template.jinja"
+CHAT_ROLES = ("system", "user", "assistant")
+# Without a chat template (lmops' own tokenizer, plain bases) a chat is its text run together, the
+# assistant's turn ended by EOS: a single prompt/completion pair reads exactly as served (prompt + completion).
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}"
+                  "{% endif %}{% endfor %}")
+
+
+def _token_text(v: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or ``{"content": ...}``."""
+    return v.get("content") if isinstance(v, dict) else v
 
 
 class Tokenizer:
-    def __init__(self, tok: _HFTokenizer):
+    def __init__(self, tok: _HFTokenizer, eos: str = EOS, chat_template: str | None = None,
+                 bos: str | None = None):
         self._tok = tok
         tok.encode_special_tokens = True  # user text "<|endoftext|>" stays text, never becomes the EOS id
-        eos = tok.token_to_id(EOS)
-        if eos is None:
-            raise LmopsError(f"tokenizer has no {EOS} token")
-        self.eos_id: int = eos
+        eos_id = tok.token_to_id(eos)
+        if eos_id is None:
+            raise LmopsError(f"tokenizer has no {eos} token")
+        self.eos_id: int = eos_id
+        self.eos_token, self.bos_token, self.chat_template = eos, bos, chat_template
+        self._special: _HFTokenizer | None = None  # a twin that reads special tokens, for rendered chats
 
     @classmethod
     def train(cls, texts: Iterable[str], kind: str = "bpe", vocab_size: int = 2048) -> Tokenizer:
@@ -50,9 +73,10 @@ class Tokenizer:
         if not path.is_file():
             raise LmopsError(f"tokenizer not found: {path}")
         try:
-            return cls(_HFTokenizer.from_file(str(path)))
+            tok = _HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise LmopsError(f"cannot read tokenizer {path}: {str(e).splitlines()[0]}") from None
+        return cls(tok, **_read_config(path.parent))
 
     @classmethod
     def from_str(cls, text: str) -> Tokenizer:
@@ -62,12 +86,65 @@ class Tokenizer:
         return self._tok.to_str()
 
     def save(self, path: str | Path) -> Path:
+        """``tokenizer.json`` at ``path``, plus ``tokenizer_config.json`` beside it when the eos token,
+        a bos token or a chat template differ from lmops' own tokenizer's."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(self.to_str(), encoding="utf-8")
-        tmp.replace(path)
+        files = {path: self.to_str()}
+        if self.eos_token != EOS or self.bos_token or self.chat_template:
+            config = {"eos_token": self.eos_token, "bos_token": self.bos_token, "chat_template": self.chat_template}
+            files[path.with_name(TOKENIZER_CONFIG)] = json.dumps(config, indent=2, ensure_ascii=False)
+        for target, text in files.items():
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(target)
         return path
+
+    # ------------------------------------------------------------------------- chats
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Messages as text through the chat template (or :data:`PLAIN_TEMPLATE`), as transformers renders it."""
+        try:
+            template = _jinja().from_string(self.chat_template or PLAIN_TEMPLATE)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   eos_token=self.eos_token, bos_token=self.bos_token or "")
+        except TemplateError as e:
+            raise LmopsError(f"chat template failed: {str(e).splitlines()[0]}") from None
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Ids of template output: its special tokens (``<|im_start|>``, eos) become their ids."""
+        if self._special is None:
+            self._special = _HFTokenizer.from_str(self.to_str())
+            self._special.encode_special_tokens = False
+        return self._special.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(ids, loss mask) of a chat: 1 on the tokens of each assistant turn, 0 on everything else.
+
+        Each turn is tokenized on its own (the text the template adds for it, after the prompt the
+        template renders with ``add_generation_prompt``), exactly as the server tokenizes a prompt and
+        then generates: what is trained is what is served.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self.render_chat(messages[:i], add_generation_prompt=True)
+            full = self.render_chat(messages[: i + 1])
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise LmopsError("chat template does not render a chat as a prefix of its continuation")
+            for text, bit in ((prompt[len(done):], 0), (full[len(prompt):], 1)):
+                part = self.encode_rendered(text)
+                ids += part
+                mask += [bit] * len(part)
+            done = full
+        rest = self.render_chat(messages)[len(done):]
+        if rest:
+            part = self.encode_rendered(rest)
+            ids, mask = ids + part, mask + [0] * len(part)
+        return ids, mask
 
     @property
     def vocab_size(self) -> int:
@@ -94,6 +171,38 @@ class Tokenizer:
                 yield piece
         if tail := dec.flush():
             yield tail
+
+
+def _jinja() -> ImmutableSandboxedEnvironment:
+    """The sandbox transformers renders chat templates in (with its ``raise_exception`` helper)."""
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    """eos/bos token and chat template from a folder's tokenizer_config.json (and chat_template.jinja)."""
+    out: dict[str, Any] = {}
+    cfg_path = folder / TOKENIZER_CONFIG
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise LmopsError(f"cannot read {cfg_path}: {str(e).splitlines()[0]}") from None
+        if _token_text(cfg.get("eos_token")):
+            out["eos"] = _token_text(cfg["eos_token"])
+        out["bos"] = _token_text(cfg.get("bos_token"))
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        out["chat_template"] = template
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        out["chat_template"] = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return out
 
 
 class StreamDecoder:

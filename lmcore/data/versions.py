@@ -57,7 +57,7 @@ from lmcore.errors import LmopsError
 from lmcore.locks import file_lock
 from lmcore.settings import get_settings
 
-KINDS = ("raw", "feedback")
+KINDS = ("raw", "feedback", "chat")
 CATALOG = "data/versions.jsonl"
 QUARANTINE = "data/quarantine"
 STAGING = "data/.staging"

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmcore.data.tokenizer import EOS, Tokenizer
+from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
 from lmcore.model.checkpoint import atomic_dir, commit_dir, load_model, write_model_files
 from lmcore.model.transformer import ModelConfig, Transformer
@@ -156,8 +156,9 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
 
 
 def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
-    """tokenizer.json plus the two small files ``AutoTokenizer`` wants to find an eos token."""
-    special = {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS}
+    """tokenizer.json plus the two small files ``AutoTokenizer`` wants: its eos token and chat template."""
+    special = {"bos_token": tokenizer.bos_token or tokenizer.eos_token, "eos_token": tokenizer.eos_token,
+               "unk_token": tokenizer.eos_token}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": 1_000_000,
@@ -165,10 +166,12 @@ def _tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
         "add_prefix_space": False,
         **special,
     }
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
     return {
         "tokenizer.json": tokenizer.to_str(),
-        "tokenizer_config.json": json.dumps(config, indent=2),
-        "special_tokens_map.json": json.dumps(special, indent=2),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+        "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False),
     }
 
 
@@ -225,11 +228,9 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def import_hf(hf_dir: str | Path, out_model_dir: str | Path, force: bool = False) -> Path:
-    """A Hugging Face Llama folder (safetensors, with ``<|endoftext|>`` in its tokenizer) -> an lmops model folder."""
-    hf_dir, out = Path(hf_dir), Path(out_model_dir)
-    if out.resolve() == hf_dir.resolve():
-        raise LmopsError(f"import would overwrite its own source folder: {out}")
+def read_hf_folder(hf_dir: str | Path) -> tuple[Transformer, Tokenizer]:
+    """A Hugging Face Llama folder (config.json, safetensors, tokenizer.json) as lmops' model and tokenizer."""
+    hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise LmopsError(f"not a Hugging Face model folder (no config.json): {hf_dir}")
@@ -237,12 +238,23 @@ def import_hf(hf_dir: str | Path, out_model_dir: str | Path, force: bool = False
         cfg = config_from_hf(json.loads(cfg_path.read_text()))
     except (json.JSONDecodeError, ValueError, TypeError) as e:
         raise LmopsError(f"corrupt Hugging Face config {cfg_path}: {e}") from None
-    _prepare_out(out, force)
     tokenizer = Tokenizer.load(hf_dir / "tokenizer.json")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise LmopsError(f"tokenizer in {hf_dir} has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
     model = Transformer(cfg)
     try:
         model.load_state_dict(from_hf_state_dict(_read_hf_weights(hf_dir), cfg), strict=True)
     except RuntimeError as e:
         raise LmopsError(f"weights in {hf_dir} do not match its config: {str(e).splitlines()[0]}") from None
+    return model.eval(), tokenizer
+
+
+def import_hf(hf_dir: str | Path, out_model_dir: str | Path, force: bool = False) -> Path:
+    """A Hugging Face Llama folder (safetensors; its tokenizer's eos token) -> an lmops model folder."""
+    hf_dir, out = Path(hf_dir), Path(out_model_dir)
+    if out.resolve() == hf_dir.resolve():
+        raise LmopsError(f"import would overwrite its own source folder: {out}")
+    _prepare_out(out, force)
+    model, tokenizer = read_hf_folder(hf_dir)
     meta = {"imported_from": str(hf_dir.resolve()), "format": "hf-llama"}
     return _write_atomic(out, lambda tmp: write_model_files(tmp, model, tokenizer, meta))

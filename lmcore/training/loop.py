@@ -38,13 +38,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from lmcore.config import to_dict
-from lmcore.data.prepare import load_prepared
+from lmcore.data.prepare import load_prepared, tokenizer_hash
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.device import ThreadTuner, pick_device, training_choices
 from lmcore.errors import LmopsError
+from lmcore.model.base import load_base
 from lmcore.model.checkpoint import WEIGHTS, atomic_dir, commit_dir, save_model, write_model_files
 from lmcore.model.transformer import ModelConfig, Transformer
 from lmcore.model.weights import tie_head
+from lmcore.training.lora import add_lora, has_lora, merge_lora, save_adapter
 from lmcore.training.optimizers import build_optimizers, lr_multiplier, set_lr
 
 if TYPE_CHECKING:
@@ -127,29 +129,53 @@ def _sync_scalar(value: float, d: _Dist, device: torch.device) -> float:
 
 
 class Batches:
-    """Random (x, y) windows of ``block`` tokens from a memmapped split; seeded per (rank, step)."""
+    """Random (x, y) windows of ``block`` tokens from a memmapped split; seeded per (rank, step).
 
-    def __init__(self, ids: np.ndarray, block: int, batch: int, seed: int, device: torch.device):
-        self.ids, self.block, self.batch, self.seed, self.device = ids, block, batch, seed, device
+    With a loss ``mask`` (chat data: 1 = a token the loss counts), targets outside it are -1 (the
+    loss ignores them) and windows start only where at least one target counts, so no batch row
+    is all prompt.
+    """
+
+    def __init__(self, ids: np.ndarray, block: int, batch: int, seed: int, device: torch.device,
+                 mask: np.ndarray | None = None):
+        self.ids, self.block, self.batch, self.seed, self.device, self.mask = ids, block, batch, seed, device, mask
         self.offsets = np.arange(block + 1)
+        self.starts: np.ndarray | None = None
+        if mask is not None:
+            counted = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # counted[i] = targets before i
+            s = np.arange(len(ids) - block)
+            self.starts = s[counted[s + block + 1] - counted[s + 1] > 0]
+            if len(self.starts) == 0:
+                raise LmopsError("no training window holds a completion token: every token is masked prompt")
 
     def get(self, step: int, micro: int = 0, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         g = np.random.default_rng([self.seed, rank, step, micro])
-        starts = g.integers(0, len(self.ids) - self.block, size=self.batch)  # (B,)
-        win = torch.from_numpy(self.ids[starts[:, None] + self.offsets].astype(np.int64))  # (B, T+1)
+        if self.starts is None:
+            starts = g.integers(0, len(self.ids) - self.block, size=self.batch)  # (B,)
+        else:
+            starts = self.starts[g.integers(0, len(self.starts), size=self.batch)]
+        rows = starts[:, None] + self.offsets
+        win = torch.from_numpy(self.ids[rows].astype(np.int64))  # (B, T+1)
+        y = win[:, 1:]
+        if self.mask is not None:
+            y = y.masked_fill(torch.from_numpy(self.mask[rows[:, 1:]] == 0), -1)
+        x = win[:, :-1]
         if self.device.type == "cuda":
-            win = win.pin_memory().to(self.device, non_blocking=True)
-        return win[:, :-1], win[:, 1:]  # (B, T), (B, T)
+            x, y = (t.pin_memory().to(self.device, non_blocking=True) for t in (x, y))
+        return x, y  # (B, T), (B, T)
 
 
 @torch.no_grad()
 def estimate_val_loss(model: torch.nn.Module, val: np.ndarray, block: int, batch: int, iters: int, seed: int,
-                      device: torch.device, amp: torch.dtype | None) -> float:
+                      device: torch.device, amp: torch.dtype | None, mask: np.ndarray | None = None) -> float:
     """Mean loss over ``iters`` fixed random val windows (the same windows at every evaluation)."""
     T = min(block, len(val) - 1)
     if T < 1:
         return float("nan")
-    b = Batches(val, T, batch, seed, device)
+    try:
+        b = Batches(val, T, batch, seed, device, mask)
+    except LmopsError:  # a val split of prompts only: nothing to score
+        return float("nan")
     was_training = model.training
     model.eval()
     losses = []
@@ -294,6 +320,7 @@ class _Trainer:
     tokenizer: Tokenizer
     batches: Batches
     val_ids: np.ndarray
+    val_mask: np.ndarray | None
     out_dir: Path
     meta: dict  # written with every checkpoint and the final model
     on_metrics: Callable[[int, dict[str, float]], None] | None
@@ -310,11 +337,14 @@ class _Trainer:
     def setup(cls, data: PreparedData, tokenizer: Tokenizer, out_dir: Path, mp: ModelParams, tp: TrainParams,
               d: _Dist, device: torch.device, *, resume: bool, dataset_version: str | None,
               on_metrics: Callable[[int, dict[str, float]], None] | None) -> _Trainer:
-        """The model (seeded), the training choices (rank 0's), a checkpoint's state when resuming,
-        the optimizers, the DDP/compile wrapping and the batch source."""
-        cfg = ModelConfig.from_params(mp, data.vocab_size)
+        """The model (seeded, or a pretrained base with LoRA adapters if asked), the training choices
+        (rank 0's), a checkpoint's state when resuming, the optimizers, the DDP/compile wrapping and the
+        batch source."""
+        if mp.base and tp.optimizer == "auto":  # Muon is for training from scratch; fine-tuning uses AdamW
+            tp = dataclasses.replace(tp, optimizer="adamw")
+        net, base = _initial_model(mp, tp, data)
+        cfg = net.cfg
         choices = _rank0_choices(lambda: training_choices(device, tp, cfg), d, device)
-        net = _new_model(cfg, tp)
         ckpt = find_checkpoint(out_dir) if resume else None
         if resume and ckpt is None and d.main:
             print(f"no checkpoint in {out_dir}: starting from step 0", file=sys.stderr)
@@ -329,10 +359,14 @@ class _Trainer:
             "data_dir": str(data.dir.resolve()),
             "train": to_dict(tp),
         }
+        if base is not None:
+            meta.update(base=base, finetune="lora" if tp.lora_r else "full")
+        seq = min(mp.block_size, cfg.block_size)
         t = cls(mp=mp, tp=tp, cfg=cfg, choices=choices, d=d, device=device, net=net, fwd=_wrap(net, tp, d, device),
                 optimizers=optimizers, tokenizer=tokenizer,
-                batches=Batches(data.tokens("train"), mp.block_size, tp.batch_size, tp.seed, device),
-                val_ids=data.tokens("val"), out_dir=out_dir, meta=meta, on_metrics=on_metrics)
+                batches=Batches(data.tokens("train"), seq, tp.batch_size, tp.seed, device, data.loss_mask("train")),
+                val_ids=data.tokens("val"), val_mask=data.loss_mask("val"), out_dir=out_dir, meta=meta,
+                on_metrics=on_metrics)
         if state:
             t.step, t.tokens = int(state["step"]), int(state.get("tokens", 0))
             t.elapsed = float(state.get("elapsed", 0.0))
@@ -365,8 +399,8 @@ class _Trainer:
             torch.distributed.barrier()
 
     def evaluate(self) -> float:
-        return estimate_val_loss(self.net, self.val_ids, self.mp.block_size, self.tp.batch_size, self.tp.eval_iters,
-                                 self.tp.seed + 7, self.device, self.choices.autocast)
+        return estimate_val_loss(self.net, self.val_ids, self.batches.block, self.tp.batch_size, self.tp.eval_iters,
+                                 self.tp.seed + 7, self.device, self.choices.autocast, self.val_mask)
 
     # ------------------------------------------------------------------------- the loop
 
@@ -374,7 +408,7 @@ class _Trainer:
         """Step until ``train.max_steps`` or the wall-clock budget; returns what stopped it."""
         tp, d = self.tp, self.d
         budget_s = tp.max_minutes * 60.0
-        per_step_tokens = tp.batch_size * self.mp.block_size * tp.grad_accum * d.world
+        per_step_tokens = tp.batch_size * self.batches.block * tp.grad_accum * d.world
         show = progress and d.main
         bar = _progress_bar(show and sys.stderr.isatty(), tp.max_steps, self.step)
         self.fwd.train()
@@ -486,6 +520,10 @@ class _Trainer:
                              seconds=round(self.elapsed, 3), final_train_loss=self.last_train_loss,
                              final_val_loss=self.last_val, history_csv=out_dir / "history.csv",
                              stopped_by=stopped_by, choices=self.choices.to_dict())
+        if has_lora(self.net):  # the adapter alone, then merged into the weights every reader of model/ expects
+            if d.main:
+                save_adapter(self.net, out_dir / "adapter", self.meta.get("base"))
+            merge_lora(self.net)
         if d.main:
             save_model(model_dir, self.net, self.tokenizer, {**self.meta, "step": self.step,
                                                              "final_val_loss": self.last_val})
@@ -501,6 +539,19 @@ class _Trainer:
         if d.world > 1:
             torch.distributed.barrier()
         return result
+
+
+def _initial_model(mp: ModelParams, tp: TrainParams, data: PreparedData) -> tuple[torch.nn.Module, dict | None]:
+    """A fresh model from the params, or ``model.base`` (logits checked against transformers) with LoRA
+    adapters when ``train.lora_r`` > 0; the base's lineage (None without one)."""
+    if not mp.base:
+        return _new_model(ModelConfig.from_params(mp, data.vocab_size), tp), None
+    net, tokenizer, info = load_base(mp.base)
+    if tokenizer_hash(tokenizer) != data.meta.get("tokenizer_hash"):
+        raise LmopsError(f"prepared data in {data.dir} was not tokenized with base {mp.base}'s tokenizer: "
+                         "prepare it with model.base set (lmops run --base does)")
+    net.train()
+    return (add_lora(net, tp) if tp.lora_r else net), info.to_dict()
 
 
 def _new_model(cfg: ModelConfig, tp: TrainParams) -> torch.nn.Module:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from lmcore.config import load_params
-from lmcore.data.prepare import prepare_dataset
+from lmcore.data.prepare import params_tokenizer, prepare_dataset
 from lmcore.data.prepared import WORKSPACE_PREPARED as PREPARED  # the one name of the workspace's prepared folder
 from lmcore.data.prepared import current_dataset
 from lmcore.data.versions import DataRegistry
@@ -40,10 +40,11 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "evaluate": ("eval",),
 }
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "prepare": ("lmcore.data.prepare", "lmcore.data.tokenizer"),
+    "prepare": ("lmcore.data.prepare", "lmcore.data.tokenizer", "lmcore.data.chat"),
     "train": (
         "lmcore.training.loop", "lmcore.model.transformer", "lmcore.training.optimizers", "lmcore.device",
-        "lmcore.model.checkpoint", "lmcore.model.weights",
+        "lmcore.model.checkpoint", "lmcore.model.weights", "lmcore.model.base", "lmcore.model.hf",
+        "lmcore.training.lora",
     ),
     "evaluate": ("lmcore.training.evaluate", "lmcore.model.generate", "lmcore.model.weights"),
 }
@@ -66,7 +67,8 @@ def run_stage(stage: str, workspace: Path | None = None) -> dict:
         reg = DataRegistry(ws, settings.home)
         current = current_dataset(reg)
         prepared = prepare_dataset(reg.iter_records(current.id), ws / PREPARED,
-                                   params.tokenizer, params.prepare, dataset_version=current.id)
+                                   params.tokenizer, params.prepare, dataset_version=current.id,
+                                   tokenizer=params_tokenizer(params))
         return {"stage": stage, "dataset_version": current.id, "prepared": str(prepared.dir)}
     if stage == "train":
         res = train(ws / PREPARED, ws / MODEL_OUT, params.model, params.train, progress=False)
