@@ -258,3 +258,12 @@ def test_openapi_schema_documents_the_openai_routes(server):
         assert ref.rsplit("/", 1)[-1] in spec["components"]["schemas"]
         assert "OpenAIErrorResponse" in json.dumps(spec["paths"][path]["post"]["responses"]["422"])
     assert "/v1/models" in spec["paths"] and "/v1/models/{model}" in spec["paths"]
+
+
+def test_a_vanishing_temperature_samples_as_greedy_and_the_server_carries_on(server, client):
+    """1e-300 divided float32 logits to inf: NaN probabilities stopped the decode loop (found by fuzzing)."""
+    greedy = complete(client, temperature=0, max_tokens=8).choices[0].text
+    assert complete(client, temperature=1e-300, max_tokens=8).choices[0].text == greedy
+    native = {"prompt": "the quick brown fox", "temperature": 5e-324, "max_new_tokens": 8}
+    r = httpx.post(server + "/v1/generate", json=native, timeout=30)
+    assert r.status_code == 200 and r.json()["completion"] == greedy

@@ -31,6 +31,10 @@ from lmcore.model.decode import DECODER_SLOTS, Decoder
 from lmcore.model.transformer import Transformer
 from lmcore.probe import decode_probe
 
+# Smaller temperatures sample as this one: logits divided by less overflow float32 to inf (NaN probabilities,
+# which would stop the server's decode loop), and at this one sampling is already the argmax but for exact ties.
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -93,7 +97,7 @@ def pick_next(
     if sp.temperature <= 0:  # greedy: the max of the softmax is the softmax of the max
         probs, ids = torch.softmax(logits, dim=-1).max(dim=-1)
         return ids, probs
-    logits = logits / sp.temperature
+    logits = logits / max(sp.temperature, MIN_TEMPERATURE)
     if sp.top_k and sp.top_k < logits.size(-1):
         kth = torch.topk(logits, sp.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
