@@ -180,6 +180,27 @@ class TrainParams:
                  "train.muon_lr must be > 0 and train.muon_momentum within [0, 1)")
 
 
+@params_slice("dpo")
+class DpoParams:
+    beta: float
+    lr: float
+    warmup_steps: int
+    max_steps: int
+    batch_size: int
+    max_len: int
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: tuple[str, ...]
+
+    def check(self) -> None:
+        _require(self.beta > 0 and self.lr > 0, "dpo.beta and dpo.lr must be > 0")
+        _require(self.max_steps > 0 and self.batch_size > 0 and self.max_len > 1 and self.warmup_steps >= 0,
+                 "dpo.max_steps, dpo.batch_size must be > 0, dpo.max_len > 1, dpo.warmup_steps >= 0")
+        _require(self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+                 "dpo.lora_r must be >= 0, dpo.lora_alpha > 0 and dpo.lora_dropout within [0, 1)")
+
+
 @params_slice("eval")
 class EvalParams:
     batch_size: int
@@ -323,6 +344,7 @@ class Params:
     tokenizer: TokenizerParams = field(default_factory=TokenizerParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    dpo: DpoParams = field(default_factory=DpoParams)
     eval: EvalParams = field(default_factory=EvalParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     gate: GateParams = field(default_factory=GateParams)

@@ -57,7 +57,8 @@ from lmcore.errors import LmopsError
 from lmcore.locks import file_lock
 from lmcore.settings import get_settings
 
-KINDS = ("raw", "feedback", "chat")
+KINDS = ("raw", "feedback", "chat", "preference")
+TEXT_KINDS = ("raw", "feedback", "chat")  # what SFT trains on; preference pairs are read by the DPO stage and the gate
 CATALOG = "data/versions.jsonl"
 QUARANTINE = "data/quarantine"
 STAGING = "data/.staging"
@@ -339,7 +340,7 @@ class DataRegistry:
         return pa.concat_tables(tables, promote_options="default").to_pandas().reset_index(drop=True)
 
     def iter_records(self, version_id: str | None = None,
-                     kinds: tuple[str, ...] = KINDS) -> Iterator[tuple[str, str, str | None]]:
+                     kinds: tuple[str, ...] = TEXT_KINDS) -> Iterator[tuple[str, str, str | None]]:
         """``(id, text, split_hint)`` of a version in a stable order, streaming (for ``prepare_dataset``).
 
         The hint is the ``split`` a feedback record's meta carries (train / holdout / negative),

@@ -7,6 +7,14 @@ Each feedback row becomes one record whose ``text`` is the prompt followed by:
 * the model's completion, for a thumbs-down without correction: a *negative* example kept for
   evaluation, never for training (split ``negative``).
 
+Each row also yields preference pairs (:func:`preference_pairs`), versioned as the registry's
+``preference`` kind under ``expectations/preference.json``: a correction is *chosen* over the
+completion it corrects (*rejected*); a thumbs-up and a thumbs-down on the same prompt (within
+one harvest batch) pair up the same way. Every pair records the model version that served the
+rejected text. Ratings left unpaired are kept for evaluation only (the ``negative`` split): no
+KTO-style objective trains on them. The DPO stage (``lmcore.training.dpo``) and the gate's
+preference check read the pairs.
+
 A ``feedback.holdout_fraction`` of the train records, chosen by a hash of the record id (so
 the same text always lands on the same side), is marked ``holdout``: the gate can check
 whether the users' corrections were learnt without having trained on them. Only
@@ -22,6 +30,8 @@ appended twice; a harvest with nothing new does nothing.
 from __future__ import annotations
 
 import hashlib
+import json
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,6 +59,7 @@ class HarvestResult:
     should_train: bool  # at least feedback.min_new_records new train+holdout records
     skipped_known: int = 0  # records whose text was already in the registry
     batches: int = 0
+    pairs: int = 0  # accepted preference pairs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,13 +99,67 @@ def build_records(rows, holdout_fraction: float, data_params=None) -> list[dict]
     return out
 
 
+def pair_text(prompt: str, chosen: str, rejected: str) -> str:
+    """The canonical record text of a preference pair."""
+    return json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False)
+
+
+def preference_pairs(rows) -> list[dict]:
+    """(prompt, chosen, rejected, model version of the rejected text) from feedback rows; see the module doc."""
+    pairs = []
+    ups, downs = defaultdict(list), defaultdict(list)
+    for r in rows:
+        correction = r.correction if r.correction and r.correction.strip() else None
+        if correction is not None and correction != r.completion:
+            pairs.append({"prompt": r.prompt, "chosen": correction, "rejected": r.completion,
+                          "model_version": r.model_version, "generation_id": r.generation_id, "pair": "correction",
+                          "created_at": r.created_at})
+        elif correction is None:
+            (ups if r.rating > 0 else downs)[r.prompt].append(r)
+    for prompt, liked in ups.items():
+        for up in liked:
+            for down in downs.get(prompt, []):
+                if up.completion != down.completion:
+                    pairs.append({"prompt": prompt, "chosen": up.completion, "rejected": down.completion,
+                                  "model_version": down.model_version, "generation_id": down.generation_id,
+                                  "pair": "ratings", "created_at": max(up.created_at, down.created_at)})
+    return pairs
+
+
+def pair_records(rows, holdout_fraction: float) -> list[dict]:
+    """Preference pairs as record dicts for ``ingest_records`` (kind ``preference``)."""
+    out = []
+    for p in preference_pairs(rows):
+        text = pair_text(p["prompt"], p["chosen"], p["rejected"])
+        split = "holdout" if holdout_score(record_id(text)) < holdout_fraction else "train"
+        out.append({"text": text, "source": "feedback", "uri": f"feedback://{p['generation_id']}",
+                    "created_at": pd.Timestamp(p["created_at"], unit="s", tz="UTC"),
+                    "meta": {"model_version": p["model_version"], "generation_id": p["generation_id"],
+                             "pair": p["pair"], "split": split}})
+    return out
+
+
+def read_pairs(registry, version: str | None = None) -> list[dict]:
+    """The preference pairs of a dataset version (default: current), with their meta."""
+    df = registry.read(version, kinds=("preference",))
+    out = []
+    for text, meta in zip(df["text"], df["meta"], strict=True):
+        try:
+            pair, info = json.loads(text), json.loads(meta or "{}")
+        except ValueError:
+            continue
+        out.append({**pair, "model_version": info.get("model_version"), "split": info.get("split"),
+                    "pair": info.get("pair")})
+    return out
+
+
 def harvest(settings, params, *, registry=None, store=None) -> HarvestResult:
     """Claim new feedback, turn it into records, validate and version them; see the module doc."""
     own_store = store is None
     store = store or FeedbackStore(settings.feedback_db)
     registry = registry or DataRegistry.open(settings)
     counts = dict.fromkeys(SPLITS, 0)
-    new_rows = quarantined = skipped = batches = 0
+    new_rows = quarantined = skipped = batches = n_pairs = 0
     version = None
     try:
         for _ in range(10_000):  # bounded: each pass claims a batch or stops
@@ -112,6 +177,9 @@ def harvest(settings, params, *, registry=None, store=None) -> HarvestResult:
                 res = ingest_records(pd.DataFrame([{k: v for k, v in r.items() if k != "_id"} for r in records]),
                                      kind="feedback", suite="feedback", params=params.data, registry=registry,
                                      source="feedback")
+                pairs = pair_records(claim.rows, params.feedback.holdout_fraction)
+                paired = ingest_records(pd.DataFrame(pairs), kind="preference", suite="preference", params=params.data,
+                                        registry=registry, source="feedback") if pairs else None
                 bad_ids: set[str] = set()
                 if res.quarantine_path:
                     q = pd.read_parquet(res.quarantine_path, columns=["id", "reasons"])
@@ -125,7 +193,10 @@ def harvest(settings, params, *, registry=None, store=None) -> HarvestResult:
             store.finish_claim(claim.batch_id, res.version)
             quarantined += res.quarantined
             skipped += res.skipped_known
-            version = res.version or version
+            version = (paired.version if paired else None) or res.version or version
+            if paired:
+                n_pairs += paired.accepted
+                quarantined += paired.quarantined
             seen: set[str] = set()
             for r in records:
                 rid = r["_id"]
@@ -142,5 +213,5 @@ def harvest(settings, params, *, registry=None, store=None) -> HarvestResult:
         new_rows=new_rows, train_records=counts["train"], holdout_records=counts["holdout"],
         negatives=counts["negative"], quarantined=quarantined, version=version, watermark=watermark,
         should_train=new_rows > 0 and fresh >= params.feedback.min_new_records, skipped_known=skipped,
-        batches=batches,
+        batches=batches, pairs=n_pairs,
     )

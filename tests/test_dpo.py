@@ -1,0 +1,76 @@
+"""DPO after SFT: the loss equals TRL's ``DPOTrainer`` loss on the same batch and weights, and a DPO run
+makes the model prefer the chosen completions (reference log-probabilities taken once, before training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _base_helpers import make_base
+from _lm_helpers import tiny_params
+
+from lmcore.model.base import load_base
+from lmcore.model.checkpoint import load_model, save_model
+from lmcore.model.hf import export_hf
+from lmcore.training.dpo import dpo_loss, encode_pairs, preference_scores, reference_logps, sequence_logps, train_dpo
+
+pytestmark = pytest.mark.model
+transformers = pytest.importorskip("transformers")
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+PAIRS = [{"prompt": "What is the capital of France?", "chosen": "Paris.", "rejected": "Lyon, I think."},
+         {"prompt": "Say hello.", "chosen": "Hello! How can I help you today?", "rejected": "No."},
+         {"prompt": "Two plus two?", "chosen": "Four.", "rejected": "Five, obviously."},
+         {"prompt": "Write add in Python.", "chosen": "def add(a, b):\n    return a + b", "rejected": "I can't."}]
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    """A tiny chat base as the SFT model (an lmops model folder) and its HF folder."""
+    root = tmp_path_factory.mktemp("dpo")
+    base = make_base(root / "base")
+    model, tok, _ = load_base(str(base), verify=False)
+    return base, save_model(root / "sft", model, tok)
+
+
+def test_dpo_loss_matches_trl(sft, tmp_path):
+    base, sft_dir = sft
+    ref, tok, _ = load_model(sft_dir)
+    policy, _, _ = load_model(sft_dir)
+    with torch.no_grad():  # a policy that has moved away from its reference
+        g = torch.Generator().manual_seed(3)
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = encode_pairs(tok, PAIRS, 256)
+    ours, _ = dpo_loss(sequence_logps(policy, batch), reference_logps(ref, batch), beta=0.1)
+
+    save_model(tmp_path / "policy", policy, tok)
+    hf_policy = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "policy", tmp_path / "hf"))
+    hf_ref = transformers.AutoModelForCausalLM.from_pretrained(base)
+    rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in PAIRS]
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(PAIRS), beta=0.1,
+                         loss_type=["sigmoid"], report_to="none", use_cpu=True, bf16=False, max_length=None)
+    trainer = trl.DPOTrainer(model=hf_policy, ref_model=hf_ref, args=args, processing_class=transformers.
+                             AutoTokenizer.from_pretrained(base), train_dataset=datasets.Dataset.from_list(rows))
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    hf_policy.eval()
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, inputs)
+    assert abs(float(ours) - 0.6931) > 1e-3  # not the trivial log 2 of a policy equal to its reference
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-5)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_dpo_run_prefers_the_chosen(sft, tmp_path, lora_r):
+    _, sft_dir = sft
+    dp = tiny_params(dpo__max_steps=25, dpo__lr=3e-3 if lora_r else 1e-3, dpo__batch_size=4, dpo__beta=0.5,
+                     dpo__lora_r=lora_r, dpo__lora_alpha=8.0).dpo
+    res = train_dpo(sft_dir, PAIRS, dp, tmp_path / "out", meta={"dataset_version": "test"})
+    assert res.final_loss < res.first_loss
+    assert res.before["preference_accuracy"] < 1.0 == res.after["preference_accuracy"]
+    assert res.after["preference_margin"] > res.before["preference_margin"]
+    model, tok, meta = load_model(res.model_dir)  # merged, an ordinary model folder
+    assert meta["dpo"]["steps"] == 25 and meta["dataset_version"] == "test"
+    assert preference_scores(model, tok, PAIRS) == res.after
