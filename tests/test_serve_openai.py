@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -267,3 +268,14 @@ def test_a_vanishing_temperature_samples_as_greedy_and_the_server_carries_on(ser
     native = {"prompt": "the quick brown fox", "temperature": 5e-324, "max_new_tokens": 8}
     r = httpx.post(server + "/v1/generate", json=native, timeout=30)
     assert r.status_code == 200 and r.json()["completion"] == greedy
+
+
+def test_a_client_leaving_a_stream_frees_its_slots(server, client):
+    """Every choice holds a concurrency slot; leaving mid-stream cancels the choices and frees them all."""
+    stream = complete(client, n=3, max_tokens=48, stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(server + "/health").json()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(server + "/health").json()["in_flight"] == 0
