@@ -241,12 +241,18 @@ class ServeParams:
     poll_interval_s: float
     max_batch: int
     alias: str
+    max_body_bytes: int
+    body_timeout_s: float
+    header_timeout_s: float
+    send_timeout_s: float
+    keep_alive_s: float
 
     def check(self) -> None:
         _require(0 < self.port < 65536, "serve.port must be within [1, 65535]")
-        for name in ("max_prompt_chars", "max_new_tokens", "max_concurrent", "max_batch"):
+        for name in ("max_prompt_chars", "max_new_tokens", "max_concurrent", "max_batch", "max_body_bytes"):
             _require(getattr(self, name) > 0, f"serve.{name} must be > 0")
-        _require(self.request_timeout_s > 0, "serve.request_timeout_s must be > 0")
+        for name in ("request_timeout_s", "body_timeout_s", "header_timeout_s", "send_timeout_s", "keep_alive_s"):
+            _require(getattr(self, name) > 0, f"serve.{name} must be > 0")
         _require(self.batch_window_ms >= 0, "serve.batch_window_ms must be >= 0 (0 = no waiting)")
         _require(self.poll_interval_s >= 0, "serve.poll_interval_s must be >= 0 (0 = no polling)")
 

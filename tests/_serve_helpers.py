@@ -66,12 +66,19 @@ def wait_ready(base: str, timeout: float = 60.0, proc: subprocess.Popen | None =
 
 
 @contextlib.contextmanager
-def thread_server(app, wait: bool = True):
-    """Run a real uvicorn server for ``app`` in a thread on 127.0.0.1; yields the base URL."""
+def thread_server(app, wait: bool = True, params=None):
+    """Run a real uvicorn server for ``app`` in a thread on 127.0.0.1; yields the base URL.
+
+    With ``params``, uvicorn is configured as ``lmops serve`` configures it (its slow-client timeouts).
+    """
     import uvicorn
 
+    from lmcore.serve.app import uvicorn_config
+
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = (uvicorn_config(app, params, "127.0.0.1", port) if params is not None
+              else uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"

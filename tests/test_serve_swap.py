@@ -54,7 +54,10 @@ def test_reload_swaps_atomically_and_a_corrupt_version_changes_nothing(tmp_path,
         ok = httpx.post(base + "/v1/generate", json={"prompt": "still", "max_new_tokens": 3})
         assert ok.status_code == 200 and ok.json()["model_version"] == v_b
         metrics = httpx.get(base + "/metrics").text
-        assert f'version="{v_b}"' in metrics and f'version="{v_a}"' not in metrics
+        info = [line for line in metrics.splitlines() if line.startswith("lmops_model_info{")]
+        assert len(info) == 1 and f'version="{v_b}"' in info[0]  # counters keep the old version's label
+        assert f'lmops:e2e_request_latency_seconds_count{{model_name="b",model_version="{v_b}"}}' in metrics
+        assert f'model_version="{v_a}"' in metrics
         assert 'lmops_reloads_total{result="failed"} 1.0' in metrics
         deadline = time.monotonic() + 30  # the old batcher stops once drained
         while httpx.get(base + "/health").json()["retired_draining"] and time.monotonic() < deadline:

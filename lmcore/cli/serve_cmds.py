@@ -6,6 +6,8 @@ orchestration verb `lmops harvest` in ``flows.cli``.
 
 from __future__ import annotations
 
+import os
+
 import typer
 
 from lmcore.cli._common import PARAMS_OPTION, SET_OPTION, load_params_cli
@@ -16,7 +18,9 @@ from lmcore.settings import get_settings
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
-        host: str = typer.Option(None, "--host", help="Interface to bind (default: serve.host, 127.0.0.1)."),
+        host: str = typer.Option(
+            None, "--host", help="Interface to bind (default: serve.host, 127.0.0.1); beyond loopback it needs "
+                                 "LMOPS_API_TOKEN."),
         port: int = typer.Option(None, "--port", help="Port (default: serve.port, 8000)."),
         model: str = typer.Option(
             None, "--model", "-m",
@@ -26,12 +30,15 @@ def register(app: typer.Typer) -> None:
         sets: list[str] = SET_OPTION,
     ) -> None:
         """Serve the model: POST /v1/generate, POST /v1/feedback, /health, /metrics, the playground at /."""
-        from lmcore.serve.app import serve  # lazy: keeps `lmops --help` fast
+        from lmcore.serve.limits import require_token_beyond_loopback  # lazy: keeps `lmops --help` fast
 
         p = load_params_cli(params, sets)
         source = model or f"models:/{p.registry.model_name}@{p.serve.alias}"
         host = host or p.serve.host
         port = port or p.serve.port
+        require_token_beyond_loopback(host, os.environ.get("LMOPS_API_TOKEN"))  # at once, before the app loads
+
+        from lmcore.serve.app import serve  # lazy: keeps `lmops --help` fast
         typer.echo(f"serving {source} on http://{host}:{port}  (playground: /, API docs: /docs)")
         serve(source, p, get_settings().ensure(), host=host, port=port)
 

@@ -18,10 +18,12 @@ from fastapi import FastAPI
 
 from lmcore.config import Params
 from lmcore.serve.errors import install_error_handlers
+from lmcore.serve.limits import require_token_beyond_loopback
 from lmcore.serve.metrics import MetricsMiddleware
 from lmcore.serve.openapi import install_openapi
 from lmcore.serve.routes import ROUTERS
 from lmcore.serve.state import ServeState
+from lmcore.serve.transport import ClientLimits, timed_h11
 
 log = logging.getLogger("lmops.serve")
 
@@ -50,7 +52,10 @@ def create_app(source: str, params=None, settings=None, *, store=None, api_token
         lifespan=lifespan,
     )
     app.state.lmops = state
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    sp_cfg = state.serve_cfg
+    app.add_middleware(ClientLimits, max_body_bytes=sp_cfg.max_body_bytes, body_timeout_s=sp_cfg.body_timeout_s,
+                       send_timeout_s=sp_cfg.send_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # outermost: counts the 408/413s too
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -58,13 +63,22 @@ def create_app(source: str, params=None, settings=None, *, store=None, api_token
     return app
 
 
+def uvicorn_config(app: FastAPI, params: Params, host: str, port: int) -> uvicorn.Config:
+    """uvicorn with the slow-client timeouts of ``params.serve`` (request head, keep-alive)."""
+    sp_cfg = params.serve
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          http=timed_h11(sp_cfg.header_timeout_s), timeout_keep_alive=sp_cfg.keep_alive_s)
+
+
 def serve(source: str, params=None, settings=None, host: str | None = None, port: int | None = None) -> None:
-    """Run the app under uvicorn until interrupted (what ``lmops serve`` calls)."""
+    """Run the app under uvicorn until interrupted (what ``lmops serve`` calls).
+
+    Beyond loopback it refuses to start without ``LMOPS_API_TOKEN``: the token guards admin and feedback.
+    """
     params = params or Params()
     host = host or params.serve.host
     port = port or params.serve.port
-    if host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get("LMOPS_API_TOKEN"):
-        log.warning("binding %s without LMOPS_API_TOKEN: feedback is open to anyone who can reach it", host)
+    require_token_beyond_loopback(host, os.environ.get("LMOPS_API_TOKEN"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(source, params, settings)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn_config(app, params, host, port)).run()

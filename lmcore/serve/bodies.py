@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from lmcore.serve.limits import ApiError
 
 M = TypeVar("M", bound=BaseModel)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 async def json_body(request: Request) -> Any:
@@ -22,9 +24,35 @@ async def json_body(request: Request) -> Any:
     except UnicodeDecodeError as e:
         raise ApiError(400, "invalid_utf8", "body", f"request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text) if text.strip() else None
+        data = json.loads(text) if text.strip() else None
     except json.JSONDecodeError as e:
         raise ApiError(400, "invalid_json", "body", f"request body is not valid JSON: {e.msg} at {e.pos}") from None
+    bad = _surrogate_at(data)
+    if bad is not None:
+        raise ApiError(422, "invalid_text", bad or "body",
+                       f"{bad or 'body'}: contains a lone UTF-16 surrogate (an escape like \\ud800 without its "
+                       "pair), which is not text") from None
+    return data
+
+
+def _surrogate_at(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) holding a lone surrogate: JSON allows ``"\\ud800"``,
+    UTF-8 (the tokenizer, the feedback store) does not."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            key = k.encode("utf-8", "backslashreplace").decode()  # printable in the error body
+            sub = f"{path}.{key}" if path else key
+            if key != k:
+                return sub
+            if (found := _surrogate_at(v, sub)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _surrogate_at(v, f"{path}.{i}" if path else str(i))) is not None:
+                return found
+    return None
 
 
 def parse(model_cls: type[M], data: Any) -> M:

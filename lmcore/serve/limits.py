@@ -8,8 +8,11 @@ generations, 503 no model loaded yet.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import threading
 from typing import Any
+
+from lmcore.errors import LmopsError
 
 
 class ApiError(Exception):
@@ -49,7 +52,7 @@ def check_token(authorization: str | None, token: str | None, client_host: str |
                 loopback_only_without_token: bool = False) -> None:
     """Bearer-token guard. Without a configured token the endpoint is open, or loopback-only when asked."""
     if not token:
-        if loopback_only_without_token and client_host not in ("127.0.0.1", "::1", "localhost", None):
+        if loopback_only_without_token and client_host is not None and not is_loopback(client_host):
             raise ApiError(403, "forbidden", "Authorization",
                            "admin endpoints are loopback-only unless LMOPS_API_TOKEN is set")
         return
@@ -60,6 +63,21 @@ def check_token(authorization: str | None, token: str | None, client_host: str |
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise ApiError(401, "invalid_token", "Authorization", "wrong bearer token",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def require_token_beyond_loopback(host: str, token: str | None) -> None:
+    """Refuse to serve beyond loopback without a token: admin (and feedback) would be open to the network."""
+    if not is_loopback(host) and not token:
+        raise LmopsError(f"binding {host} (beyond loopback) needs LMOPS_API_TOKEN set: it guards /admin/reload "
+                         "and /v1/feedback; set it, or bind 127.0.0.1")
 
 
 class ConcurrencyGate:

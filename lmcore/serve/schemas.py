@@ -20,6 +20,9 @@ TOP_LOGPROBS_DESCRIPTION = "With logprobs: also the k most likely tokens at each
 
 
 
+MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what torch's generators (and SQL BIGINT) take
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -28,7 +31,8 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.8, ge=0.0, le=5.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 = off.")
     top_k: int = Field(0, ge=0, description="Keep only the k most likely tokens; 0 = off.")
-    seed: int | None = Field(None, ge=0, description="Seed for this request's own RNG: same seed, same text.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for this request's own RNG: same seed, "
+                             "same text.")
     stream: bool = Field(False, description="Stream tokens as server-sent events (start, token..., done).")
     logprobs: bool = Field(False, description="Also return every generated token with its probability and "
                            "log-probability.")
@@ -104,6 +108,7 @@ class ReloadResponse(BaseModel):
     version: str | None = Field(..., description="Version served after the reload.")
     previous: str | None = Field(..., description="Version served before.")
     error: str | None = Field(None, description="Why loading failed.")
+    field: str | None = Field(None, description="The request field at fault when loading failed: model.")
 
 
 class ErrorDetail(BaseModel):

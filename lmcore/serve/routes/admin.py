@@ -29,4 +29,5 @@ async def admin_reload(request: Request, authorization: str | None = Header(None
     req = await read_body(request, ReloadRequest)
     result = await asyncio.to_thread(state.engine.reload, req.model)
     state.record_reload(result)
-    return JSONResponse(result, status_code=200 if result["ok"] else 422)
+    return JSONResponse({**result, "field": None if result["ok"] else "model"},
+                        status_code=200 if result["ok"] else 422)

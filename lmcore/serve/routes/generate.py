@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from lmcore.serve.bodies import documented_body, read_body
 from lmcore.serve.errors import ERROR_RESPONSES
@@ -13,6 +13,7 @@ from lmcore.serve.generation import run_generation, sse_events
 from lmcore.serve.limits import check_max_new_tokens, check_text
 from lmcore.serve.schemas import GenerateRequest, GenerateResponse
 from lmcore.serve.state import ServeState, get_state
+from lmcore.serve.transport import EventStream
 
 router = APIRouter()
 
@@ -40,5 +41,5 @@ async def generate(request: Request, state: ServeState = Depends(get_state)):
         finally:
             state.gate.release()
     # the stream releases the concurrency slot when it ends
-    return StreamingResponse(sse_events(state, req, gid), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Generation-Id": gid})
+    return EventStream(sse_events(state, req, gid), media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Generation-Id": gid})
