@@ -59,6 +59,36 @@ def run(
 
 
 @app.command()
+def dpo(
+    model: str = typer.Option(None, "--model", help="SFT model to start from (models:/NAME@ALIAS, models:/NAME/N or "
+                                                    "a model folder). Default: the champion."),
+    params: str = PARAMS_OPTION,
+    sets: list[str] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Preference tuning: DPO from the champion on the pairs `lmops harvest` made, then register, gate and deploy.
+
+    Pairs come from corrections (correction chosen over the served text) and thumbs up/down on the
+    same prompt; the gate promotes the result only if it prefers them at least as often as the
+    champion (gate.min_preference_gain) and passes the other checks.
+    """
+    load_params_cli(params, sets)  # fail fast on bad params, before Prefect starts
+    from flows.prefect_home import prefect_start_errors  # lazy: keeps `lmops --help` fast
+
+    _prepare_prefect()
+    from flows.dpo import dpo_flow  # lazy: keeps `lmops --help` fast
+
+    with prefect_start_errors():
+        summary = dpo_flow(params_path=params, overrides=_overrides(sets), model_uri=model)
+    if as_json:
+        emit_json(summary)
+    else:
+        g = summary["gate"]
+        typer.echo(f"{summary['pairs']} pairs; v{summary['model_version']} "
+                   f"{'promoted' if g['promoted'] else 'not promoted'}: {g['reason']}")
+
+
+@app.command()
 def harvest(
     params: str = PARAMS_OPTION,
     no_train: bool = typer.Option(False, "--no-train", help="Only harvest; never trigger a training run."),

@@ -36,6 +36,7 @@ from lmcore.registry.models import find_version_by_tag, gate, log_model, registe
 from lmcore.registry.reports import log_training_outputs
 from lmcore.registry.tracking import TAG_DATASET_VERSION, RunTracker
 from lmcore.settings import get_settings
+from lmcore.training.dpo import train_dpo
 from lmcore.training.evaluate import evaluate
 from lmcore.training.loop import train
 from lmcore.training.stages import STAGE_CODE, STAGE_PARAMS
@@ -173,6 +174,39 @@ def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params, lineag
     tmp.replace(out)  # the cache key honours eval.json only once everything above is logged
     numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     return {"metrics": numbers, "model_uri": model_uri}
+
+
+def dpo_key(sft_uri: str, version: str, params: Params) -> str:
+    """Names a DPO run: the SFT model, the dataset version of its pairs, the dpo params and code."""
+    return _hash("dpo", sft_uri, version, params.slice_hash("dpo"), source_hash("lmcore.training.dpo"))
+
+
+def write_dpo_history(path: Path, losses: tuple[float, ...]) -> Path:
+    """The DPO losses as a training history.csv (the columns ``log_training_outputs`` plots)."""
+    rows = ["step,train_loss,val_loss,lr,tokens_per_s"] + [f"{i + 1},{v:.6f},,," for i, v in enumerate(losses)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@task(name="dpo", cache_policy=_serializable(lambda ctx, p: f"dpo-{p['key']}"), **CACHED)
+def dpo_task(sft: dict[str, Any], pairs: list[dict], key: str, params: Params, lineage: dict[str, str]
+             ) -> dict[str, Any]:
+    """DPO from the SFT model ``sft`` ({uri, dir}) on the pairs, inside its own MLflow run (left open)."""
+    out = get_settings().runs_dir / "dpo" / key
+    tracker = RunTracker.start(params.registry.experiment, run_name=f"dpo-{key[:8]}", params=params.flat(),
+                               tags={**lineage, "lmops.kind": "dpo", "lmops.sft_model": sft["uri"]})
+    try:
+        res = train_dpo(Path(sft["dir"]), pairs, params.dpo, out,
+                        meta={"dataset_version": lineage.get(TAG_DATASET_VERSION), "sft_model": sft["uri"]})
+        tracker.log_summary({"first_loss": res.first_loss, "final_loss": res.final_loss,
+                             **{f"{k}_before": v for k, v in res.before.items()},
+                             **{f"{k}_after": v for k, v in res.after.items()}}, prefix="dpo/")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    return {"out_dir": str(out), "model_dir": str(res.model_dir), "run_id": tracker.run_id, "train_key": f"dpo-{key}",
+            "history_csv": str(write_dpo_history(out / "history.csv", res.losses)), "steps": res.steps,
+            "before": res.before, "after": res.after}
 
 
 @task(name="register", retries=3, retry_delay_seconds=exponential_backoff(2))

@@ -227,6 +227,16 @@ class RegistryParams:
 @params_slice("gate")
 class GateParams:
     min_improvement: float
+    golden: tuple[dict[str, str], ...]
+    golden_tolerance: float
+    min_preference_gain: float
+    check_hf_export: bool
+
+    def check(self) -> None:
+        _require(all(isinstance(g.get("prompt"), str) and isinstance(g.get("completion"), str) and g["completion"]
+                     for g in self.golden), "gate.golden entries need a prompt and a non-empty completion (strings)")
+        _require(self.golden_tolerance >= 0, "gate.golden_tolerance must be >= 0")
+        _require(-1.0 <= self.min_preference_gain <= 1.0, "gate.min_preference_gain must be within [-1, 1]")
 
 
 @params_slice("serve")

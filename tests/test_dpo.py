@@ -74,3 +74,30 @@ def test_dpo_run_prefers_the_chosen(sft, tmp_path, lora_r):
     model, tok, meta = load_model(res.model_dir)  # merged, an ordinary model folder
     assert meta["dpo"]["steps"] == 25 and meta["dataset_version"] == "test"
     assert preference_scores(model, tok, PAIRS) == res.after
+
+
+def test_gate_rule_4_weighs_golden_and_preferences():
+    from lmcore.registry.gate import decide
+
+    ok = {"non_empty_text": True, "hf_export_agrees": True}
+    base = dict(checks=ok, challenger_bpb=1.0, champion_bpb=1.1, min_improvement=0.0, golden_tolerance=0.05)
+    better = {"challenger_preference_accuracy": 0.75, "champion_preference_accuracy": 0.5,
+              "challenger_golden_loglik": -2.02, "champion_golden_loglik": -2.0}
+    assert decide(2, 1, scores=better, min_preference_gain=0.2, **base).promoted
+    d = decide(2, 1, scores={**better, "challenger_preference_accuracy": 0.5}, min_preference_gain=0.01, **base)
+    assert not d.promoted and "harvested preferences" in d.reason and d.scores["champion_preference_accuracy"] == 0.5
+    d = decide(2, 1, scores={**better, "challenger_golden_loglik": -2.2}, **base)
+    assert not d.promoted and "golden prompts regress" in d.reason
+    assert not decide(2, 1, **{**base, "checks": {**ok, "hf_export_agrees": False}}).promoted
+    assert decide(2, None, scores={"challenger_preference_accuracy": 0.0}, **{**base, "champion_bpb": None}).promoted
+
+
+def test_hf_export_check_and_user_scores(sft):
+    from lmcore.registry.gate import hf_export_agrees, user_scores
+
+    _, sft_dir = sft
+    assert hf_export_agrees(sft_dir, "Say hello.")
+    model, tok, _ = load_model(sft_dir)
+    s = user_scores(model, tok, ({"prompt": "Say hello.", "completion": "Hello!"},), PAIRS)
+    assert s["preference_accuracy"] == preference_scores(model, tok, PAIRS)["preference_accuracy"]
+    assert s["golden_loglik"] < 0 and set(s) == {"golden_loglik", "preference_accuracy", "preference_margin"}

@@ -72,7 +72,7 @@ def test_versions_compare_as_strings_and_a_decision_serializes():
     d = decide(2, 1, checks=OK, challenger_bpb=1.0, champion_bpb=2.0, min_improvement=0.1)
     assert d.challenger == "2" and d.champion == "1"
     assert d.to_dict() == {"promoted": True, "reason": d.reason, "challenger": "2", "champion": "1",
-                           "challenger_bpb": 1.0, "champion_bpb": 2.0, "checks": OK}
+                           "challenger_bpb": 1.0, "champion_bpb": 2.0, "checks": OK, "scores": {}}
 
 
 def test_a_challenger_needs_numbers_unless_it_is_the_champion():

@@ -17,7 +17,7 @@ def _model_name(name: str | None, params_path: str | None) -> str:
     return load_params_cli(params_path, None).registry.model_name
 
 
-COLUMNS = ["version", "aliases", "bits/byte", "gate", "data", "code", "params", "run"]
+COLUMNS = ["version", "aliases", "bits/byte", "gate", "data", "code", "params", "run", "prefers", "golden", "base"]
 DEFAULT_COLUMNS = ["version", "aliases", "bits/byte", "gate", "data"]  # fit 80 columns; --wide shows all
 
 
@@ -47,6 +47,9 @@ def _row(v: dict) -> list:
         (t.get("lmops.code_rev") or "")[:12],
         t.get("lmops.params_hash", ""),
         (v["run_id"] or "")[:8],
+        t.get("lmops.gate.challenger_preference_accuracy", ""),  # share of harvested pairs it prefers
+        t.get("lmops.gate.challenger_golden_loglik", ""),  # nats/token on gate.golden
+        (t.get("lmops.base_hash") or "")[:12],
     ]
 
 
@@ -61,7 +64,8 @@ def register(app: typer.Typer) -> None:
         """List registered model versions with aliases (champion/challenger), metrics, gate outcome and lineage.
 
         The table shows version, aliases, bits/byte, gate and dataset version; --wide adds the code
-        revision, params hash and MLflow run; --json has every value in full.
+        revision, params hash, MLflow run, the gate's preference accuracy on harvested pairs and golden
+        log-likelihood, and a fine-tuned base's hash; --json has every value in full.
         """
         from lmcore.registry.models import alias_history, list_versions  # lazy: keeps `lmops --help` fast
 

@@ -174,12 +174,12 @@ def harvest(settings, params, *, registry=None, store=None) -> HarvestResult:
                 continue
             try:
                 known = registry.known_ids()
+                pairs = pair_records(claim.rows, params.feedback.holdout_fraction)  # first: the feedback shard
+                paired = ingest_records(pd.DataFrame(pairs), kind="preference", suite="preference", params=params.data,
+                                        registry=registry, source="feedback") if pairs else None  # makes the version
                 res = ingest_records(pd.DataFrame([{k: v for k, v in r.items() if k != "_id"} for r in records]),
                                      kind="feedback", suite="feedback", params=params.data, registry=registry,
                                      source="feedback")
-                pairs = pair_records(claim.rows, params.feedback.holdout_fraction)
-                paired = ingest_records(pd.DataFrame(pairs), kind="preference", suite="preference", params=params.data,
-                                        registry=registry, source="feedback") if pairs else None
                 bad_ids: set[str] = set()
                 if res.quarantine_path:
                     q = pd.read_parquet(res.quarantine_path, columns=["id", "reasons"])
@@ -193,7 +193,7 @@ def harvest(settings, params, *, registry=None, store=None) -> HarvestResult:
             store.finish_claim(claim.batch_id, res.version)
             quarantined += res.quarantined
             skipped += res.skipped_known
-            version = (paired.version if paired else None) or res.version or version
+            version = res.version or (paired.version if paired else None) or version
             if paired:
                 n_pairs += paired.accepted
                 quarantined += paired.quarantined

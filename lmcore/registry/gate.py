@@ -10,22 +10,31 @@ The rules, in order:
 
 1. the challenger *is* the champion: nothing to decide, ``promoted=False`` (the alias does not
    move, so there is nothing to deploy and the version's earlier gate record stands);
-2. any behaviour check failed: rejected, whatever the numbers say;
+2. any behaviour check failed (the HF export check among them): rejected, whatever the numbers say;
 3. no comparable champion (none, or it could not be evaluated): promoted;
-4. the challenger's bits per byte beat the champion's by at least ``min_improvement``: promoted;
-5. otherwise: rejected.
+4. what users asked for, when there is something to compare: the challenger's mean log-likelihood of
+   the golden completions (``gate.golden``) is more than ``golden_tolerance`` nats/token below the
+   champion's, or it prefers the harvested corrections (pairs) in a share not at least
+   ``min_preference_gain`` above the champion's: rejected;
+5. the challenger's bits per byte beat the champion's by at least ``min_improvement``: promoted;
+6. otherwise: rejected.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmcore.model.generate import SamplingParams, generate_text
+from lmcore.model.checkpoint import load_model
+from lmcore.model.generate import SamplingParams, generate_text, generate_tokens
+from lmcore.model.hf import export_hf
+from lmcore.training.dpo import completion_loglik, preference_scores
 
 FINITE_METRICS = ("val_loss", "bits_per_byte")
 
@@ -39,6 +48,7 @@ class GateDecision:
     challenger_bpb: float | None
     champion_bpb: float | None
     checks: dict[str, bool] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # golden / preference numbers, challenger_* and champion_*
 
     @property
     def already_champion(self) -> bool:
@@ -55,20 +65,25 @@ def is_champion(challenger: str, champion: str | None) -> bool:
 
 
 def decide(challenger: str, champion: str | None, *, checks: Mapping[str, bool], challenger_bpb: float | None,
-           champion_bpb: float | None, min_improvement: float, champion_note: str = "") -> GateDecision:
+           champion_bpb: float | None, min_improvement: float, champion_note: str = "",
+           scores: Mapping[str, float] | None = None, golden_tolerance: float = 0.0,
+           min_preference_gain: float = 0.0) -> GateDecision:
     """The gate's decision (see the module doc for the rules).
 
     ``champion_bpb`` is None when there is no champion or it could not be evaluated (then
     ``champion_note`` says why, and goes into the reason). ``challenger_bpb`` may be None only
-    when the challenger is already the champion (nothing was evaluated).
+    when the challenger is already the champion (nothing was evaluated). ``scores`` holds
+    ``challenger_``/``champion_`` ``golden_loglik`` and ``preference_accuracy`` where there was a golden set
+    or harvested pairs to score (rule 4 compares only what both sides have).
     """
     challenger, champion = str(challenger), None if champion is None else str(champion)
     checks = {str(k): bool(v) for k, v in checks.items()}
     min_imp = float(min_improvement)
+    scores = {str(k): float(v) for k, v in (scores or {}).items()}
 
     def decision(promoted: bool, reason: str) -> GateDecision:
         return GateDecision(promoted=promoted, reason=reason, challenger=challenger, champion=champion,
-                            challenger_bpb=challenger_bpb, champion_bpb=champion_bpb, checks=checks)
+                            challenger_bpb=challenger_bpb, champion_bpb=champion_bpb, checks=checks, scores=scores)
 
     if is_champion(challenger, champion):
         return decision(False, f"v{challenger} is already the champion (nothing new to gate)")
@@ -80,15 +95,72 @@ def decide(challenger: str, champion: str | None, *, checks: Mapping[str, bool],
     if champion_bpb is None or not math.isfinite(champion_bpb):  # a broken champion must not hold the alias
         note = champion_note if champion_bpb is None else f" (champion v{champion} scores {champion_bpb})"
         return decision(True, f"no comparable champion; challenger bpb {challenger_bpb:.4f}{note}")
+    if regression := _user_regression(scores, float(golden_tolerance), float(min_preference_gain)):
+        return decision(False, regression)
     gain = champion_bpb - challenger_bpb
     if gain >= min_imp:
         return decision(True, f"challenger bpb {challenger_bpb:.4f} beats champion v{champion} {champion_bpb:.4f} "
-                              f"by {gain:.4f} >= {min_imp}")
+                              f"by {gain:.4f} >= {min_imp}{_user_note(scores)}")
     return decision(False, f"challenger bpb {challenger_bpb:.4f} does not beat champion v{champion} "
                            f"{champion_bpb:.4f} by >= {min_imp} (improvement {gain:.4f})")
 
 
+def _user_regression(scores: Mapping[str, float], golden_tolerance: float, min_preference_gain: float) -> str:
+    """Rule 4's reason to reject ("" when the challenger passes it, or there was nothing to compare)."""
+    ch, cp = scores.get("challenger_golden_loglik"), scores.get("champion_golden_loglik")
+    if ch is not None and cp is not None and ch < cp - golden_tolerance:
+        return (f"golden prompts regress: challenger log-likelihood {ch:.4f} < champion {cp:.4f} - "
+                f"{golden_tolerance} nats/token")
+    ch, cp = scores.get("challenger_preference_accuracy"), scores.get("champion_preference_accuracy")
+    if ch is not None and cp is not None and ch < cp + min_preference_gain - 1e-9:
+        return (f"harvested preferences: challenger prefers the chosen text in {ch:.0%} of pairs, champion "
+                f"{cp:.0%} (needs at least {min_preference_gain:+.0%})")
+    return ""
+
+
+def _user_note(scores: Mapping[str, float]) -> str:
+    """What rule 4 compared, for a promotion's reason ("" when nothing was)."""
+    ch, cp = scores.get("challenger_preference_accuracy"), scores.get("champion_preference_accuracy")
+    if ch is None or cp is None:
+        return ""
+    return f"; prefers the harvested pairs' chosen text in {ch:.0%} (champion {cp:.0%})"
+
+
 # --------------------------------------------------------------------------- the decision's inputs
+def user_scores(model: Any, tokenizer: Any, golden: tuple[dict, ...], pairs: list[dict]) -> dict[str, float]:
+    """Golden log-likelihood (``gate.golden``) and preference accuracy/margin on the harvested pairs."""
+    out: dict[str, float] = {}
+    if golden:
+        out["golden_loglik"] = completion_loglik(model, tokenizer, [(g["prompt"], g["completion"]) for g in golden])
+    if pairs:
+        pref = preference_scores(model, tokenizer, pairs)
+        out.update(preference_accuracy=pref["preference_accuracy"], preference_margin=pref["preference_margin"])
+    return out
+
+
+def hf_export_agrees(model_dir: Path, prompt: str, new_tokens: int = 12) -> bool:
+    """The model's HF export loads in ``transformers`` and continues ``prompt`` greedily exactly as lmops does."""
+    try:
+        from transformers import AutoModelForCausalLM  # lazy: transformers imports in ~1 s
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return False
+    model, tokenizer, _ = load_model(model_dir)
+    ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[: model.cfg.block_size - new_tokens]
+    sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
+    ours = [t for t, _ in generate_tokens(model, ids, sp, tokenizer.eos_id)]
+    hf_logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(str(export_hf(model_dir, Path(tmp) / "hf"))).eval()
+        except Exception:  # a folder transformers cannot load is exactly what this check reports
+            return False
+        ref = list(ids)
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                ref.append(int(hf(torch.tensor([ref])).logits[0, -1].argmax()))
+    return ours == ref[len(ids):]
+
 def finite_metrics(metrics: Mapping[str, Any]) -> bool:
     """The evaluation numbers the gate compares are finite (a missing one counts as not)."""
     return all(math.isfinite(float(metrics.get(k, float("nan")))) for k in FINITE_METRICS)

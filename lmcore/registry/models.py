@@ -21,16 +21,20 @@ from typing import Any
 
 from safetensors import safe_open
 
+from lmcore.data.versions import CATALOG, DataRegistry
 from lmcore.device import pick_device
 from lmcore.errors import LmopsError
+from lmcore.feedback.harvest import read_pairs
 from lmcore.model.checkpoint import load_model, read_meta
 from lmcore.registry.gate import (
     GateDecision,
     behaviour_checks,
     decide,
     finite_logits,
+    hf_export_agrees,
     is_champion,
     prompt_completions,
+    user_scores,
 )
 from lmcore.registry.reports import comparison_markdown, comparison_table
 from lmcore.registry.tracking import MODEL_DIR_ARTIFACT, RunTracker, get_client
@@ -392,10 +396,18 @@ def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, devi
     model, tokenizer, _ = load_model(folder, device=device)
     if not finite_logits(model, tokenizer, tuple(params.eval.prompts)):
         nan = float("nan")
-        return {"val_loss": nan, "bits_per_byte": nan, "perplexity": nan, "accuracy": 0.0}, [], (model, tokenizer)
+        return ({"val_loss": nan, "bits_per_byte": nan, "perplexity": nan, "accuracy": 0.0}, [],
+                (model, tokenizer, folder))
     metrics = evaluate_model(model, tokenizer, Path(data_dir), params.eval, device)
     completions = prompt_completions(model, tokenizer, params.eval)
-    return metrics, completions, (model, tokenizer)
+    return metrics, completions, (model, tokenizer, folder)
+
+
+def harvested_pairs() -> list[dict]:
+    """The preference pairs of the workspace's current dataset version (none without a data registry)."""
+    if not (get_settings().workspace / CATALOG).is_file():
+        return []
+    return read_pairs(DataRegistry.open())
 
 
 def _recorded_bpb(client: Any, name: str, version: str) -> float | None:
@@ -414,7 +426,7 @@ def _recorded_bpb(client: Any, name: str, version: str) -> float | None:
 
 
 def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
-         parent_run_id: str | None = None) -> GateDecision:
+         parent_run_id: str | None = None, pairs: list[dict] | None = None) -> GateDecision:
     """Evaluate challenger and champion on the same current validation set and decide (:func:`.gate.decide`).
 
     The challenger becomes ``champion`` when it passes the behaviour checks and there is no
@@ -423,6 +435,10 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
     a side-by-side comparison artifact. A failed gate never moves ``champion``. A challenger
     that already is the champion has nothing to decide: ``promoted=False``, nothing is evaluated,
     logged or tagged (its earlier gate record stands), and the alias stays where it is.
+
+    Both are also scored on what users asked for: the golden set (``gate.golden``) and the harvested
+    preference pairs (``pairs``, default :func:`harvested_pairs`); the challenger's HF export must
+    load in transformers and decode greedily as lmops does (``gate.check_hf_export``).
     """
     client = get_client()
     challenger_version = str(challenger_version)
@@ -435,21 +451,32 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
                       min_improvement=min_imp)
 
     device = pick_device(params.train.device)
-    ch_metrics, ch_samples, (model, tok) = _evaluate_version(name, challenger_version, data_dir, params, device)
+    pairs = harvested_pairs() if pairs is None else pairs
+    ch_metrics, ch_samples, (model, tok, folder) = _evaluate_version(name, challenger_version, data_dir, params,
+                                                                     device)
     checks = behaviour_checks(model, tok, tuple(params.eval.prompts), params.eval.seed, ch_metrics)
+    if params.gate.check_hf_export:
+        checks["hf_export_agrees"] = hf_export_agrees(folder, (params.eval.prompts or ("\n",))[0])
+    scores = {f"challenger_{k}": v for k, v in user_scores(model, tok, params.gate.golden, pairs).items()}
     del model, tok
     champ_metrics: dict | None = None
     champ_samples: list = []
     champ_note = ""
     if champion is not None:
         try:
-            champ_metrics, champ_samples, _ = _evaluate_version(name, champion, data_dir, params, device)
+            champ_metrics, champ_samples, (cmodel, ctok, _) = _evaluate_version(name, champion, data_dir, params,
+                                                                                device)
+            scores.update({f"champion_{k}": v for k, v in user_scores(cmodel, ctok, params.gate.golden,
+                                                                     pairs).items()})
+            del cmodel, ctok
         except LmopsError as e:  # an unreadable champion must not block a good challenger
             champ_note = f"; champion v{champion} could not be evaluated ({e})"
     ch_bpb = float(ch_metrics["bits_per_byte"])
     champ_bpb = float(champ_metrics["bits_per_byte"]) if champ_metrics else None
     decision = decide(challenger_version, champion, checks=checks, challenger_bpb=ch_bpb, champion_bpb=champ_bpb,
-                      min_improvement=min_imp, champion_note=champ_note)
+                      min_improvement=min_imp, champion_note=champ_note, scores=scores,
+                      golden_tolerance=params.gate.golden_tolerance,
+                      min_preference_gain=params.gate.min_preference_gain)
     promoted, reason = decision.promoted, decision.reason
 
     # The record first (a gate run + version tags), then the only alias move.
@@ -464,6 +491,7 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
         if champ_metrics:
             summary.update({"champion_bpb": champ_bpb, "champion_val_loss": champ_metrics.get("val_loss"),
                             "champion_accuracy": champ_metrics.get("accuracy")})
+        summary.update(scores)
         tracker.log_summary({k: v for k, v in summary.items() if v is not None})
         tracker.log_dict(decision.to_dict(), "gate/decision.json")
         tracker.log_text(comparison_markdown(decision, ch_metrics, champ_metrics, ch_samples, champ_samples),
@@ -476,7 +504,8 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
                  "lmops.gate.challenger_bpb": f"{ch_bpb:.6f}",
                  "lmops.gate.champion_bpb": "none" if champ_bpb is None else f"{champ_bpb:.6f}",
                  "lmops.gate.champion_version": champion or "none", "lmops.gate.run_id": tracker.run_id,
-                 "lmops.gate.checks": json.dumps(checks)}.items():
+                 "lmops.gate.checks": json.dumps(checks),
+                 **{f"lmops.gate.{k}": f"{v:.4f}" for k, v in scores.items()}}.items():
         client.set_model_version_tag(name, challenger_version, k, v)
     client.update_model_version(name, challenger_version, description=(
         f"Gate {'PASSED' if promoted else 'FAILED'}: {reason}. Checks: "

@@ -53,15 +53,14 @@ def pair_messages(prompt: str | list[dict], completion: str) -> list[dict]:
     return [*msgs, {"role": "assistant", "content": completion}]
 
 
-def encode_pairs(tokenizer: Tokenizer, pairs: list[dict], max_len: int) -> PairBatch:
-    """``pairs`` of {prompt, chosen, rejected} as a :class:`PairBatch` (rows cut to ``max_len`` tokens)."""
-    if not pairs:
-        raise LmopsError("no preference pairs to encode")
+def encode_completions(tokenizer: Tokenizer, items: list[tuple], max_len: int) -> PairBatch:
+    """(prompt, completion) rows as right-padded ids plus the completion targets (rows cut to ``max_len``)."""
+    if not items:
+        raise LmopsError("no completions to encode")
     rows = []
-    for key in ("chosen", "rejected"):
-        for p in pairs:
-            ids, mask = tokenizer.encode_chat(pair_messages(p["prompt"], p[key]))
-            rows.append((ids[:max_len], mask[:max_len]))
+    for prompt, completion in items:
+        ids, mask = tokenizer.encode_chat(pair_messages(prompt, completion))
+        rows.append((ids[:max_len], mask[:max_len]))
     T = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), T), tokenizer.eos_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.float32)
@@ -69,8 +68,16 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[dict], max_len: int) -> PairB
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
     if not bool((mask[:, 1:].sum(dim=1) > 0).all()):
-        raise LmopsError(f"a preference pair has no completion token within dpo.max_len={max_len}")
+        raise LmopsError(f"a completion has no token within {max_len} tokens (dpo.max_len)")
     return PairBatch(ids, mask[:, 1:])
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: list[dict], max_len: int) -> PairBatch:
+    """``pairs`` of {prompt, chosen, rejected} as a :class:`PairBatch`: the chosen rows, then the rejected."""
+    if not pairs:
+        raise LmopsError("no preference pairs to encode")
+    return encode_completions(tokenizer, [(p["prompt"], p[k]) for k in ("chosen", "rejected") for p in pairs],
+                              max_len)
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
@@ -99,16 +106,23 @@ def reference_logps(model: torch.nn.Module, batch: PairBatch, chunk: int = 8) ->
     return out
 
 
-@torch.no_grad()
+def per_token_logps(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
+    """Mean log-probability per completion token of each row (length-fair), without gradients."""
+    return reference_logps(model, batch) / batch.targets.sum(dim=1)
+
+
 def preference_scores(model: torch.nn.Module, tokenizer: Tokenizer, pairs: list[dict], max_len: int = 512) -> dict:
     """How much ``model`` prefers each chosen completion: the share of pairs where its mean per-token
     log-probability beats the rejected one's (length-fair: corrections and served texts differ in
     length), and the mean margin in nats per token."""
-    batch = encode_pairs(tokenizer, pairs, max_len)
-    per_token = reference_logps(model, batch) / batch.targets.sum(dim=1)
-    c, r = per_token.chunk(2)
+    c, r = per_token_logps(model, encode_pairs(tokenizer, pairs, max_len)).chunk(2)
     return {"preference_accuracy": float((c > r).float().mean()), "preference_margin": float((c - r).mean()),
             "pairs": len(pairs)}
+
+
+def completion_loglik(model: torch.nn.Module, tokenizer: Tokenizer, items: list[tuple], max_len: int = 512) -> float:
+    """Mean per-token log-likelihood of reference completions after their prompts (the gate's golden set)."""
+    return float(per_token_logps(model, encode_completions(tokenizer, items, max_len)).mean())
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ class DpoResult:
     final_loss: float
     before: dict  # preference_scores of the SFT model
     after: dict  # ... of the DPO model
+    losses: tuple[float, ...] = ()  # the DPO loss of every step
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -165,4 +180,4 @@ def train_dpo(model_dir: str | Path, pairs: list[dict], dp, out_dir: str | Path,
     folder = save_model(Path(out_dir) / "model", model, tokenizer,
                         {**{k: v for k, v in sft_meta.items() if k != "model"}, **(meta or {}), "dpo": info})
     return DpoResult(model_dir=folder, steps=dp.max_steps, seconds=round(time.perf_counter() - t0, 3),
-                     first_loss=losses[0], final_loss=losses[-1], before=before, after=after)
+                     first_loss=losses[0], final_loss=losses[-1], before=before, after=after, losses=tuple(losses))

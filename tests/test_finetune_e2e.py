@@ -1,0 +1,77 @@
+"""Issue 15 end to end: a tiny pretrained base -> `lmops run --base` (SFT) -> champion -> served -> feedback with
+corrections over HTTP -> harvest (SFT rows + preference pairs) -> DPO run -> the gate promotes the challenger only
+because it prefers the corrections more often than the champion did."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from _base_helpers import make_base
+from _serve_helpers import thread_server
+from conftest import TINY_PARAMS, make_tiny_workspace
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+QUESTIONS = [("What is the capital of France?", "Paris."), ("What is two plus two?", "Four."),
+             ("Say hello.", "Hello! How can I help you today?"), ("Name a fox.", "The quick brown fox."),
+             ("Write add.", "def add(a, b):\n    return a + b"), ("Greet me.", "Hello there."),
+             ("What is Paris?", "The capital of France."), ("Two plus two?", "Four.")]
+E2E_PARAMS = TINY_PARAMS + """\
+gate:
+  min_improvement: -1.0
+  golden: [{prompt: "Say hello.", completion: "Hello!"}]
+  golden_tolerance: 1.0
+  min_preference_gain: 0.01
+feedback:
+  min_new_records: 1
+  holdout_fraction: 0.0
+dpo:
+  max_steps: 30
+  lr: 1.0e-3
+  beta: 0.5
+  batch_size: 4
+"""
+
+
+def test_base_sft_feedback_dpo_gate(prefect_harness, tmp_path, monkeypatch):
+    from flows.dpo import dpo_flow
+    from flows.training import training_flow
+    from lmcore.config import load_params
+    from lmcore.feedback.harvest import harvest
+    from lmcore.model.base import TAG_BASE_HASH, base_hash
+    from lmcore.registry.models import list_versions, resolve_alias
+    from lmcore.serve.app import create_app
+    from lmcore.settings import get_settings
+
+    ws = make_tiny_workspace(tmp_path / "ws", E2E_PARAMS)
+    monkeypatch.setenv("LMOPS_WORKSPACE", str(ws))
+    monkeypatch.setenv("LMOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(ws)
+    base = make_base(tmp_path / "tiny-llama")
+
+    sft = training_flow(sources=[str(ws / "corpus")], overrides={"model.base": str(base)})  # lmops run --base
+    assert sft["gate"]["promoted"] and resolve_alias("tiny-lm", "champion") == "1"
+    v1 = list_versions("tiny-lm")[0]
+    assert v1["tags"][TAG_BASE_HASH] == base_hash(base) and v1["tags"]["lmops.finetune"] == "full"
+
+    params = load_params(ws / "params.yaml", {"model.base": str(base)})
+    with thread_server(create_app("models:/tiny-lm@champion", params)) as url:
+        for prompt, better in QUESTIONS:
+            g = httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "max_new_tokens": 6, "temperature": 0},
+                           timeout=60).json()
+            assert g["model_version"] == "1"
+            r = httpx.post(f"{url}/v1/feedback", json={"generation_id": g["generation_id"], "rating": -1,
+                                                         "correction": better}, timeout=30)
+            assert r.status_code == 200, r.text
+    harvested = harvest(get_settings(), params)
+    assert harvested.pairs == len(QUESTIONS)
+
+    dpo = dpo_flow(params_path=str(ws / "params.yaml"), overrides={"model.base": str(base)})
+    gate = dpo["gate"]
+    ch, cp = gate["scores"]["challenger_preference_accuracy"], gate["scores"]["champion_preference_accuracy"]
+    assert dpo["model_version"] == "2" and gate["checks"]["hf_export_agrees"]
+    assert ch > cp and gate["promoted"] and resolve_alias("tiny-lm", "champion") == "2", gate["reason"]
+    v2 = list_versions("tiny-lm")[0]
+    assert float(v2["tags"]["lmops.gate.challenger_preference_accuracy"]) == pytest.approx(ch, abs=1e-4)
+    print(f"\npreference accuracy on the harvested corrections: champion {cp:.2f} -> challenger {ch:.2f}")
+
