@@ -59,7 +59,7 @@ def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def run_trials(records, shifted, share, trials, n_prompts, cfg, seed0):
     from lmcore.feedback.monitor import prompt_drift, reference_windows
 
-    flagged = 0
+    flagged, ps = 0, []
     for t in range(trials):
         rng = random.Random(seed0 + t)
         order = list(range(len(records)))
@@ -68,13 +68,15 @@ def run_trials(records, shifted, share, trials, n_prompts, cfg, seed0):
         ref = [records[i] for i in order[:half]]
         other = [records[i] for i in order[half:]]
         n_shift = round(share * n_prompts)
-        prompts = reference_windows(other, _lengths(rng, n_prompts), n_prompts - n_shift, rng.randrange(1 << 30))
+        prompts = reference_windows(other, _lengths(rng, n_prompts - n_shift), rng.randrange(1 << 30))
         if n_shift:
-            prompts += reference_windows(shifted, _lengths(rng, n_shift), n_shift, rng.randrange(1 << 30))
+            prompts += reference_windows(shifted, _lengths(rng, n_shift), rng.randrange(1 << 30))
         d = prompt_drift(prompts, ref, dataclasses.replace(cfg, seed=rng.randrange(1 << 30)))
         flagged += d.drifted
+        ps.append(d.p_value)
     lo, hi = _wilson(flagged, trials)
-    return {"flagged": flagged, "trials": trials, "rate": flagged / trials, "ci95": [round(lo, 4), round(hi, 4)]}
+    return {"flagged": flagged, "trials": trials, "rate": flagged / trials, "ci95": [round(lo, 4), round(hi, 4)],
+            "p_at_most": {q: round(sum(x <= q for x in ps) / trials, 4) for q in (0.01, 0.05, 0.1, 0.5)}}
 
 
 def main() -> None:
@@ -105,9 +107,11 @@ def main() -> None:
     per_trial = (time.perf_counter() - t0) / args.trials
     print(f"false alarms (same distribution): {far['flagged']}/{far['trials']} = {far['rate']:.3f} "
           f"(95% CI {far['ci95'][0]:.3f}-{far['ci95'][1]:.3f}); {per_trial * 1000:.0f} ms per test", flush=True)
+    print("  share of p-values at most q (uniform: q): "
+          + ", ".join(f"{q}: {v:.3f}" for q, v in far["p_at_most"].items()), flush=True)
     power = {}
     for name, share in SHIFTS:
-        if not shifted[name]:
+        if not shifted[name] or args.power_trials < 1:
             continue
         r = run_trials(records, shifted[name], share, args.power_trials, args.prompts, cfg, 10_000)
         power[f"{name}@{share:g}"] = r

@@ -42,14 +42,17 @@ def stdlib_halves():
     return records[:300], records[300:]
 
 
+def _lengths(n: int) -> list[int]:
+    return [(20, 40, 80, 160)[i % 4] for i in range(n)]
+
+
 def _prose_prompts(n: int, seed: int) -> list[str]:
     text = corpus_text()
-    return reference_windows([text[i:i + 2000] for i in range(0, len(text), 2000)],
-                             [20, 40, 80, 160], n, seed)
+    return reference_windows([text[i:i + 2000] for i in range(0, len(text), 2000)], _lengths(n), seed)
 
 
 def _stdlib_prompts(texts: list[str], n: int, seed: int) -> list[str]:
-    return reference_windows(texts, [20, 40, 80, 160], n, seed)
+    return reference_windows(texts, _lengths(n), seed)
 
 
 @pytest.mark.code
@@ -219,7 +222,7 @@ def test_monitor_flow_fires_on_drift_and_not_on_same_distribution(prefect_harnes
     params_file.write_text(params_file.read_text() + "monitor:\n  min_prompts: 20\n  max_prompts: 40\n")
     assert training_flow(sources=[str(tiny_workspace / "corpus")])["model_version"] == "1"
     store = FeedbackStore(get_settings().feedback_db)
-    for i, p in enumerate(reference_windows(list(TINY_TEXTS.values()), [16, 32, 64], 40, seed=5)):
+    for i, p in enumerate(reference_windows(list(TINY_TEXTS.values()), [16, 32, 64] * 13 + [16], seed=5)):
         _log(store, f"same{i}", "1", p, latency_ms=20.0)
 
     quiet = monitor_flow(params_path=str(params_file))
