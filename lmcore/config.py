@@ -156,9 +156,7 @@ class TrainParams:
 
     def check(self) -> None:
         _require(self.threads >= 0, "train.threads must be >= 0 (0 = auto)")
-        _require(self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
-                 "train.lora_r must be >= 0, train.lora_alpha > 0 and train.lora_dropout within [0, 1)")
-        _require(self.lora_r == 0 or bool(self.lora_targets), "train.lora_targets must name modules when lora_r > 0")
+        _check_lora(self, "train")
         _require(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
         _require(0 <= self.min_lr <= self.lr, "train.min_lr must be within [0, train.lr]")
         _require(self.batch_size > 0 and self.grad_accum > 0, "train.batch_size and train.grad_accum must be > 0")
@@ -180,6 +178,13 @@ class TrainParams:
                  "train.muon_lr must be > 0 and train.muon_momentum within [0, 1)")
 
 
+def _check_lora(p: Any, section: str) -> None:
+    """The ``lora_*`` keys the train and dpo slices share (``lmcore.training.lora`` reads them)."""
+    _require(p.lora_r >= 0 and p.lora_alpha > 0 and 0 <= p.lora_dropout < 1,
+             f"{section}.lora_r must be >= 0, {section}.lora_alpha > 0 and {section}.lora_dropout within [0, 1)")
+    _require(p.lora_r == 0 or bool(p.lora_targets), f"{section}.lora_targets must name modules when lora_r > 0")
+
+
 @params_slice("dpo")
 class DpoParams:
     beta: float
@@ -197,8 +202,7 @@ class DpoParams:
         _require(self.beta > 0 and self.lr > 0, "dpo.beta and dpo.lr must be > 0")
         _require(self.max_steps > 0 and self.batch_size > 0 and self.max_len > 1 and self.warmup_steps >= 0,
                  "dpo.max_steps, dpo.batch_size must be > 0, dpo.max_len > 1, dpo.warmup_steps >= 0")
-        _require(self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
-                 "dpo.lora_r must be >= 0, dpo.lora_alpha > 0 and dpo.lora_dropout within [0, 1)")
+        _check_lora(self, "dpo")
 
 
 @params_slice("eval")
