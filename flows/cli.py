@@ -141,8 +141,10 @@ def monitor(
     typer.echo("\n".join(report_lines(result["report"])))
     if result["training"]:
         t = result["training"]
-        typer.echo(f"triggered harvest ({result['harvest']['new_rows'] or 0} new feedback rows) and training: "
-                   f"v{t['model_version']} {'promoted' if t['promoted'] else 'not promoted'}")
+        outcome = (f"v{t['model_version']} {'promoted' if t['promoted'] else 'not promoted'}" if t["steps_trained"]
+                   else f"cached (no new data), v{t['model_version']} unchanged")
+        typer.echo(f"triggered harvest ({result['harvest']['new_rows'] or 0} new feedback rows), then training: "
+                   f"{outcome}")
 
 
 @app.command()

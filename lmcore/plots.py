@@ -58,20 +58,27 @@ def save_loss_curve(history_csv: str | Path, out_png: str | Path, title: str = "
     return out
 
 
-def _bars(title: str, ylabel: str, labels: list[str], series: dict[str, list[float | None]]) -> Any:
-    """Grouped bars: one group per label, one bar per series (None: no bar)."""
+def _bars(title: str, ylabel: str, labels: list[str], series: dict[str, list[float | None]],
+          empty: str, ylim: tuple[float, float] | None = None) -> Any:
+    """Grouped bars: one group per label, one bar per series (None: no bar); ``empty`` when no bar at all."""
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(series))
     for i, (name, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j, v in enumerate(values) if v is not None]
-        ax.bar(xs, [v for v in values if v is not None], width, label=name)
+        if xs:
+            ax.bar(xs, [v for v in values if v is not None], width, label=name, color=f"C{i}")
     ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlim(-0.5, max(len(labels), 1) - 0.5)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    else:
+        ax.text(0.5, 0.5, empty, ha="center", transform=ax.transAxes)
     fig.tight_layout()
     return fig
 
@@ -100,9 +107,10 @@ def monitor_figures(history: list[dict[str, Any]], versions: list[dict[str, Any]
     labels = [f"v{v['version']}" for v in versions]
     rates = _bars("ratings per model version", "share of ratings", labels,
                   {"thumbs down": [v["thumbs_down_rate"] for v in versions],
-                   "corrected": [v["correction_rate"] for v in versions]})
+                   "corrected": [v["correction_rate"] for v in versions]}, "no ratings in the window", (0.0, 1.0))
     latency = _bars("latency per model version", "ms", labels,
-                    {q: [v["latency_ms"][q] for v in versions] for q in ("p50", "p90", "p99")})
+                    {q: [v["latency_ms"][q] for v in versions] for q in ("p50", "p90", "p99")},
+                    "no generations in the window")
     return [fig, rates, latency]
 
 
