@@ -260,6 +260,7 @@ class ServeParams:
     header_timeout_s: float
     send_timeout_s: float
     keep_alive_s: float
+    compile_decode: bool
 
     def check(self) -> None:
         _require(0 < self.port < 65536, "serve.port must be within [1, 65535]")

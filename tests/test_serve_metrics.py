@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("metrics")
     models = make_model(d / "tiny", seed=0), make_model(d / "tiny-b", seed=1)
     store = FeedbackStore(f"sqlite:///{d / 'feedback.db'}")
-    params = Params(serve=ServeParams(max_new_tokens=4000, poll_interval_s=0))
+    params = Params(serve=ServeParams(max_new_tokens=4000, poll_interval_s=0, compile_decode=False))
     with thread_server(create_app(str(models[0]), params, store=store, api_token="")) as base:
         yield base, models
     store.close()

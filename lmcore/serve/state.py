@@ -46,7 +46,7 @@ class ServeState:
         metrics = Metrics()
         engine = Engine(
             source, max_batch=sp_cfg.max_batch, max_new_tokens=sp_cfg.max_new_tokens,
-            batch_window_ms=sp_cfg.batch_window_ms,
+            batch_window_ms=sp_cfg.batch_window_ms, compiled=sp_cfg.compile_decode,
             on_batch=metrics.batch_rows.observe, observe=metrics.for_version,
         )
         metrics.watch(engine.loads)

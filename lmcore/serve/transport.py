@@ -128,8 +128,10 @@ def timed_h11(header_timeout_s: float) -> type[H11Protocol]:
             self.loop.call_later(header_timeout_s, self._header_deadline, self.cycle)
 
         def _header_deadline(self, cycle) -> None:
-            # no new request head since the timer was armed (a new head makes a new cycle)
-            if self.cycle is cycle and not self.transport.is_closing():
+            # no new request head since the timer was armed (a new head makes a new cycle); a pipelined
+            # request already started by then is being answered, not waited for
+            idle = cycle is None or cycle.response_complete
+            if self.cycle is cycle and idle and not self.transport.is_closing():
                 self.transport.close()
 
     return TimedH11

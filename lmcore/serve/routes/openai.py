@@ -27,7 +27,7 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
 from lmcore.errors import LmopsError
@@ -46,6 +46,7 @@ from lmcore.serve.openai_schemas import (
 )
 from lmcore.serve.schemas import GenerateRequest
 from lmcore.serve.state import ServeState, get_state
+from lmcore.serve.transport import EventStream
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
@@ -170,8 +171,8 @@ async def _respond(state: ServeState, req: CompletionRequest | ChatCompletionReq
             for _ in jobs:
                 state.gate.release()
         return JSONResponse(_body(req, results, len(prompts), chat), headers={"X-Generation-Id": jobs[0][1]})
-    return StreamingResponse(_stream(state, req, jobs, chat), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Generation-Id": jobs[0][1]})
+    return EventStream(_stream(state, req, jobs, chat), media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Generation-Id": jobs[0][1]})
 
 
 def _jobs(state: ServeState, req: CompletionRequest | ChatCompletionRequest, prompts: list[str], max_tokens: int,
