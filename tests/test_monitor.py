@@ -148,9 +148,10 @@ def test_ratings_and_latency_per_version_and_the_rating_trigger(rated_store, tmp
     assert quiet["triggers"] == []  # v1: 4 ratings, under min_ratings
 
     save_report(report, tmp_path)
-    (tmp_path / "monitor" / "history.jsonl").open("a").write("{not json\n")
+    with (tmp_path / "monitor" / "history.jsonl").open("a") as f:
+        f.write('{not json\n{}\n[1]\n{"at": 1, "drift": 2}\n')
     save_report(quiet, tmp_path)
-    assert [r["champion"] for r in load_history(tmp_path)] == ["2", "1"]  # the corrupt line is skipped
+    assert [r["champion"] for r in load_history(tmp_path)] == ["2", "1"]  # lines that are not reports are skipped
 
 
 @pytest.mark.model

@@ -29,9 +29,9 @@ import math
 import random
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +365,10 @@ def report_metrics(r: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None}
 
 
+_REPORT_KEYS = {f.name for f in fields(MonitorReport)}
+_DRIFT_KEYS = {f.name for f in fields(DriftResult)}
+
+
 def save_report(r: dict[str, Any], home: Path) -> Path:
     """Append a report (``MonitorReport.to_dict()``) to the history the playground's ``/monitor`` page plots."""
     path = Path(home) / HISTORY_FILE
@@ -375,16 +379,21 @@ def save_report(r: dict[str, Any], home: Path) -> Path:
 
 
 def load_history(home: Path, limit: int = 500) -> list[dict[str, Any]]:
-    """The last ``limit`` saved reports, oldest first (unreadable lines are skipped)."""
+    """The last ``limit`` saved reports, oldest first (lines that are not a whole report are skipped)."""
     path = Path(home) / HISTORY_FILE
     if not path.is_file():
         return []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        lines = deque(f, maxlen=limit)
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines()[-limit:]:
+    for line in lines:
         try:
-            out.append(json.loads(line))
+            r = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(r, dict) and r.keys() >= _REPORT_KEYS and isinstance(r["drift"], dict) \
+                and r["drift"].keys() >= _DRIFT_KEYS and isinstance(r["versions"], list):
+            out.append(r)
     return out
 
 
