@@ -37,9 +37,10 @@ def test_base_sft_feedback_dpo_gate(prefect_harness, tmp_path, monkeypatch):
     from flows.dpo import dpo_flow
     from flows.training import training_flow
     from lmcore.config import load_params
+    from lmcore.data.tokenizer import Tokenizer
     from lmcore.feedback.harvest import harvest
     from lmcore.model.base import TAG_BASE_HASH, base_hash
-    from lmcore.registry.models import list_versions, resolve_alias
+    from lmcore.registry.models import fetch_model_dir, list_versions, resolve_alias
     from lmcore.serve.app import create_app
     from lmcore.settings import get_settings
 
@@ -54,6 +55,8 @@ def test_base_sft_feedback_dpo_gate(prefect_harness, tmp_path, monkeypatch):
     v1 = list_versions("tiny-lm")[0]
     assert v1["tags"][TAG_BASE_HASH] == base_hash(base) and v1["tags"]["lmops.finetune"] == "full"
 
+    served, _ = fetch_model_dir("models:/tiny-lm@champion")  # the base's end token and chat template registered too
+    assert Tokenizer.load(served / "tokenizer.json").eos_token == "<|im_end|>"
     params = load_params(ws / "params.yaml", {"model.base": str(base)})
     with thread_server(create_app("models:/tiny-lm@champion", params)) as url:
         for prompt, better in QUESTIONS:

@@ -46,6 +46,7 @@ HISTORY_TAG = "lmops.alias_history"
 HISTORY_MAX_CHARS = 4500
 MODEL_ARTIFACT = "model"
 MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+OPTIONAL_MODEL_FILES = ("tokenizer_config.json",)  # a base's eos token and chat template (lmcore.data.tokenizer)
 
 
 # --------------------------------------------------------------------------- logging a model
@@ -81,8 +82,11 @@ def log_model(tracker_or_run_id: Any, model_dir: Path) -> str:
     with tempfile.TemporaryDirectory(prefix="lmops-pyfunc-") as tmp:
         staged = Path(tmp) / MODEL_DIR_ARTIFACT  # MLflow keeps a folder artifact's own name
         staged.mkdir()
-        for f in MODEL_FILES:  # only the three files: never a trainer_state.pt (pickle) next to them
+        for f in MODEL_FILES:  # only these files: never a trainer_state.pt (pickle) next to them
             shutil.copy2(model_dir / f, staged / f)
+        for f in OPTIONAL_MODEL_FILES:
+            if (model_dir / f).is_file():
+                shutil.copy2(model_dir / f, staged / f)
         out = Path(tmp) / MODEL_ARTIFACT
         with warnings.catch_warnings():  # "add type hints"/"no input example": by design (explicit signature)
             warnings.simplefilter("ignore", UserWarning)
