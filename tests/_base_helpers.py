@@ -18,17 +18,20 @@ TEXT = ["The capital of France is Paris.", "Two plus two is four.", "def add(a, 
 
 
 def make_base(folder: Path, *, chat: bool = True, seed: int = 0, width: int = 64, layers: int = 2,
-              tie: bool = False) -> Path:
-    """A tiny random Llama base in ``folder`` (config, safetensors, tokenizer files): the shape of a real one."""
+              tie: bool = False, eos: str | None = None) -> Path:
+    """A tiny random Llama base in ``folder`` (config, safetensors, tokenizer files): the shape of a real one.
+
+    ``eos="</s>"`` makes a TinyLlama-style base: ``</s>`` ends text and there is no ``<|endoftext|>`` at all."""
     import transformers  # lazy: transformers imports in seconds; only the tests that build a base need it
 
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+    specials = ["<s>", "</s>"] if eos == "</s>" else SPECIALS
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>" if chat else
-                                                "<|endoftext|>", bos_token=None, pad_token="<|endoftext|>")
+    eos = eos or ("<|im_end|>" if chat else "<|endoftext|>")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=None, pad_token=eos)
     if chat:
         fast.chat_template = CHATML
     fast.save_pretrained(folder)

@@ -184,3 +184,34 @@ def test_lora_trains_adapters_only_and_merges(base, chat_data, tmp_path):
     idx = torch.randint(0, merged.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(with_adapter.eval()(idx)[0], merged(idx)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.model
+def test_a_plain_base_without_endoftext_trains_and_registers_its_end_token(tmp_path):
+    """A TinyLlama-style base: ``</s>`` ends text, no chat template, no ``<|endoftext|>``."""
+    base = make_base(tmp_path / "plain", chat=False, eos="</s>")
+    _, tok, _ = load_base(str(base))
+    assert tok.eos_token == "</s>" and tok.chat_template is None
+    ids, mask = tok.encode_chat(CHATS[0])  # no template: prompt, then the completion and </s>, which alone count
+    assert tok.decode(ids) == "What is the capital of France?Paris." and ids[-1] == tok.eos_id
+    assert [i for i, m in zip(ids, mask, strict=True) if m] == tok.encode("Paris.") + [tok.eos_id]
+    data = prepare_split_texts(["The quick brown fox jumps over the lazy dog. " * 8] * 4, ["Hello there. " * 8],
+                               tmp_path / "prep", tiny_params().tokenizer, tokenizer=tok)
+    assert not data.meta["loss_mask"] and data.meta["eos_id"] == tok.eos_id
+    p = _params(base, train__max_steps=2)
+    res = train(data.dir, tmp_path / "run", p.model, p.train, progress=False)
+    model, again, _ = load_model(res.model_dir)
+    assert again.eos_token == "</s>" and again.eos_id == tok.eos_id
+    assert transformers.AutoTokenizer.from_pretrained(export_hf(res.model_dir, tmp_path / "hf")).eos_token == "</s>"
+
+
+@pytest.mark.code
+def test_a_failing_chat_template_is_one_line(base):
+    tok = load_base(str(base), verify=False)[1]
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}" \
+                        "{% endif %}{{ messages[0]['content'] }}"
+    with pytest.raises(LmopsError, match="^chat template failed: System role not supported$"):
+        tok.encode_chat(MULTI)
+    tok.chat_template = "{{ messages[0]['content'] "  # unterminated
+    with pytest.raises(LmopsError, match="^chat template failed"):
+        tok.render_chat(MULTI)
