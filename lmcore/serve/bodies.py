@@ -69,8 +69,9 @@ async def read_body(request: Request, model_cls: type[M]) -> M:
     return parse(model_cls, await json_body(request))
 
 
-def documented_body(model_cls: type[BaseModel]) -> dict[str, Any]:
-    """A route's ``openapi_extra`` naming ``model_cls`` as its required JSON body: the route reads the
-    body itself (:func:`read_body`), so FastAPI cannot infer it from the signature."""
+def documented_body(model_cls: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """A route's ``openapi_extra`` naming ``model_cls`` as its JSON body: the route reads the body itself
+    (:func:`read_body`), so FastAPI cannot infer it from the signature. List ``model_cls`` in
+    :mod:`lmcore.serve.openapi` too."""
     schema = {"$ref": f"#/components/schemas/{model_cls.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}

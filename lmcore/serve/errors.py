@@ -27,16 +27,18 @@ async def validation_error(_req: Request, e: RequestValidationError) -> JSONResp
     """Bad JSON is a 400 naming the body; a bad value is a 422 naming its field (all of them in ``details``)."""
     errors = e.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"] or ["body"]
     if first.get("type") == "json_invalid":
         return JSONResponse(error_body("invalid_json", "body", f"request body is not valid JSON: {first['msg']}"),
                             status_code=400)
-    details = [{"field": ".".join(str(p) for p in x.get("loc", ()) if p != "body") or "body", "message": x["msg"]}
-               for x in errors]
-    return JSONResponse(
-        error_body("invalid_value", ".".join(loc), f"{'.'.join(loc)}: {first['msg']}", details=details),
-        status_code=422,
-    )
+    field = _field(first.get("loc", ()))
+    details = [{"field": _field(x.get("loc", ())), "message": x["msg"]} for x in errors]
+    return JSONResponse(error_body("invalid_value", field, f"{field}: {first['msg']}", details=details),
+                        status_code=422)
+
+
+def _field(loc) -> str:
+    """A pydantic error location as a dotted field name; an empty key shows as ``""``, none as ``body``."""
+    return ".".join(str(p) if p != "" else '""' for p in loc if p != "body") or "body"
 
 
 async def http_error(_req: Request, e: StarletteHTTPException) -> JSONResponse:

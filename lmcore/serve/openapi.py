@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from lmcore.serve.openai_schemas import ChatCompletionRequest, CompletionRequest
-from lmcore.serve.schemas import FeedbackRequest, GenerateRequest
+from lmcore.serve.schemas import FeedbackRequest, GenerateRequest, ReloadRequest
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -16,7 +16,7 @@ def install_openapi(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            for model in (GenerateRequest, FeedbackRequest, CompletionRequest, ChatCompletionRequest):
+            for model in (GenerateRequest, FeedbackRequest, ReloadRequest, CompletionRequest, ChatCompletionRequest):
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(js.pop("$defs", {}))
                 schemas[model.__name__] = js

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
 
-from lmcore.serve.bodies import read_body
+from lmcore.serve.bodies import documented_body, read_body
 from lmcore.serve.errors import ERROR_RESPONSES
 from lmcore.serve.limits import check_token
 from lmcore.serve.schemas import ReloadRequest, ReloadResponse
@@ -21,6 +21,7 @@ router = APIRouter()
     summary="Load the model again (e.g. after the champion alias moved) and swap it in atomically",
     description="Guarded by the bearer token (LMOPS_API_TOKEN); loopback-only when no token is set. "
                 "A version that fails to load leaves the old one serving and answers 422 with ok=false.",
+    openapi_extra=documented_body(ReloadRequest, required=False),
 )
 async def admin_reload(request: Request, authorization: str | None = Header(None),
                        state: ServeState = Depends(get_state)):
