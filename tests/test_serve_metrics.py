@@ -55,23 +55,28 @@ def test_series_follow_requests_feedback_and_a_hot_swap(setup):
     with httpx.stream("POST", base + "/v1/generate", timeout=60,
                       json={"prompt": "s", "max_new_tokens": 4, "ignore_eos": True, "stream": True}) as r:
         r.read()
+    # the OpenAI route: two choices are two generations, each counted once (by the engine, not the route)
+    oa = httpx.post(base + "/v1/completions", timeout=60, json={"model": "tiny", "prompt": "o", "max_tokens": 2,
+                                                                "n": 2, "ignore_eos": True}).json()
+    assert oa["usage"]["completion_tokens"] == 4
     for gid, rating in ((bodies[0]["generation_id"], 1), (bodies[1]["generation_id"], -1),
-                        (bodies[2]["generation_id"], -1)):
+                        (oa["id"], -1)):
         assert httpx.post(base + "/v1/feedback", json={"generation_id": gid, "rating": rating}).status_code == 200
 
     s = scrape(base)
     lab = {"model_name": "tiny", "model_version": version}
     for name in SERIES:  # every series exists with both labels
         assert any(n == name and lab.items() <= labels.items() for n, labels, _ in s), name
-    new_tokens = [b["usage"]["completion_tokens"] for b in bodies] + [4]
+    new_tokens = [b["usage"]["completion_tokens"] for b in bodies] + [4, 2, 2]  # + the stream, the 2 choices
     assert new_tokens[:3] == [3, 4, 5]  # ignore_eos: exactly max_new_tokens each
     assert total(s, "lmops:generation_tokens_total", **lab) == sum(new_tokens)
-    assert total(s, "lmops:prompt_tokens_total", **lab) == sum(b["usage"]["prompt_tokens"] for b in bodies) + 1
-    assert total(s, "lmops:time_to_first_token_seconds_count", **lab) == 4
+    prompts = sum(b["usage"]["prompt_tokens"] for b in bodies) + 1 + 2 * oa["usage"]["prompt_tokens"]
+    assert total(s, "lmops:prompt_tokens_total", **lab) == prompts
+    assert total(s, "lmops:time_to_first_token_seconds_count", **lab) == 6
     assert total(s, "lmops:time_per_output_token_seconds_count", **lab) == sum(n - 1 for n in new_tokens)
-    assert total(s, "lmops:e2e_request_latency_seconds_count", **lab) == 4
-    assert total(s, "lmops:request_queue_time_seconds_count", **lab) == 4
-    assert total(s, "lmops:request_success_total", finished_reason="length", **lab) == 4
+    assert total(s, "lmops:e2e_request_latency_seconds_count", **lab) == 6
+    assert total(s, "lmops:request_queue_time_seconds_count", **lab) == 6
+    assert total(s, "lmops:request_success_total", finished_reason="length", **lab) == 6
     assert total(s, "lmops:feedback_total", rating="1", **lab) == 1
     assert total(s, "lmops:feedback_total", rating="-1", **lab) == 2
     e2e_sum = total(s, "lmops:e2e_request_latency_seconds_sum", **lab)
