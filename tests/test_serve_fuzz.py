@@ -157,6 +157,7 @@ def test_body_size_limit_413_declared_or_chunked(server, store):
     r = post_raw(server, "/v1/generate", big)
     err = r.json()["error"]
     assert r.status_code == 413 and (err["field"], err["limit"]) == ("body", "serve.max_body_bytes"), r.text
+    assert httpx.get(server + "/v1/info").json()["limits"]["max_body_bytes"] == 16384
 
     def chunks():  # no Content-Length: the limit is counted while reading
         for _ in range(40):

@@ -29,7 +29,7 @@ class _SendTimeout(Exception):
 
 
 async def _reply(send, err: ApiError) -> None:
-    body = json.dumps(err.body()).encode()
+    body = json.dumps(err.body(), separators=(",", ":")).encode()  # as the app's JSONResponse writes it
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close")]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})

@@ -33,5 +33,5 @@ async def info(state: ServeState = Depends(get_state)):
         "auth_required": bool(state.api_token),
         "limits": {"max_prompt_chars": sp_cfg.max_prompt_chars, "max_new_tokens": sp_cfg.max_new_tokens,
                    "max_concurrent": sp_cfg.max_concurrent, "request_timeout_s": sp_cfg.request_timeout_s,
-                   "max_correction_chars": fb_cfg.max_correction_chars},
+                   "max_correction_chars": fb_cfg.max_correction_chars, "max_body_bytes": sp_cfg.max_body_bytes},
     }
