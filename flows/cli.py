@@ -108,7 +108,8 @@ def harvest(
     typer.echo(
         f"harvested {result.get('new_rows', 0)} feedback rows -> {result.get('train_records', 0)} training, "
         f"{result.get('holdout_records', 0)} held out, {result.get('negatives', 0)} negatives, "
-        f"{result.get('quarantined', 0)} quarantined; version {result.get('version') or 'unchanged'}"
+        f"{result.get('pairs', 0)} preference pairs, {result.get('quarantined', 0)} quarantined; "
+        f"version {result.get('version') or 'unchanged'}"
     )
     if result.get("training"):
         t = result["training"]
