@@ -276,3 +276,35 @@ def test_loopback_rule():
     for host in ("0.0.0.0", "::", "192.0.2.1", "example.org"):
         with pytest.raises(LmopsError, match="LMOPS_API_TOKEN"):
             require_token_beyond_loopback(host, "")
+
+
+def test_a_crashed_decode_loop_fails_its_rows_and_the_next_request_gets_a_fresh_one(tmp_path):
+    """Whatever input one day crashes the decode loop fails the rows it held (an error, not a hang), and the
+    engine restarts the loop for the next request instead of queueing it forever."""
+    import asyncio
+
+    from lmcore.model.generate import SamplingParams
+    from lmcore.serve.engine import Engine, Row
+
+    engine = Engine(str(make_model(tmp_path / "tiny")), max_batch=2, max_new_tokens=8, batch_window_ms=0,
+                    compiled=False)
+    assert engine.reload()["ok"]
+    sp = SamplingParams(max_new_tokens=4, temperature=0, stop_at_eos=False)
+
+    async def run(prompt_ids: list[int] | None) -> tuple:
+        q: asyncio.Queue = asyncio.Queue()
+        row = Row(list(prompt_ids or []), sp, time.monotonic() + 30, asyncio.get_running_loop(), q)
+        engine.submit(row, prompt=None if prompt_ids else "ok")
+        events = []
+        while (ev := await asyncio.wait_for(q.get(), 30))[0] == "token":
+            events.append(ev)
+        return ev, len(events)
+
+    try:
+        last, _ = asyncio.run(run([10**6]))  # a token id past the vocabulary: the prefill raises in the loop
+        assert last[0] == "error" and "decode loop" in last[1]
+        last, n = asyncio.run(run(None))
+        assert last == ("done", "length") and n == 4
+        assert engine.health()["decode_restarts"] == 1
+    finally:
+        engine.stop()

@@ -164,6 +164,7 @@ class Batcher:
         self.compile_done = threading.Event()  # set once the compiled step is in use, or has failed
         self.pending: queue.Queue[Row] = queue.Queue()
         self.active: list[Row] = []  # active[i].slot == i
+        self.admitting: Row | None = None  # the row being prefilled
         self.on_batch = on_batch or (lambda n: None)
         self.observer = observer or _NoObserver()
         self._retired = threading.Event()
@@ -244,7 +245,8 @@ class Batcher:
                     self._step()
         except Exception as e:  # never leave callers waiting forever
             log.exception("decode loop for version %s crashed", self.lm.version)
-            for row in self.active + self._drain():
+            held = self.active + ([self.admitting] if self.admitting is not None else [])
+            for row in held + self._drain():
                 row.emit(("error", f"internal error in the decode loop: {e}"))
         finally:
             for row in self._drain():
@@ -278,8 +280,10 @@ class Batcher:
             return
         self.observer.admitted(time.perf_counter() - row.queued_at, len(row.prompt_ids))
         row.slot = len(self.active)
+        self.admitting = row  # in neither queue while it prefills: a crash must still answer it
         logits = self.decoder.prefill(row.prompt_ids, row.slot)  # (1, V)
         self.active.append(row)
+        self.admitting = None
         self._accept(row, logits)
 
     def _accept(self, row: Row, logits: torch.Tensor) -> None:
@@ -346,6 +350,7 @@ class Engine:
         self.last_reload_at: float | None = None
         self.loading = False
         self.swaps = 0
+        self.restarts = 0  # decode loops restarted after a crash
         self._swap_lock = threading.Lock()  # pointer swap
         self._reload_lock = threading.Lock()  # one reload at a time
         self._poller: threading.Thread | None = None
@@ -384,8 +389,7 @@ class Engine:
             self.last_reload_error = None
             if previous is not None and lm.version == previous and self.source == source:
                 return {"ok": True, "version": previous, "previous": previous, "swapped": False, "error": None}
-            batcher = Batcher(lm, self.max_batch, self.max_new_tokens, self.batch_window_ms, self.on_batch,
-                              self.compiled, self.observe(lm) if self.observe else None)
+            batcher = self._batcher(lm)
             with self._swap_lock:
                 old, self.current = self.current, batcher
                 self.source = source
@@ -409,11 +413,20 @@ class Engine:
             batcher = self.current
             if batcher is None:
                 raise LmopsError("no model loaded yet")
+            if not batcher.alive and not self._stop.is_set():
+                # its decode loop crashed, failing the rows it held: a fresh loop on the same model
+                log.error("decode loop of version %s had stopped; restarting it", batcher.lm.version)
+                batcher = self.current = self._batcher(batcher.lm)
+                self.restarts += 1
             if prompt is not None:
                 tok = batcher.lm.tokenizer
                 row.prompt_ids = tok.encode_rendered(prompt) if rendered else tok.encode(prompt)
             batcher.submit(row)
         return batcher.lm
+
+    def _batcher(self, lm: LoadedModel) -> Batcher:
+        return Batcher(lm, self.max_batch, self.max_new_tokens, self.batch_window_ms, self.on_batch, self.compiled,
+                       self.observe(lm) if self.observe else None)
 
     def start_polling(self, interval_s: float) -> None:
         """Poll the registry alias every ``interval_s`` and reload when it points elsewhere."""
@@ -456,6 +469,7 @@ class Engine:
             "loaded_at": lm.loaded_at if lm else None,
             "loading": self.loading,
             "swaps": self.swaps,
+            "decode_restarts": self.restarts,
             "retired_draining": sum(1 for b in self.retired if b.alive),
             "last_reload_error": self.last_reload_error,
             "last_reload_at": self.last_reload_at,
