@@ -46,17 +46,20 @@ def torchrun_command(nproc: int, nnodes: int, run_id: str, data: str, out: Path,
 
 
 @flow(name="ddp-train", log_prints=True)
-def ddp_training_flow(nproc_per_node: int | None = None, nnodes: int = 1, params_path: str | None = None,
-                      overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train with DDP on ``nproc_per_node`` processes (default: stack.nproc_per_node) per node."""
+def ddp_training_flow(nproc_per_node: int | None = None, nnodes: int = 1, rdzv_id: str | None = None,
+                      params_path: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train with DDP on ``nproc_per_node`` processes (default: stack.nproc_per_node) on each of ``nnodes``
+    nodes; with ``nnodes`` > 1 start one run per node, all with the same ``rdzv_id``."""
     params = load_params(params_path, overrides)
     version = current_dataset(DataRegistry.open()).id
     prepared = run_cached(prepare_task, lambda d: (Path(d) / "meta.json").is_file(), version, params).result()
     run_id = str(flow_run.get_id() or "local")
     out = get_settings().runs_dir / "ddp" / run_id
+    if nnodes > 1 and not rdzv_id:
+        raise LmopsError("nnodes > 1 needs rdzv_id: the same id for the run on every node")
     out.mkdir(parents=True, exist_ok=True)
     nproc = nproc_per_node or params.stack.nproc_per_node
-    cmd = torchrun_command(nproc, nnodes, run_id, prepared, out, params_path, overrides or {})
+    cmd = torchrun_command(nproc, nnodes, rdzv_id or run_id, prepared, out, params_path, overrides or {})
     log = out / "torchrun.log"
     with open(log, "wb") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import prefect.settings
 import torch
 from prefect import flow
@@ -99,7 +100,7 @@ def server_backend(url: str, kind: str) -> str | None:
     if kind == "mlflow":
         return env.get("_MLFLOW_SERVER_FILE_STORE")
     return (env.get("PREFECT_API_DATABASE_CONNECTION_URL") or env.get("PREFECT_SERVER_DATABASE_CONNECTION_URL")
-            or "sqlite (Prefect's default)")
+            or "sqlite+aiosqlite:///(Prefect's default, under its PREFECT_HOME)")
 
 
 def _scheme(url: str) -> str:
@@ -107,31 +108,24 @@ def _scheme(url: str) -> str:
 
 
 def check_no_sqlite(params: Params) -> Check:
-    """No SQLite behind a shared server: every store and each local server's own database."""
+    """No SQLite behind a shared server: every store, and each server's own database where it runs here."""
     s = get_settings()
-    prefect_url = s.prefect_api_url
-    mlflow_uri = s.mlflow_tracking_uri
-    stores = {"mlflow": mlflow_uri, "feedback": s.feedback_db, "optuna": params.optimize.storage or s.optuna_db}
-    if not prefect_url and not mlflow_uri.startswith("http"):
+    if not s.prefect_api_url and not s.mlflow_tracking_uri.startswith("http"):
         return Check("no SQLite behind a shared server", False, "no shared server configured (PREFECT_API_URL and "
                      "MLFLOW_TRACKING_URI unset): this is the one-machine setup; `lmops stack up` prints a team's")
-    bad, seen = [], []
-    for name, url in stores.items():
-        if url.startswith("http"):
-            backend = server_backend(url, "mlflow")
-            url = backend or "remote server (run `lmops doctor` on its machine to see its database)"
-            name = "mlflow server"
-        seen.append(f"{name}={_scheme(url) if '://' in url or _is_sqlite(url) else url}")
-        if _is_sqlite(url) and "remote server" not in url:
-            bad.append(name)
-    if prefect_url:
-        backend = server_backend(prefect_url, "prefect")
-        seen.append(f"prefect server={_scheme(backend) if backend else 'remote'}")
-        if backend and _is_sqlite(backend.replace("sqlite (", "sqlite:(")):
-            bad.append("prefect server")
-    detail = ", ".join(seen)
+    found: dict[str, str | None] = {}  # None: a server whose process is not on this machine
+    if s.mlflow_tracking_uri.startswith("http"):
+        found["mlflow server"] = server_backend(s.mlflow_tracking_uri, "mlflow")
+    else:
+        found["mlflow"] = s.mlflow_tracking_uri
+    found["feedback"] = s.feedback_db
+    found["optuna"] = params.optimize.storage or s.optuna_db
+    if s.prefect_api_url:
+        found["prefect server"] = server_backend(s.prefect_api_url, "prefect")
+    bad = [name for name, url in found.items() if url is not None and _is_sqlite(url)]
+    detail = ", ".join(f"{n}={_scheme(u) if u else 'not readable from here'}" for n, u in found.items())
     return Check("no SQLite behind a shared server", not bad,
-                 (f"SQLite in {', '.join(bad)} ({detail}): use PostgreSQL (`lmops stack up`)" if bad else detail))
+                 f"SQLite in {', '.join(bad)} ({detail}): use PostgreSQL (`lmops stack up`)" if bad else detail)
 
 
 def check_artifact_proxy(params: Params) -> Check:
@@ -142,6 +136,7 @@ def check_artifact_proxy(params: Params) -> Check:
     if not uri.startswith("http"):
         return Check("artifact proxy", False, f"MLFLOW_TRACKING_URI is {_scheme(uri)}, not a tracking server")
     try:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()  # fail fast: MLflow retries for minutes
         exps = MlflowClient(uri).search_experiments(max_results=50)
     except Exception as e:  # any transport or server error: one line
         return Check("artifact proxy", False, f"MLflow at {uri} does not answer: {str(e).splitlines()[0][:200]}")
@@ -247,7 +242,8 @@ def probe_workers(nonce: str, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, d
                 if run.state and run.state.is_final():
                     arts = client.read_artifacts(artifact_filter=ArtifactFilter(
                         flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
-                    out[name] = json.loads(arts[0].data) if arts else f"probe run ended {run.state.name}"
+                    facts = [a.data for a in arts if a.type == "markdown" and isinstance(a.data, str)]
+                    out[name] = json.loads(facts[0]) if facts else f"probe run ended {run.state.name}"
                     runs.pop(name)
     for name in runs:
         out[name] = (f"did not run the probe within {timeout_s:.0f} s (start it with "
@@ -314,5 +310,12 @@ def run_doctor(params: Params, workers: bool = True) -> list[Check]:
             checks.append(Check("workers", False, "PREFECT_API_URL unset: no work pool to probe"))
         else:
             nonce = secrets.token_hex(6)
-            checks += worker_checks(params, probe_workers(nonce), nonce)
+            try:
+                httpx.get(f"{get_settings().prefect_api_url.rstrip('/')}/health", timeout=5).raise_for_status()
+                probed = probe_workers(nonce)
+            except Exception as e:  # an unreachable or failing API: one line, not a traceback
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                checks.append(Check("workers", False, f"the Prefect API does not answer: {why}"))
+            else:
+                checks += worker_checks(params, probed, nonce)
     return checks

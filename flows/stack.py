@@ -40,6 +40,7 @@ from lmcore.services import (
     Service,
     check_port,
     console_script,
+    pid_alive,
     start_mlflow_server,
     start_service,
     stop_group,
@@ -124,16 +125,6 @@ def _write_state(state: dict[str, Any]) -> None:
     tmp.write_text(json.dumps(state, indent=2))
     tmp.chmod(0o600)  # it holds the database URLs with their password
     tmp.replace(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _healthy(url: str) -> bool:
@@ -228,7 +219,7 @@ def stack_up(params: Params, workers: int | None = None, ports: Ports = Ports(),
     """Start every part, health-checked, recording each in state.json as it comes up; stop them all on failure."""
     settings = apply_environment(get_settings())
     n = workers or params.stack.workers
-    if (old := read_state()) and any(_alive(s["pid"]) for s in old.get("services", [])):
+    if (old := read_state()) and any(pid_alive(s["pid"]) for s in old.get("services", [])):
         raise LmopsError(f"a stack is already up (state {state_path()}): `lmops stack status`, `lmops stack down`")
     _check_ports(ports, n, host)
     db = cluster(ports.postgres)
@@ -284,7 +275,7 @@ def stack_status(home: Path | None = None) -> list[dict[str, Any]]:
     rows = [{"name": "postgres", "url": f"postgresql://127.0.0.1:{pg['port']}", "pid": pid,
              "alive": pid is not None, "healthy": pid is not None and db.healthy()}]
     for s in state.get("services", []):
-        alive = _alive(s["pid"])
+        alive = pid_alive(s["pid"])
         rows.append({"name": s["name"], "url": s["url"], "pid": s["pid"], "alive": alive,
                      "healthy": alive and _healthy(s["health"])})
     return rows
@@ -297,7 +288,7 @@ def stack_down(home: Path | None = None, echo: Callable[[str], None] = print) ->
         return []
     stopped = []
     for s in reversed(state.get("services", [])):
-        if _alive(s["pid"]):
+        if pid_alive(s["pid"]):
             stop_group(s["pid"])
             stopped.append(f"{s['name']} (pid {s['pid']})")
     pg = state["postgres"]

@@ -10,10 +10,12 @@ re-runs a cached step whose output folder has since been deleted (see
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
 import os
+import socket
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,6 +37,7 @@ from lmcore.model.base import TAG_BASE_HASH, base_lineage
 from lmcore.registry.models import find_version_by_tag, gate, log_model, register_version
 from lmcore.registry.reports import log_training_outputs
 from lmcore.registry.tracking import TAG_DATASET_VERSION, RunTracker
+from lmcore.services import pid_alive
 from lmcore.settings import get_settings
 from lmcore.training.dpo import train_dpo
 from lmcore.training.evaluate import evaluate
@@ -44,9 +47,47 @@ from lmcore.training.stages import STAGE_CODE, STAGE_PARAMS
 CACHED: dict[str, Any] = {"cache_expiration": timedelta(days=30), "persist_result": True}
 
 
+class OwnedFileLockManager(FileSystemLockManager):
+    """Prefect's file locks, each with its owner (host and PID) beside it: a lock whose owner on this host
+    has died (a killed worker's run) is stale and is removed, so the re-run does not wait for it forever."""
+
+    def _owner_path(self, key: str) -> Path:
+        return self._lock_path_for_key(key).with_suffix(".owner")
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._owner_path(key).write_text(f"{socket.gethostname()} {os.getpid()}")
+        return acquired
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                            hold_timeout: float | None = None) -> bool:
+        acquired = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            self._owner_path(key).write_text(f"{socket.gethostname()} {os.getpid()}")
+        return acquired
+
+    def release_lock(self, key: str, holder: str) -> None:
+        self._owner_path(key).unlink(missing_ok=True)
+        super().release_lock(key, holder)
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            owner, lock = self._owner_path(key), self._lock_path_for_key(key)
+            host, pid = owner.read_text().split()
+            # an owner file older than the lock file is a previous holder's, not this lock's
+            if (host == socket.gethostname() and not pid_alive(int(pid))
+                    and owner.stat().st_mtime_ns >= lock.stat().st_mtime_ns):
+                self._lock_path_for_key(key).unlink(missing_ok=True)
+                self._owner_path(key).unlink(missing_ok=True)
+                self._locks.pop(key, None)
+        return super().is_locked(key, use_cache)
+
+
 def _serializable(key_fn) -> CachePolicy:
     """Cache on ``key_fn``; a second run with the same key waits for the first, then reuses it."""
-    locks = FileSystemLockManager(lock_files_directory=get_settings().home / "locks" / "prefect")
+    locks = OwnedFileLockManager(lock_files_directory=get_settings().home / "locks" / "prefect")
     return CacheKeyFnPolicy(cache_key_fn=key_fn).configure(isolation_level="SERIALIZABLE", lock_manager=locks)
 
 

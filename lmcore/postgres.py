@@ -58,7 +58,7 @@ def check_traversable(path: Path) -> None:
     except KeyError:
         raise LmopsError(f"running as root, but there is no '{SYSTEM_USER}' user to run PostgreSQL as") from None
     for folder in reversed(Path(path).resolve().parents):
-        if not os.stat(folder).st_mode & 0o001:
+        if folder.exists() and not os.stat(folder).st_mode & 0o001:
             raise LmopsError(f"the postgres user cannot reach {path}: {folder} is not traversable "
                              f"(run `chmod o+x {folder}`, or set LMOPS_HOME elsewhere)")
 

@@ -52,6 +52,17 @@ def console_script(name: str) -> str:
     return str(local) if local.exists() else name
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def port_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:

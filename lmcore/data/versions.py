@@ -55,6 +55,7 @@ from lmcore.config import DataParams, from_dict
 from lmcore.data import RECORD_COLUMNS
 from lmcore.errors import LmopsError
 from lmcore.locks import file_lock
+from lmcore.services import pid_alive as _alive
 from lmcore.settings import get_settings
 
 KINDS = ("raw", "feedback", "chat", "preference")
@@ -548,16 +549,6 @@ def _pointer_text(kind: str, info: dict) -> str:
             f"  nfiles: {info.get('nfiles') or 0}\n"
             "  hash: md5\n"
             f"  path: {kind}\n")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def split_hint(meta: str | dict | None) -> str | None:
