@@ -165,6 +165,7 @@ class Batcher:
         self.pending: queue.Queue[Row] = queue.Queue()
         self.active: list[Row] = []  # active[i].slot == i
         self.admitting: Row | None = None  # the row being prefilled
+        self.crashed = False
         self.on_batch = on_batch or (lambda n: None)
         self.observer = observer or _NoObserver()
         self._retired = threading.Event()
@@ -244,6 +245,7 @@ class Batcher:
                 if self.active:
                     self._step()
         except Exception as e:  # never leave callers waiting forever
+            self.crashed = True  # from now on the engine hands new rows to a fresh loop
             log.exception("decode loop for version %s crashed", self.lm.version)
             held = self.active + ([self.admitting] if self.admitting is not None else [])
             for row in held + self._drain():
@@ -413,7 +415,7 @@ class Engine:
             batcher = self.current
             if batcher is None:
                 raise LmopsError("no model loaded yet")
-            if not batcher.alive and not self._stop.is_set():
+            if (batcher.crashed or not batcher.alive) and not self._stop.is_set():
                 # its decode loop crashed, failing the rows it held: a fresh loop on the same model
                 log.error("decode loop of version %s had stopped; restarting it", batcher.lm.version)
                 batcher = self.current = self._batcher(batcher.lm)
