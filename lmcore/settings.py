@@ -22,6 +22,7 @@ QUIET_ENV = {
     "GIT_PYTHON_REFRESH": "quiet",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # no "View run at ..." per run against a server
 }
 
 # The local web UIs' ports (each tool's own default), used by every command that starts or links to them.
