@@ -110,8 +110,11 @@ class ModelParams:
     norm_eps: float
     dropout: float
     tie_embeddings: bool
+    rope_llama3: tuple[float, ...]
 
     def check(self) -> None:
+        _require(len(self.rope_llama3) in (0, 4), "model.rope_llama3 must be [] or [factor, low_freq_factor, "
+                 "high_freq_factor, original_context]")
         for name in ("n_layer", "n_head", "n_kv_head", "d_model", "block_size"):
             _require(getattr(self, name) > 0, f"model.{name} must be > 0")
         _require(self.d_model % self.n_head == 0, "model.d_model must be divisible by model.n_head")

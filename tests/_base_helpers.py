@@ -18,7 +18,7 @@ TEXT = ["The capital of France is Paris.", "Two plus two is four.", "def add(a, 
 
 
 def make_base(folder: Path, *, chat: bool = True, seed: int = 0, width: int = 64, layers: int = 2,
-              tie: bool = False, eos: str | None = None) -> Path:
+              tie: bool = False, eos: str | None = None, rope: dict | None = None) -> Path:
     """A tiny random Llama base in ``folder`` (config, safetensors, tokenizer files): the shape of a real one.
 
     ``eos="</s>"`` makes a TinyLlama-style base: ``</s>`` ends text and there is no ``<|endoftext|>`` at all."""
@@ -38,7 +38,8 @@ def make_base(folder: Path, *, chat: bool = True, seed: int = 0, width: int = 64
     cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size() + 8, hidden_size=width,
                                    intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                                   tie_word_embeddings=tie, eos_token_id=fast.eos_token_id)
+                                   tie_word_embeddings=tie, eos_token_id=fast.eos_token_id,
+                                   **({"rope_parameters": rope} if rope else {}))
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():

@@ -22,7 +22,7 @@ from lmcore.data.prepare import prepare_split_texts
 from lmcore.data.versions import DataRegistry
 from lmcore.errors import LmopsError
 from lmcore.model.base import base_hash, load_base
-from lmcore.model.checkpoint import load_model
+from lmcore.model.checkpoint import load_model, save_model
 from lmcore.model.generate import SamplingParams, generate_tokens
 from lmcore.model.hf import export_hf
 from lmcore.training.loop import Batches, train
@@ -215,3 +215,24 @@ def test_a_failing_chat_template_is_one_line(base):
     tok.chat_template = "{{ messages[0]['content'] "  # unterminated
     with pytest.raises(LmopsError, match="^chat template failed"):
         tok.render_chat(MULTI)
+
+
+@pytest.mark.model
+def test_a_llama3_rope_base_matches_transformers_and_exports(tmp_path):
+    """Llama-3.1/3.2 bases scale RoPE frequencies ("llama3" rope type): read, checked and exported with it."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    base = make_base(tmp_path / "llama3", rope=rope, tie=True)
+    model, tok, _ = load_base(str(base))  # the parity check on load already compares with transformers
+    assert model.cfg.rope_llama3 == (8.0, 1.0, 4.0, 32.0)
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
+    plain = load_base(str(base), verify=False)[0]
+    with torch.no_grad():  # positions past the original context really rotate differently
+        ref = transformers.AutoModelForCausalLM.from_pretrained(base).eval()(idx).logits
+        torch.testing.assert_close(model(idx)[0], ref, atol=1e-4, rtol=0)
+    save_model(tmp_path / "m", plain, tok)
+    again = transformers.AutoModelForCausalLM.from_pretrained(export_hf(tmp_path / "m", tmp_path / "hf")).eval()
+    assert again.config.rope_parameters["rope_type"] == "llama3"
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, ref, atol=1e-4, rtol=0)
+    assert load_model(tmp_path / "m")[0].cfg == model.cfg  # and through lmops' own config.json

@@ -94,8 +94,8 @@ def hf_config_dict(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # transformers 4.x
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5.x
+        "rope_scaling": _rope_scaling(cfg),
+        "rope_parameters": {**(_rope_scaling(cfg) or {"rope_type": "default"}), "rope_theta": cfg.rope_theta},  # 5.x
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -110,6 +110,15 @@ def hf_config_dict(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any
     }
 
 
+def _rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    """``rope_scaling`` of a Llama 3 base (None for plain RoPE)."""
+    if not cfg.rope_llama3:
+        return None
+    factor, low, high, original = cfg.rope_llama3
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": int(original)}
+
+
 def hf_config(cfg: ModelConfig, eos_id: int | None = None):
     """A ``transformers.LlamaConfig`` equal to what :func:`export_hf` writes (imports transformers)."""
     try:
@@ -117,8 +126,10 @@ def hf_config(cfg: ModelConfig, eos_id: int | None = None):
     except ImportError:
         raise LmopsError("transformers is not installed (pip install 'lmops[dev]')") from None
     d = hf_config_dict(cfg, eos_id)
-    for k in ("architectures", "model_type", "torch_dtype", "rope_scaling"):
+    for k in ("architectures", "model_type", "torch_dtype"):
         d.pop(k)
+    if d["rope_scaling"] is None:
+        d.pop("rope_scaling")
     try:
         return LlamaConfig(**d)
     except TypeError:  # transformers 4.x does not know rope_parameters
@@ -133,8 +144,13 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     try:
         heads, width = int(d["num_attention_heads"]), int(d["hidden_size"])
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise LmopsError(f"unsupported RoPE scaling {rope.get('rope_type', rope.get('type'))!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        llama3: tuple[float, ...] = ()
+        if rope_type == "llama3":
+            llama3 = tuple(float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings"))
+        elif rope_type != "default":
+            raise LmopsError(f"unsupported RoPE scaling {rope_type!r} (lmops models default and llama3 RoPE)")
         if d.get("attention_bias") or d.get("mlp_bias") or d.get("hidden_act", "silu") != "silu":
             raise LmopsError("unsupported Llama variant: biases or a non-silu activation")
         if d.get("head_dim") not in (None, width // heads):
@@ -150,6 +166,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
             rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
             norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            rope_llama3=llama3,
         )
     except KeyError as e:
         raise LmopsError(f"Hugging Face config lacks {e.args[0]!r}") from None

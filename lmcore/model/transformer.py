@@ -29,8 +29,8 @@ from lmcore.config import ModelParams, shipped_params
 @dataclass(frozen=True)
 class ModelConfig(ModelParams):
     """A model's shape: params.yaml's ``model`` slice (``ModelParams``: layers, heads, kv-heads, width,
-    context, ffn width, RoPE base, norm eps, dropout, tied embeddings; defaults from params.yaml) plus
-    the tokenizer's vocabulary size, which the prepared data decides."""
+    context, ffn width, RoPE base and Llama 3 scaling, norm eps, dropout, tied embeddings; defaults from
+    params.yaml) plus the tokenizer's vocabulary size, which the prepared data decides."""
 
     vocab_size: int = field(default_factory=lambda: shipped_params().tokenizer.vocab_size)
 
@@ -56,6 +56,8 @@ class ModelConfig(ModelParams):
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "rope_llama3" in known:  # a JSON list when read back from config.json
+            known["rope_llama3"] = tuple(known["rope_llama3"] or ())
         return cls(**known)
 
     @classmethod
@@ -68,8 +70,23 @@ def rope_cache(cfg: ModelConfig, length: int, device=None) -> tuple[torch.Tensor
     """cos, sin of shape (length, D) in Llama's rotate-half layout, sin's first half negated (see apply_rope)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+    if cfg.rope_llama3:
+        inv_freq = llama3_inv_freq(inv_freq, *cfg.rope_llama3)
     freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (L, D/2)
     return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs, freqs), dim=-1).sin()  # sin(-a) = -sin(a)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_context: float) -> torch.Tensor:
+    """Llama 3's RoPE scaling: long wavelengths slowed by ``factor``, short ones kept, a smooth blend between
+    (the ``llama3`` rope type of Hugging Face's config, which Llama-3.1/3.2 bases use)."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = original_context / low_freq_factor, original_context / high_freq_factor
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
