@@ -371,9 +371,17 @@ class RunTracker:
         source = DVCDatasetSource(path=str(path), rev=str(rev), version=str(vid))
         ds = MetaDataset(source=source, name=f"lmops-data@{str(vid)[:12]}", digest=str(vid)[:36])
         entity = ds._to_mlflow_entity()
-        self.client.log_inputs(self.run_id, datasets=[
-            DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])
-        ])
+        inputs = [DatasetInput(dataset=entity, tags=[InputTag("mlflow.data.context", context)])]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as e:  # MLflow wraps the store's error in its own exception types
+                # Two runs logging the same dataset at once: on PostgreSQL (not SQLite, whose writes queue)
+                # the second INSERT violates the dataset's unique key; again, it finds the row and links it.
+                if attempt == 2 or "unique" not in str(e).lower():
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
 
 def _dvc_source_class():
