@@ -19,7 +19,6 @@ STOP_DESCRIPTION = ("Stop sequences (a string or up to 4): generation ends befor
 TOP_LOGPROBS_DESCRIPTION = "With logprobs: also the k most likely tokens at each step (0-20)."
 
 
-
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer: what torch's generators (and SQL BIGINT) take
 
 
