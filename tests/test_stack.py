@@ -182,7 +182,7 @@ def test_four_concurrent_training_runs_on_two_workers(stack):
     champion = ml.get_model_version_by_alias(MODEL, "champion")  # exactly one: an alias names one version
     history = json.loads(registered.tags["lmops.alias_history"])
     assert [h["at"] for h in history] == sorted(h["at"] for h in history)  # in order
-    assert history[-1]["version"] == champion.version and history[0]["previous"] is None
+    assert str(history[-1]["version"]) == str(champion.version) and history[0]["previous"] is None
     assert all(h["previous"] == prev["version"] for prev, h in zip(history, history[1:], strict=False))
     run = ml.get_run(champion.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # artifacts go through the server's proxy
