@@ -174,7 +174,8 @@ def test_four_concurrent_training_runs_on_two_workers(stack):
         listed = {str(r.id): r for r in client.read_flow_runs()}
     assert all(i in listed and listed[i].work_pool_name == "lmops" for i in ids)
 
-    ml = MlflowClient(stack.exports["MLFLOW_TRACKING_URI"])
+    # registry_uri too: an earlier test in this process may have set MLflow's global registry URI
+    ml = MlflowClient(stack.exports["MLFLOW_TRACKING_URI"], registry_uri=stack.exports["MLFLOW_TRACKING_URI"])
     versions = ml.search_model_versions(f"name='{MODEL}'")
     keys = [v.tags.get("lmops.train_key") for v in versions]
     assert len(keys) == 2 and len(set(keys)) == 2, keys  # no version registered twice
@@ -297,5 +298,6 @@ def test_the_killed_run_is_crashed_and_a_rerun_registers_nothing_twice(stack):
     (rerun,) = stack.submit("training/nightly", {"overrides": {"train.seed": 3, "train.max_steps": 400}})
     stack.completed([rerun])
     keys = [v.tags.get("lmops.train_key") for v in
-            MlflowClient(stack.exports["MLFLOW_TRACKING_URI"]).search_model_versions(f"name='{MODEL}'")]
+            MlflowClient(stack.exports["MLFLOW_TRACKING_URI"], registry_uri=stack.exports["MLFLOW_TRACKING_URI"])
+            .search_model_versions(f"name='{MODEL}'")]
     assert len(keys) == len(set(keys)), keys  # nothing registered twice
