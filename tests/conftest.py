@@ -123,3 +123,12 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A feedback store (SQLite) shared by one module's tests, closed after them; a module may define its own."""
+    from _serve_helpers import feedback_store
+
+    with feedback_store(tmp_path_factory.mktemp("fb")) as s:
+        yield s

@@ -11,7 +11,6 @@ import pytest
 from _serve_helpers import make_model, parse_sse, thread_server
 
 from lmcore.config import Params, ServeParams
-from lmcore.feedback.store import FeedbackStore
 
 pytestmark = pytest.mark.code
 
@@ -19,13 +18,6 @@ pytestmark = pytest.mark.code
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    s = FeedbackStore(f"sqlite:///{tmp_path_factory.mktemp('fb') / 'feedback.db'}")
-    yield s
-    s.close()
 
 
 @pytest.fixture(scope="module")

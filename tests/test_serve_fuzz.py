@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from _serve_helpers import feedback_store, free_port, make_model, thread_server
+from _serve_helpers import free_port, make_model, thread_server
 
 from lmcore.config import Params, ServeParams
 
@@ -28,12 +28,6 @@ FUZZ_SECONDS = 45.0  # wall-clock cap for the whole fuzz; each operation gets a 
 PARAMS = Params(serve=ServeParams(max_prompt_chars=200, max_new_tokens=64, max_concurrent=16, poll_interval_s=0,
                                   max_body_bytes=16384, body_timeout_s=1.0, header_timeout_s=1.0,
                                   send_timeout_s=1.0, compile_decode=False))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with feedback_store(tmp_path_factory.mktemp("fb")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 import httpx
 import openai
 import pytest
-from _serve_helpers import feedback_store, make_model, parse_sse, thread_server
+from _serve_helpers import make_model, parse_sse, thread_server
 
 from lmcore.config import Params, ServeParams
 from lmcore.serve.stops import StopFilter
@@ -30,12 +30,6 @@ def model_dir(tmp_path_factory):
     folder = make_model(tmp_path_factory.mktemp("models") / "chatty", seed=1)
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "chat_template": TEMPLATE}))
     return folder
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    with feedback_store(tmp_path_factory.mktemp("fb")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
