@@ -192,7 +192,8 @@ def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: 
 
 def _evaluate_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
     evaluated = p["params"].slice_hash(*STAGE_PARAMS["evaluate"])
-    return f"evaluate-{p['trained']['run_id']}-{evaluated}-{source_hash(*EVALUATE_CODE)}"
+    logged = "adapter" if p["params"].registry.adapter_only else "weights"  # what log_model uploads
+    return f"evaluate-{p['trained']['run_id']}-{evaluated}-{logged}-{source_hash(*EVALUATE_CODE)}"
 
 
 @task(name="evaluate", cache_policy=_serializable(_evaluate_cache_key), **CACHED)
@@ -207,7 +208,9 @@ def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params, lineag
             tracker, model_dir=Path(trained["model_dir"]), metrics=metrics, history_csv=Path(trained["history_csv"]),
             params=params, dataset_version=lineage.get(TAG_DATASET_VERSION), lineage=lineage,
         )
-        model_uri = log_model(tracker, Path(trained["model_dir"]))
+        adapter = Path(trained["out_dir"]) / "adapter"
+        model_uri = log_model(tracker, Path(trained["model_dir"]),
+                              adapter if params.registry.adapter_only and adapter.is_dir() else None)
     except BaseException:
         tracker.finish("FAILED")
         raise

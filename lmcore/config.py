@@ -229,6 +229,7 @@ class EvalParams:
 class RegistryParams:
     model_name: str
     experiment: str
+    adapter_only: bool  # a LoRA run from model.base registers its adapter alone (merged on its base when fetched)
 
 
 @params_slice("gate")

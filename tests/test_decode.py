@@ -8,7 +8,7 @@ import pytest
 import torch
 from _lm_helpers import sharp_model
 
-from lmcore.model.decode import Decoder
+from lmcore.model.decode import DECODER_SLOTS, Decoder
 from lmcore.model.generate import SamplingParams, generate_tokens
 from lmcore.model.transformer import ModelConfig, Transformer
 from lmcore.optimize.quantize import quantize_model, weight_only_model
@@ -17,6 +17,9 @@ pytestmark = pytest.mark.model
 
 # grouped-query attention (2 kv-heads for 4 heads) and a block shorter than the generations below
 CFG = ModelConfig(vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, d_model=64, block_size=16)
+# the cache length generate_tokens rounds to: every compiled decoder here shares one compiled step (a
+# compile costs 20-30 s), and the batch's single-row step is that one too
+LEN = DECODER_SLOTS
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,7 @@ def eager_logits(model: Transformer, seq: list[int]) -> torch.Tensor:
 
 def test_every_step_matches_a_full_forward_pass(model):
     seq = [5, 9, 2, 44, 17, 3, 3, 60, 1, 28] * 3  # 30 tokens: past block_size, so RoPE grows too
-    dec = Decoder(model, 32, compiled=True)
+    dec = Decoder(model, LEN, compiled=True)
     with torch.inference_mode():
         got = [dec.prefill(seq[:1])]  # a one-token prompt: the shortest attended length is 2
         got += [dec.step(torch.tensor([[t]])) for t in seq[1:]]
@@ -147,12 +150,12 @@ def test_a_new_process_loads_the_compiled_step_from_disk(model, monkeypatch):
     from lmcore.settings import get_settings
 
     seq = [3, 14, 15, 9, 26, 5]
-    first = Decoder(model, 32, compiled=True)
+    first = Decoder(model, LEN, compiled=True)
     libraries = sorted(get_settings().decode_cache.glob("step-*.pt2"))
     assert libraries
     monkeypatch.setattr(decode, "_libraries", {})
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", None)  # compiling again would fail
-    second = Decoder(model, 32, compiled=True)
+    second = Decoder(model, LEN, compiled=True)
     assert sorted(get_settings().decode_cache.glob("step-*.pt2")) == libraries
     with torch.inference_mode():
         a = [first.prefill(seq[:2])] + [first.step(torch.tensor([[t]])) for t in seq[2:]]
@@ -165,7 +168,7 @@ def test_a_compiled_batch_of_rows_at_different_lengths_matches_each_row_alone(mo
     the freed slot) and the batch shrinks to one row, all through one compiled step (B is dynamic)."""
     seqs = [[5, 9, 2, 44, 17, 3, 3, 60, 1, 28, 7, 7], [3, 14, 15, 9, 26, 5], [8, 8, 1, 2, 3, 4, 5, 6, 7, 9, 10]]
     cuts = [5, 1, 3]  # prompt lengths
-    dec = Decoder(model, 32, slots=4, compiled=True)
+    dec = Decoder(model, LEN, slots=4, compiled=True)
     got: list[list[torch.Tensor]] = [[] for _ in seqs]
     with torch.inference_mode():
         for s, (seq, cut) in enumerate(zip(seqs, cuts, strict=True)):

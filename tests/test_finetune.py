@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -185,6 +186,51 @@ def test_lora_trains_adapters_only_and_merges(base, chat_data, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(with_adapter.eval()(idx)[0], merged(idx)[0], atol=1e-5, rtol=0)
 
+
+
+@pytest.mark.model
+def test_an_adapter_only_version_is_small_and_fetches_as_the_merged_model(base, chat_data, tmp_path, monkeypatch):
+    """registry.adapter_only: the registered artifact holds the adapter, not the weights; fetching it
+    merges the adapter onto the same base again, and a base whose files changed is refused in one line."""
+    from _registry_helpers import make_home
+
+    from lmcore.registry.models import fetch_model_dir, log_model, register_version
+    from lmcore.registry.tracking import RunTracker, get_client
+
+    monkeypatch.setenv("LMOPS_HOME", str(make_home(tmp_path / "home", tmp_path)))
+    own_base = tmp_path / "base"
+    shutil.copytree(base, own_base)  # this test edits its base below
+    p = _params(own_base, train__lora_r=4, train__lora_alpha=8.0, train__lr=2e-2)
+    res = train(chat_data.dir, tmp_path / "run", p.model, p.train, progress=False)
+    tracker = RunTracker.start("adapters", "lora", params={}, tags={}, system_metrics=False)
+    uri = log_model(tracker, res.model_dir, res.out_dir / "adapter")
+    version = register_version(uri, "lora-lm", {}, tracker.run_id)
+    tracker.finish("FINISHED")
+    logged = get_client().list_artifacts(tracker.run_id, "model/artifacts/model_dir")
+    names = {Path(a.path).name: a.file_size for a in logged}
+    assert "model.safetensors" not in names and "adapter_model.safetensors" in names
+    assert names["adapter_model.safetensors"] < (res.model_dir / "model.safetensors").stat().st_size / 4
+
+    folder, _ = fetch_model_dir(f"models:/lora-lm/{version}")
+    fetched, tok, meta = load_model(folder)
+    merged, _, _ = load_model(res.model_dir)
+    idx = torch.randint(0, merged.cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fetched(idx)[0], merged(idx)[0], atol=1e-5, rtol=0)
+    assert meta["finetune"] == "lora" and meta["base"]["spec"] == str(own_base) and tok.chat_template
+
+    shutil.rmtree(folder)  # fetched again after the base changed: refused, nothing half-written
+    with torch.no_grad():
+        weights = own_base / "model.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(weights))
+        first = next(iter(state))
+        state[first] = state[first] + 1.0
+        save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(LmopsError, match="hash") as err:
+        fetch_model_dir(f"models:/lora-lm/{version}")
+    assert len(str(err.value).splitlines()) == 1 and not folder.exists()
 
 @pytest.mark.model
 def test_a_plain_base_without_endoftext_trains_and_registers_its_end_token(tmp_path):

@@ -1,5 +1,6 @@
 """The playground in headless Chromium (Debian's, via Playwright): prompt -> streamed completion ->
-thumbs-up and a correction, both of which must reach the feedback store. Keeps a screenshot."""
+thumbs-up and a correction, both of which must reach the feedback store. Keeps a screenshot. A model with
+a chat template is talked to as a chat: the page shows the formatted prompt and streams the reply."""
 
 from __future__ import annotations
 
@@ -16,11 +17,15 @@ pytestmark = pytest.mark.code
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-def test_playground_generates_and_sends_feedback(tmp_path):
+def _need_chromium() -> None:
     if not CHROMIUM.is_file():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("/usr/bin/chromium is missing in CI (apt-get install chromium)")
         pytest.skip("/usr/bin/chromium not installed")
+
+
+def test_playground_generates_and_sends_feedback(tmp_path):
+    _need_chromium()
     from playwright.sync_api import sync_playwright
 
     from lmcore.serve.app import create_app
@@ -35,6 +40,7 @@ def test_playground_generates_and_sends_feedback(tmp_path):
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(base + "/")
             page.wait_for_function("document.getElementById('model').textContent.includes('local-')")
+            assert page.locator("#chat-toggle").is_hidden()  # a byte-level model without a chat template
             page.fill("#prompt", "def greet(name):\n")
             page.fill("#max_new_tokens", "40")
             page.fill("#seed", "7")
@@ -59,5 +65,52 @@ def test_playground_generates_and_sends_feedback(tmp_path):
         assert [(r["rating"], r["correction"]) for r in rows] == [(1, None), (-1, "    return f'Hello, {name}!'\n")]
         assert store.get_generation(gid)["prompt"] == "def greet(name):\n"
         assert shot.stat().st_size > 10_000
+    finally:
+        store.close()
+
+
+def test_playground_formats_a_chat_models_prompt_with_its_template(tmp_path):
+    _need_chromium()
+    from _base_helpers import make_base
+    from playwright.sync_api import sync_playwright
+
+    from lmcore.data.tokenizer import Tokenizer
+    from lmcore.model.checkpoint import save_model
+    from lmcore.model.transformer import ModelConfig, Transformer
+    from lmcore.serve.app import create_app
+
+    tok = Tokenizer.load(make_base(tmp_path / "base"))  # ChatML template, as transformers saves it
+    assert tok.chat_template
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, d_model=32, block_size=64)
+    model = save_model(tmp_path / "chat-model", Transformer(cfg), tok, {})
+    store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
+    params = Params(serve=ServeParams(poll_interval_s=0, compile_decode=False))
+    try:
+        with thread_server(create_app(str(model), params, store=store)) as base, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(base + "/")
+            page.wait_for_function("!document.getElementById('chat-toggle').hidden")
+            assert page.is_checked("#chat") and page.inner_text("#prompt-label") == "Message"
+            page.fill("#prompt", "What is two plus two?")
+            page.fill("#max_new_tokens", "12")
+            page.fill("#seed", "3")
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('completion').dataset.generationId")
+            gid = page.eval_on_selector("#completion", "e => e.dataset.generationId")
+            shown = page.inner_text("#prompt-echo")
+            assert shown.strip() == ("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant"), shown
+            assert page.locator("#completion .tok").count() > 0 and "finish" in page.inner_text("#meta")
+            page.click("#down")
+            page.wait_for_function("document.getElementById('status').textContent.includes('feedback saved')")
+            page.uncheck("#chat")  # back to plain continuation of the raw text
+            page.fill("#prompt", "Two plus")
+            page.click("#generate")
+            page.wait_for_function(f"document.getElementById('completion').dataset.generationId !== '{gid}'")
+            assert page.inner_text("#prompt-echo") == "Two plus"
+            browser.close()
+        served = store.get_generation(gid)
+        assert served["prompt"].startswith("<|im_start|>user\nWhat is two plus two?")  # what the model was given
+        assert [r["rating"] for r in store.feedback_for(gid)] == [-1]
     finally:
         store.close()

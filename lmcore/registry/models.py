@@ -40,6 +40,7 @@ from lmcore.registry.reports import comparison_markdown, comparison_table
 from lmcore.registry.tracking import MODEL_DIR_ARTIFACT, RunTracker, get_client
 from lmcore.settings import get_settings
 from lmcore.training.evaluate import evaluate_model
+from lmcore.training.lora import is_adapter_only, merge_adapter_folder, stage_adapter_only
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "lmops.alias_history"
@@ -62,11 +63,13 @@ def _pip_requirements() -> list[str]:
     return reqs
 
 
-def log_model(tracker_or_run_id: Any, model_dir: Path) -> str:
+def log_model(tracker_or_run_id: Any, model_dir: Path, adapter_dir: Path | None = None) -> str:
     """Log a model folder to a run as a pyfunc model (weights as a safetensors artifact); returns its URI.
 
     The model is saved "from code" (``lmcore/registry/pyfunc_entry.py``) so nothing is pickled, into a
-    temporary folder, then uploaded with ``log_artifacts`` against the explicit run id.
+    temporary folder, then uploaded with ``log_artifacts`` against the explicit run id. With
+    ``adapter_dir`` (a LoRA run's adapter), only the adapter is logged in place of the weights
+    (``registry.adapter_only``); fetching the version merges it onto its base again.
     """
     import mlflow.pyfunc  # lazy: MLflow imports in ~1.8 s
 
@@ -81,12 +84,15 @@ def log_model(tracker_or_run_id: Any, model_dir: Path) -> str:
     client = get_client()
     with tempfile.TemporaryDirectory(prefix="lmops-pyfunc-") as tmp:
         staged = Path(tmp) / MODEL_DIR_ARTIFACT  # MLflow keeps a folder artifact's own name
-        staged.mkdir()
-        for f in MODEL_FILES:  # only these files: never a trainer_state.pt (pickle) next to them
-            shutil.copy2(model_dir / f, staged / f)
-        for f in OPTIONAL_MODEL_FILES:
-            if (model_dir / f).is_file():
+        if adapter_dir is not None:
+            stage_adapter_only(model_dir, Path(adapter_dir), staged, OPTIONAL_MODEL_FILES)
+        else:
+            staged.mkdir()
+            for f in MODEL_FILES:  # only these files: never a trainer_state.pt (pickle) next to them
                 shutil.copy2(model_dir / f, staged / f)
+            for f in OPTIONAL_MODEL_FILES:
+                if (model_dir / f).is_file():
+                    shutil.copy2(model_dir / f, staged / f)
         out = Path(tmp) / MODEL_ARTIFACT
         with warnings.catch_warnings():  # "add type hints"/"no input example": by design (explicit signature)
             warnings.simplefilter("ignore", UserWarning)
@@ -319,6 +325,8 @@ def fetch_model_dir(model_uri: str, dst: Path | None = None) -> tuple[Path, dict
         except (MlflowException, OSError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LmopsError(f"cannot download model {label}: {msg}") from None
+        if is_adapter_only(got):  # registered adapter-only: merged onto its base once, here
+            got = merge_adapter_folder(got, tmp / "merged")
         _validate_model_dir(got, label)
         if target.exists():
             shutil.rmtree(target)

@@ -7,13 +7,16 @@ can ``import lmcore`` (the pip requirement ``lmops``) can load and serve it.
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from pathlib import Path
 
 import pandas as pd
 
 from lmcore.model.checkpoint import load_model
 from lmcore.model.generate import SamplingParams, generate_text
 from lmcore.registry.tracking import MODEL_DIR_ARTIFACT
+from lmcore.training.lora import is_adapter_only, merge_adapter_folder
 
 try:  # keep importable without mlflow for docs/tools; MLflow itself always has it
     from mlflow.pyfunc import PythonModel
@@ -35,7 +38,11 @@ class LmopsLanguageModel(PythonModel):
 
     def load_context(self, context) -> None:  # noqa: ANN001 - no hints: MLflow infers schemas from them
 
-        self.model, self.tokenizer, self.meta = load_model(context.artifacts[MODEL_DIR_ARTIFACT])
+        folder = Path(context.artifacts[MODEL_DIR_ARTIFACT])
+        if is_adapter_only(folder):  # registry.adapter_only: the base named in its config, adapter merged in
+            self._merged = tempfile.TemporaryDirectory(prefix="lmops-merged-")
+            folder = merge_adapter_folder(folder, Path(self._merged.name) / "model")
+        self.model, self.tokenizer, self.meta = load_model(folder)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001 - MLflow passes a DataFrame
 

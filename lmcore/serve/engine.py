@@ -130,11 +130,35 @@ class Row:
     top_logprobs: int | None = None  # None: no log-probabilities; k: the token's and the k most likely
     cancel_reason: str = "cancelled"  # the finish reason a cancelled row reports ("stop": a stop sequence)
 
-    def emit(self, event: tuple) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, event)
-        except RuntimeError:  # the caller's loop is gone (client left, server stopping)
-            self.cancelled = True
+
+
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    """On the event loop: hand each event to its row's queue (one loop wake-up per decode step)."""
+    for out, event in items:
+        out.put_nowait(event)
+
+
+class _Outbox:
+    """Events of one decode step, grouped by the callers' event loops and sent with one call each.
+
+    A wake-up per event (``call_soon_threadsafe`` writes the loop's self-pipe) cost the decode thread
+    and the event loop more than the step itself at 16 rows.
+    """
+
+    def __init__(self) -> None:
+        self.by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Row, tuple]]] = {}
+
+    def put(self, row: Row, event: tuple) -> None:
+        self.by_loop.setdefault(row.loop, []).append((row, event))
+
+    def flush(self) -> None:
+        for loop, items in self.by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(row.out, event) for row, event in items])
+            except RuntimeError:  # the callers' loop is gone (client left, server stopping)
+                for row, _ in items:
+                    row.cancelled = True
+        self.by_loop = {}
 
 
 def _logprobs(row: Row, logits: torch.Tensor, token: int) -> tuple:
@@ -147,6 +171,26 @@ def _logprobs(row: Row, logits: torch.Tensor, token: int) -> tuple:
         values, ids = torch.topk(lp, min(row.top_logprobs, lp.numel()))
         top = list(zip(ids.tolist(), values.tolist(), strict=True))
     return ((float(lp[token]), top),)
+
+
+def _pick_rows(rows: list[Row], logits: torch.Tensor) -> list[tuple[int, float]]:
+    """(token, probability) of each row from logits (B, V): one pick per group of rows sampled alike.
+
+    Rows with a seed keep their own generator (a seeded request samples exactly as it would alone);
+    the others share one draw per distinct (temperature, top-k, top-p), so 16 rows cost a few ops.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        key = (i,) if row.gen is not None else (row.sp.temperature, row.sp.top_k, row.sp.top_p)
+        groups.setdefault(key, []).append(i)
+    picked: list[tuple[int, float]] = [(0, 0.0)] * len(rows)
+    for idx in groups.values():
+        sp, gen = rows[idx[0]].sp, rows[idx[0]].gen
+        sel = logits[idx[0] : idx[0] + 1] if len(idx) == 1 else logits[idx]
+        ids, probs = pick_next(sel, sp, gen)
+        for i, t, p in zip(idx, ids.tolist(), probs.tolist(), strict=True):
+            picked[i] = (t, p)
+    return picked
 
 
 class Batcher:
@@ -168,6 +212,7 @@ class Batcher:
         self.crashed = False
         self.on_batch = on_batch or (lambda n: None)
         self.observer = observer or _NoObserver()
+        self.outbox = _Outbox()  # touched by the decode thread only
         self._retired = threading.Event()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"decode-{lm.version}", daemon=True)
@@ -249,10 +294,11 @@ class Batcher:
             log.exception("decode loop for version %s crashed", self.lm.version)
             held = self.active + ([self.admitting] if self.admitting is not None else [])
             for row in held + self._drain():
-                row.emit(("error", f"internal error in the decode loop: {e}"))
+                self.outbox.put(row, ("error", f"internal error in the decode loop: {e}"))
         finally:
             for row in self._drain():
-                row.emit(("error", "server is shutting down"))
+                self.outbox.put(row, ("error", "server is shutting down"))
+            self.outbox.flush()
             self.decoder = None  # frees the cache (a compile still running holds it until it ends)
 
     def _drain(self) -> list[Row]:
@@ -286,12 +332,12 @@ class Batcher:
         logits = self.decoder.prefill(row.prompt_ids, row.slot)  # (1, V)
         self.active.append(row)
         self.admitting = None
-        self._accept(row, logits)
-
-    def _accept(self, row: Row, logits: torch.Tensor) -> None:
-        """Sample the next token of one row from logits (1, V), emit it, retire the row if done."""
         nxt, prob = pick_next(logits, row.sp, row.gen)
-        token = int(nxt.item())
+        self._accept(row, int(nxt), float(prob), logits)
+        self.outbox.flush()
+
+    def _accept(self, row: Row, token: int, prob: float, logits: torch.Tensor) -> None:
+        """Emit one row's sampled token (logits (1, V): its distribution), retire the row if done."""
         eos = self.lm.tokenizer.eos_id
         now = time.perf_counter()
         if row.first_token_at is None:
@@ -305,7 +351,7 @@ class Batcher:
             row.last_token_at = now
             row.n_new += 1
             row.last = token
-            row.emit(("token", token, float(prob.item()), *_logprobs(row, logits, token)))
+            self.outbox.put(row, ("token", token, prob, *_logprobs(row, logits, token)))
             if row.n_new >= row.sp.max_new_tokens or self.decoder.cache.lens[row.slot] + 1 >= self.max_len:
                 done_reason = "length"
         if done_reason is None and time.monotonic() > row.deadline:
@@ -323,7 +369,7 @@ class Batcher:
             last.slot = row.slot
             self.active[row.slot] = last
         self.observer.finished(reason, time.perf_counter() - row.queued_at)
-        row.emit(("done", reason))
+        self.outbox.put(row, ("done", reason))
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -331,8 +377,10 @@ class Batcher:
         tokens = torch.tensor([r.last for r in rows], dtype=torch.long, device=self.lm.model.embed.weight.device)
         logits = self.decoder.step(tokens)  # (B, V)
         self.on_batch(len(rows))
+        picked = _pick_rows(rows, logits)
         for i, row in enumerate(rows):
-            self._accept(row, logits[i : i + 1])
+            self._accept(row, *picked[i], logits[i : i + 1])
+        self.outbox.flush()
 
 
 class Engine:

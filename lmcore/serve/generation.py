@@ -86,27 +86,28 @@ def _record(sub: _Submitted, ev: tuple, decoder: StreamDecoder) -> dict:
 async def _collect(sub: _Submitted, on_token: OnToken | None) -> _Collected:
     """Read the row's events until done, a stop sequence, an engine error or the deadline (plus a second)."""
     out = _Collected(sub.lm.tokenizer.stream_decoder(), StopFilter(sub.stop))
+    events = sub.events
     try:
-        while True:
-            remaining = sub.deadline - time.monotonic() + 1.0
-            try:
-                ev = await asyncio.wait_for(sub.events.get(), timeout=max(remaining, 0.01))
-            except TimeoutError:
-                sub.row.cancelled = True
-                out.reason = "timeout"
-                return out
-            if ev[0] == "token":
-                out.first_at = out.first_at or time.perf_counter()
-                await _hand_out(out, out.stops.push(_record(sub, ev, out.decoder)), on_token)
-                if out.stops.stopped:
-                    sub.row.cancel_reason, sub.row.cancelled = "stop", True
-                    out.reason = "stop"
+        # one timer for the whole request: a wait_for per token made a task per token
+        async with asyncio.timeout(max(sub.deadline - time.monotonic() + 1.0, 0.01)):
+            while True:
+                ev = events.get_nowait() if not events.empty() else await events.get()
+                if ev[0] == "token":
+                    out.first_at = out.first_at or time.perf_counter()
+                    await _hand_out(out, out.stops.push(_record(sub, ev, out.decoder)), on_token)
+                    if out.stops.stopped:
+                        sub.row.cancel_reason, sub.row.cancelled = "stop", True
+                        out.reason = "stop"
+                        return out
+                elif ev[0] == "done":
+                    out.reason = ev[1]
                     return out
-            elif ev[0] == "done":
-                out.reason = ev[1]
-                return out
-            else:
-                raise ApiError(503, "engine_error", None, ev[1])
+                else:
+                    raise ApiError(503, "engine_error", None, ev[1])
+    except TimeoutError:
+        sub.row.cancelled = True
+        out.reason = "timeout"
+        return out
     except BaseException:
         sub.row.cancelled = True
         raise

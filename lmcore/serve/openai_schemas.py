@@ -92,6 +92,21 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20, description=TOP_LOGPROBS_DESCRIPTION)
 
 
+
+class ChatRenderRequest(BaseModel):
+    """lmops' own: what the playground sends to show a chat model's formatted prompt before it asks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation so far.")
+
+
+class ChatRender(BaseModel):
+    prompt: str = Field(..., description="The text the model is given: the messages through its chat template, "
+                        "ending where the assistant's reply begins.")
+    template: Literal["model", "default"] = Field(..., description="The model's own chat template, or lmops' "
+                                                  "default (a model without one).")
+
 # -- responses (documented in the OpenAPI schema; built as plain dicts) -------------------------
 class OpenAIErrorDetail(BaseModel):
     message: str

@@ -87,7 +87,8 @@ class ClientLimits:
 
         async def _send(message):
             try:
-                await asyncio.wait_for(send(message), timeout=self.send_timeout_s)
+                async with asyncio.timeout(self.send_timeout_s):  # no task per chunk, as wait_for makes
+                    await send(message)
             except TimeoutError:
                 raise _SendTimeout from None
 

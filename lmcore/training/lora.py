@@ -7,16 +7,27 @@ dropout, merge) that ``transformers`` models get. Injected in place, the model s
 resume need no special case. On save the adapters are merged into the base weights
 (:func:`merge_lora`), so registry, serving, int8 and HF export see an ordinary model; the
 adapter alone can be kept too (:func:`save_adapter`).
+
+Adapter-only registration (``registry.adapter_only``): the registered folder holds the adapter, the
+model config and the tokenizer, not the weights (megabytes for a gigabyte base). It names its base by
+spec and file hash; :func:`merge_adapter_folder` rebuilds the merged model from that base when the
+version is fetched, and refuses a base whose files changed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from lmcore.data.tokenizer import Tokenizer
+from lmcore.errors import LmopsError
+from lmcore.model.base import base_hash, load_base, resolve_base
+from lmcore.model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, read_meta, save_model
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -68,3 +79,48 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def is_adapter_only(folder: Path) -> bool:
+    """A registered folder with an adapter and no weights of its own (``registry.adapter_only``)."""
+    return (folder / ADAPTER_WEIGHTS).is_file() and not (folder / WEIGHTS).is_file()
+
+
+def stage_adapter_only(model_dir: Path, adapter_dir: Path, out: Path, extra: tuple[str, ...] = ()) -> Path:
+    """``out`` holding what an adapter-only version keeps: config (with the base's lineage), tokenizer, adapter."""
+    meta = read_meta(model_dir)
+    if not (meta.get("base") or {}).get("hash"):
+        raise LmopsError(f"{model_dir} has no base lineage: only a LoRA run from model.base registers adapter-only")
+    out.mkdir(parents=True, exist_ok=True)
+    for src in [model_dir / CONFIG, model_dir / TOKENIZER, *(model_dir / f for f in extra),
+                adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_CONFIG]:
+        if src.is_file():
+            shutil.copy2(src, out / src.name)
+    return out
+
+
+def merge_adapter_folder(folder: Path, out: Path) -> Path:
+    """A full model folder at ``out``: the base named in ``folder``'s config with its adapter merged in.
+
+    The base must be the one trained on (same file hash): an adapter on other weights computes
+    something else without any error to show for it."""
+    meta = read_meta(folder)
+    base = meta.get("base") or {}
+    if not base.get("spec"):
+        raise LmopsError(f"adapter-only model {folder} does not name its base")
+    got = base_hash(resolve_base(base["spec"]))
+    if got != base.get("hash"):
+        raise LmopsError(f"adapter-only model {folder} was trained on base {base['spec']} with hash "
+                         f"{base.get('hash')}, but that base now hashes to {got}: fetch the original base files")
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    model, _, _ = load_base(base["spec"], verify=False)
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # lazy: peft imports transformers
+
+    lora = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
+                      target_modules=list(cfg["target_modules"]), bias="none")
+    model = inject_adapter_in_model(lora, model)
+    result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
+    if getattr(result, "unexpected_keys", None):
+        raise LmopsError(f"adapter in {folder} does not fit base {base['spec']}: {result.unexpected_keys[:3]}")
+    return save_model(out, merge_lora(model).eval(), Tokenizer.load(folder), {k: v for k, v in meta.items()
+                                                                              if k != "model"})

@@ -37,6 +37,8 @@ from lmcore.serve.limits import ApiError, check_max_new_tokens, check_text
 from lmcore.serve.openai_schemas import (
     ChatCompletion,
     ChatCompletionRequest,
+    ChatRender,
+    ChatRenderRequest,
     Completion,
     CompletionRequest,
     ModelCard,
@@ -137,14 +139,31 @@ async def chat_completions(request: Request, state: ServeState = Depends(get_sta
     if req.top_logprobs and not req.logprobs:
         raise ApiError(422, "invalid_value", "top_logprobs", "top_logprobs needs logprobs: true")
     _check_model(state, req.model)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    prompt = _render(state, req.messages)
+    max_tokens = req.max_completion_tokens or req.max_tokens or state.serve_cfg.max_new_tokens
+    return await _respond(state, req, [prompt], max_tokens, chat=True)
+
+
+@router.post("/v1/chat/render", response_model=ChatRender, responses=OPENAI_ERRORS,
+             summary="The prompt a conversation becomes (lmops' own; the playground shows it)",
+             openapi_extra=documented_body(ChatRenderRequest))
+async def chat_render(request: Request, state: ServeState = Depends(get_state)):
+    req = await read_body(request, ChatRenderRequest)
+    state.require_ready()
+    template = "model" if state.engine.current.lm.tokenizer.chat_template else "default"
+    return {"prompt": _render(state, req.messages), "template": template}
+
+
+def _render(state: ServeState, messages: list) -> str:
+    """The messages through the served model's chat template, up to where the reply begins (its size checked)."""
+    state.require_ready()
+    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        prompt = state.engine.current.lm.tokenizer.render_chat(messages, add_generation_prompt=True)
+        prompt = state.engine.current.lm.tokenizer.render_chat(plain, add_generation_prompt=True)
     except LmopsError as e:
         raise ApiError(422, "invalid_value", "messages", str(e)) from None
     check_text(prompt, "messages", state.serve_cfg.max_prompt_chars, "serve.max_prompt_chars")
-    max_tokens = req.max_completion_tokens or req.max_tokens or state.serve_cfg.max_new_tokens
-    return await _respond(state, req, [prompt], max_tokens, chat=True)
+    return prompt
 
 
 def _check_model(state: ServeState, model: str) -> dict:

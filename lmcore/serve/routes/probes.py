@@ -31,6 +31,8 @@ async def info(state: ServeState = Depends(get_state)):
     return {
         "model_name": h["model_name"], "model_version": h["model_version"], "ready": h["ready"],
         "auth_required": bool(state.api_token),
+        # a model with its own chat template: the playground talks to it as a chat (/v1/chat/completions)
+        "chat_template": bool(state.engine.current and state.engine.current.lm.tokenizer.chat_template),
         "limits": {"max_prompt_chars": sp_cfg.max_prompt_chars, "max_new_tokens": sp_cfg.max_new_tokens,
                    "max_concurrent": sp_cfg.max_concurrent, "request_timeout_s": sp_cfg.request_timeout_s,
                    "max_correction_chars": fb_cfg.max_correction_chars, "max_body_bytes": sp_cfg.max_body_bytes},
