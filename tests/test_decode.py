@@ -228,3 +228,19 @@ def test_the_servers_engine_decodes_with_the_compiled_step(tmp_path):
     eos = lm.tokenizer.eos_id
     want = [ids(generate_tokens(lm.model, lm.tokenizer.encode(p)[-32:], sp, eos)) for p, sp in jobs]
     assert got == want
+
+
+def test_prompts_prefilled_together_match_each_prefilled_alone(model):
+    """The server admits waiting rows with one right-padded forward pass: each row's logits, and its
+    steps after (the padding written past a shorter row's end is masked, then overwritten), are its own."""
+    prompts = [[5, 9, 2, 44, 17], [3], [8, 8, 1, 2, 3, 4, 5, 6]]
+    together = Decoder(model, 32, slots=4)
+    with torch.inference_mode():
+        together.prefill([1, 2], slot=0)  # a row already decoding
+        got = together.prefill_many(prompts, slot=1)
+        assert together.cache.lens[1:4] == [5, 1, 8]
+        steps = [together.step(torch.tensor([[0], [7], [7], [7]]))[1:] for _ in range(3)]
+    for r, ids in enumerate(prompts):
+        want = eager_logits(model, ids + [7, 7, 7])[len(ids) - 1 :]  # the prompt's last logits, then 3 steps
+        assert torch.allclose(got[r], want[0], atol=1e-5), (got[r] - want[0]).abs().max()
+        assert torch.allclose(torch.stack([s[r] for s in steps]), want[1:], atol=1e-4)

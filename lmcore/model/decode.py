@@ -454,6 +454,25 @@ class Decoder:
         return logits[:, -1, :]
 
     @torch.inference_mode()
+    def prefill_many(self, prompts: list[list[int]], slot: int) -> torch.Tensor:
+        """Prompts into slots slot..slot+n-1 with one forward pass -> logits (n, V).
+
+        Right-padded to the longest: a row's padding is written past its own length, where the
+        step's mask hides it from that row until its own tokens overwrite it."""
+        if len(prompts) == 1:
+            return self.prefill(prompts[0], slot)
+        if not all(0 < len(ids) < self.max_len for ids in prompts):
+            raise ValueError(f"a prompt does not fit a decoder of {self.max_len} slots")
+        T = max(len(ids) for ids in prompts)
+        device = self.model.embed.weight.device
+        x = torch.tensor([ids + [0] * (T - len(ids)) for ids in prompts], dtype=torch.long, device=device)
+        last = torch.tensor([len(ids) - 1 for ids in prompts], device=device)
+        self.cache.lens[slot : slot + len(prompts)] = [0] * len(prompts)
+        logits, _ = self.model(x, cache=self.cache, slot=slot, last=last)  # (n, 1, V)
+        self.cache.lens[slot : slot + len(prompts)] = [len(ids) for ids in prompts]
+        return logits[:, -1, :]
+
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,) or (B, 1), the next token of slots 0..B-1 -> their next-token logits (B, V)."""
         tokens = tokens.reshape(-1)

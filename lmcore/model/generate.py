@@ -90,9 +90,16 @@ def _wanted_threads(cfg) -> int:
 
 
 def pick_next(
-    logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None
+    logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator | None | list[torch.Generator | None]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, V) -> next ids (B,) and their probabilities (B,) under the sampling distribution."""
+    """logits (B, V) -> next ids (B,) and their probabilities (B,) under the sampling distribution.
+
+    ``gen``: one generator for every row, or a list with each row's own (None: the global RNG). Each
+    row draws one uniform number from its generator and takes the token where the cumulative
+    probability passes it (inverse CDF), so rows sampled alike are one batched pick whatever their
+    seeds, and a row's token depends only on its logits and its generator: the server's batch gives
+    a seeded request the text it gets alone.
+    """
     logits = logits.float()
     if sp.temperature <= 0:  # greedy: the max of the softmax is the softmax of the max
         probs, ids = torch.softmax(logits, dim=-1).max(dim=-1)
@@ -107,9 +114,20 @@ def pick_next(
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs > sp.top_p  # keep the token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    ids = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    cdf = probs.cumsum(dim=-1)
+    u = _uniforms(gen, probs.size(0), probs.device) * cdf[:, -1:]  # (B, 1), below each row's total mass
+    # right=True: the first token whose cumulative mass exceeds u, so a zero-probability token is never picked
+    ids = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)[:, 0]
     return ids, probs.gather(-1, ids[:, None])[:, 0]
+
+
+def _uniforms(gen: torch.Generator | None | list[torch.Generator | None], rows: int,
+              device: torch.device) -> torch.Tensor:
+    """(rows, 1) uniform numbers in [0, 1): one draw per row from its own generator, or one call for all."""
+    if not isinstance(gen, list):
+        return torch.rand(rows, 1, generator=gen, device=device)
+    return torch.stack([torch.rand(1, generator=g, device=device) for g in gen])
 
 
 def _generator(sp: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -281,11 +281,13 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         slot: int = 0,
+        last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only), loss.
+        """idx: (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only, or at ``last``), loss.
 
         With ``cache``, idx's rows continue the cache's slots slot..slot+B-1 (all of one length) and
-        their keys and values are appended there: a prompt's prefill, or a chunk after it.
+        their keys and values are appended there: a prompt's prefill, or a chunk after it. ``last``
+        (B,): the position of each row's last real token, for right-padded rows (logits (B, 1, V)).
         """
         B, T = idx.shape
         start = cache.lens[slot] if cache is not None else 0
@@ -304,7 +306,9 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, kv, start, mask)
         if cache is not None:
             cache.lens[slot : slot + B] = [start + T] * B
-        if last_only:
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, C)
+        elif last_only:
             x = x[:, -1:, :]
         x = self.norm(x)
         logits = self.lm_head(x)  # (B, T, V)

@@ -174,20 +174,17 @@ def _logprobs(row: Row, logits: torch.Tensor, token: int) -> tuple:
 
 
 def _pick_rows(rows: list[Row], logits: torch.Tensor) -> list[tuple[int, float]]:
-    """(token, probability) of each row from logits (B, V): one pick per group of rows sampled alike.
-
-    Rows with a seed keep their own generator (a seeded request samples exactly as it would alone);
-    the others share one draw per distinct (temperature, top-k, top-p), so 16 rows cost a few ops.
-    """
+    """(token, probability) of each row from logits (B, V): one batched pick per group of rows with the
+    same temperature, top-k and top-p, each row drawing from its own generator (``pick_next``)."""
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
-        key = (i,) if row.gen is not None else (row.sp.temperature, row.sp.top_k, row.sp.top_p)
-        groups.setdefault(key, []).append(i)
+        groups.setdefault((row.sp.temperature, row.sp.top_k, row.sp.top_p), []).append(i)
+    if len(groups) == 1:  # the usual case: every row alike, no gather
+        ids, probs = pick_next(logits, rows[0].sp, [r.gen for r in rows])
+        return list(zip(ids.tolist(), probs.tolist(), strict=True))
     picked: list[tuple[int, float]] = [(0, 0.0)] * len(rows)
     for idx in groups.values():
-        sp, gen = rows[idx[0]].sp, rows[idx[0]].gen
-        sel = logits[idx[0] : idx[0] + 1] if len(idx) == 1 else logits[idx]
-        ids, probs = pick_next(sel, sp, gen)
+        ids, probs = pick_next(logits[idx], rows[idx[0]].sp, [rows[i].gen for i in idx])
         for i, t, p in zip(idx, ids.tolist(), probs.tolist(), strict=True):
             picked[i] = (t, p)
     return picked
@@ -208,7 +205,7 @@ class Batcher:
         self.compile_done = threading.Event()  # set once the compiled step is in use, or has failed
         self.pending: queue.Queue[Row] = queue.Queue()
         self.active: list[Row] = []  # active[i].slot == i
-        self.admitting: Row | None = None  # the row being prefilled
+        self.admitting: list[Row] = []  # rows being prefilled
         self.crashed = False
         self.on_batch = on_batch or (lambda n: None)
         self.observer = observer or _NoObserver()
@@ -285,14 +282,15 @@ class Batcher:
                         continue
                     if self.window > 0 and self.max_batch > 1:
                         time.sleep(self.window)  # let concurrent arrivals share the first steps
-                    self._admit(first)
-                self._admit_pending()
+                    self._admit_pending(first)
+                else:
+                    self._admit_pending()
                 if self.active:
                     self._step()
         except Exception as e:  # never leave callers waiting forever
             self.crashed = True  # from now on the engine hands new rows to a fresh loop
             log.exception("decode loop for version %s crashed", self.lm.version)
-            held = self.active + ([self.admitting] if self.admitting is not None else [])
+            held = self.active + self.admitting
             for row in held + self._drain():
                 self.outbox.put(row, ("error", f"internal error in the decode loop: {e}"))
         finally:
@@ -309,31 +307,38 @@ class Batcher:
             except queue.Empty:
                 return out
 
-    def _admit_pending(self) -> None:
-        while len(self.active) < self.max_batch:
+    def _admit_pending(self, first: Row | None = None) -> None:
+        """Admit ``first`` and the queued rows that fit: prefilled together, one forward pass for all."""
+        rows = [first] if first is not None else []
+        while len(self.active) + len(rows) < self.max_batch:
             try:
-                row = self.pending.get_nowait()
+                rows.append(self.pending.get_nowait())
             except queue.Empty:
-                return
-            self._admit(row)
+                break
+        if rows:
+            self._admit(rows)
 
     @torch.inference_mode()
-    def _admit(self, row: Row) -> None:
-        """Prefill one prompt into the first free slot and sample its first token."""
-        if row.cancelled:
-            self.observer.finished("cancelled", time.perf_counter() - row.queued_at)
+    def _admit(self, rows: list[Row]) -> None:
+        """Prefill prompts into the first free slots and sample each one's first token."""
+        now = time.perf_counter()
+        for row in rows:
+            if row.cancelled:
+                self.observer.finished("cancelled", now - row.queued_at)
+        rows = [r for r in rows if not r.cancelled]
+        if not rows:
             return
-        if len(self.active) >= self.max_batch:  # cannot happen with a correct caller; keep the row for later
-            self.pending.put(row)
-            return
-        self.observer.admitted(time.perf_counter() - row.queued_at, len(row.prompt_ids))
-        row.slot = len(self.active)
-        self.admitting = row  # in neither queue while it prefills: a crash must still answer it
-        logits = self.decoder.prefill(row.prompt_ids, row.slot)  # (1, V)
-        self.active.append(row)
-        self.admitting = None
-        nxt, prob = pick_next(logits, row.sp, row.gen)
-        self._accept(row, int(nxt), float(prob), logits)
+        for row in rows:
+            self.observer.admitted(now - row.queued_at, len(row.prompt_ids))
+        self.admitting = rows  # in neither queue while they prefill: a crash must still answer them
+        first = len(self.active)
+        logits = self.decoder.prefill_many([r.prompt_ids for r in rows], first)  # (n, V)
+        for k, row in enumerate(rows):
+            row.slot = first + k
+            self.active.append(row)
+        self.admitting = []
+        for k, (row, (token, prob)) in enumerate(zip(rows, _pick_rows(rows, logits), strict=True)):
+            self._accept(row, token, prob, logits[k : k + 1])  # k, not row.slot: a finished row moves the last
         self.outbox.flush()
 
     def _accept(self, row: Row, token: int, prob: float, logits: torch.Tensor) -> None:

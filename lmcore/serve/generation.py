@@ -174,8 +174,10 @@ def sse(event: str, data: Any) -> str:
 
 
 async def generation_events(state: ServeState, jobs: list[tuple[GenerateRequest, str]], *,
-                            rendered: bool = False) -> AsyncIterator[tuple[int, str, Any]]:
-    """Run each ``(request, generation id)`` as its own task; yield ``(job index, kind, payload)`` as they come.
+                            rendered: bool = False) -> AsyncIterator[list[tuple[int, str, Any]]]:
+    """Run each ``(request, generation id)`` as its own task; yield lists of ``(job index, kind, payload)``:
+    every event that has arrived, in order (a stream writes them as one chunk: when the server is
+    behind, a client gets several tokens in one write rather than a write per token).
 
     Kinds: ``token`` (a token record, or ``{"tail": text}``), then one ``done`` (the GenerateResponse
     body) or ``error`` (an :class:`ApiError`) per job. Leaving early (the client went away) cancels
@@ -199,9 +201,11 @@ async def generation_events(state: ServeState, jobs: list[tuple[GenerateRequest,
     try:
         running = len(tasks)
         while running:
-            item = await q.get()
-            running -= item[1] != "token"
-            yield item
+            items = [await q.get()]
+            while not q.empty():
+                items.append(q.get_nowait())
+            running -= sum(item[1] != "token" for item in items)
+            yield items
     finally:
         for task in tasks:
             if not task.done():
@@ -216,12 +220,15 @@ async def sse_events(state: ServeState, req: GenerateRequest, gid: str) -> Async
     try:
         yield sse("start", {"generation_id": gid, "model_version": state.engine.version})
         async with aclosing(generation_events(state, [(req, gid)])) as events:
-            async for _, kind, payload in events:
-                if kind == "token" and "tail" in payload:
-                    yield sse("text", {"text": payload["tail"]})
-                elif kind == "token":
-                    yield sse("token", payload if req.logprobs else {"id": payload["id"], "text": payload["text"]})
-                else:
-                    yield sse(kind, payload.body() if kind == "error" else payload)
+            async for items in events:
+                yield "".join(_sse_event(req, kind, payload) for _, kind, payload in items)
     finally:
         state.gate.release()
+
+
+def _sse_event(req: GenerateRequest, kind: str, payload: Any) -> str:
+    if kind == "token" and "tail" in payload:
+        return sse("text", {"text": payload["tail"]})
+    if kind == "token":
+        return sse("token", payload if req.logprobs else {"id": payload["id"], "text": payload["text"]})
+    return sse(kind, payload.body() if kind == "error" else payload)

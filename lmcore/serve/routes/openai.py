@@ -230,11 +230,12 @@ def _acquire(state: ServeState, k: int) -> None:
 async def _run_all(state: ServeState, jobs: list[tuple[GenerateRequest, str]], chat: bool) -> list[dict]:
     results: list[dict] = [{} for _ in jobs]
     async with aclosing(generation_events(state, jobs, rendered=chat)) as events:
-        async for i, kind, payload in events:
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                results[i] = payload
+        async for items in events:
+            for i, kind, payload in items:
+                if kind == "error":
+                    raise payload
+                if kind == "done":
+                    results[i] = payload
     return results
 
 
@@ -299,26 +300,37 @@ async def _stream(state: ServeState, req: CompletionRequest | ChatCompletionRequ
             "created": int(time.time()), "model": req.model, "system_fingerprint": state.engine.version}
     offsets = [0] * len(jobs)
     results: list[dict] = [{} for _ in jobs]
+    # the head's JSON once: every token's chunk is that head plus its one choice
+    prefix = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": ['
+
+    def piece(choice: dict) -> str:
+        return f"{prefix}{json.dumps(choice, ensure_ascii=False)}]}}\n\n"
+
     try:
         if chat:
             for k in range(len(jobs)):
                 yield _data({**head, "choices": [_delta(k, {"role": "assistant", "content": ""})]})
         async with aclosing(generation_events(state, jobs, rendered=chat)) as events:
-            async for k, kind, payload in events:
-                if kind == "error":
-                    yield _data(openai_error_body(payload.status, payload.body()))
-                    return
-                if kind == "done":
-                    results[k] = payload
-                    reason = FINISH.get(payload["finish_reason"], payload["finish_reason"])
-                    yield _data({**head, "choices": [_piece(k, "", None, chat, reason)]})
-                    continue
-                text = payload.get("tail", payload.get("text", ""))
-                lp = None if "tail" in payload or "logprob" not in payload else _logprobs([payload], chat, offsets[k])
-                if not text and lp is None:  # a token holding part of a character: nothing to show yet
-                    continue
-                offsets[k] += len(text)
-                yield _data({**head, "choices": [_piece(k, text, lp, chat)]})
+            async for items in events:  # what has arrived, written as one chunk
+                chunk = []
+                for k, kind, payload in items:
+                    if kind == "error":
+                        yield "".join(chunk) + _data(openai_error_body(payload.status, payload.body()))
+                        return
+                    if kind == "done":
+                        results[k] = payload
+                        reason = FINISH.get(payload["finish_reason"], payload["finish_reason"])
+                        chunk.append(piece(_piece(k, "", None, chat, reason)))
+                        continue
+                    text = payload.get("tail", payload.get("text", ""))
+                    lp = (None if "tail" in payload or "logprob" not in payload
+                          else _logprobs([payload], chat, offsets[k]))
+                    if not text and lp is None:  # a token holding part of a character: nothing to show yet
+                        continue
+                    offsets[k] += len(text)
+                    chunk.append(piece(_piece(k, text, lp, chat)))
+                if chunk:
+                    yield "".join(chunk)
         if req.stream_options is not None and req.stream_options.include_usage:
             yield _data({**head, "choices": [], "usage": _usage(results, req.n)})
         yield "data: [DONE]\n\n"
