@@ -57,7 +57,7 @@ def test_base_sft_feedback_dpo_gate(prefect_harness, tmp_path, monkeypatch):
 
     served, _ = fetch_model_dir("models:/tiny-lm@champion")  # the base's end token and chat template registered too
     assert Tokenizer.load(served / "tokenizer.json").eos_token == "<|im_end|>"
-    params = load_params(ws / "params.yaml", {"model.base": str(base)})
+    params = load_params(ws / "params.yaml", {"model.base": str(base), "serve.compile_decode": False})
     with thread_server(create_app("models:/tiny-lm@champion", params)) as url:
         for prompt, better in QUESTIONS:
             g = httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "max_new_tokens": 6, "temperature": 0},

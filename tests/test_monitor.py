@@ -158,7 +158,7 @@ def test_ratings_and_latency_per_version_and_the_rating_trigger(rated_store, tmp
 def test_monitor_page_renders_charts_over_http(rated_store, tmp_path):
     from _serve_helpers import make_model, thread_server
 
-    from lmcore.config import Params
+    from lmcore.config import Params, ServeParams
     from lmcore.serve.app import create_app
     from lmcore.settings import Settings
 
@@ -166,7 +166,8 @@ def test_monitor_page_renders_charts_over_http(rated_store, tmp_path):
     report = build_report(rated_store, [], CFG, model_name="m", champion="2", dataset_version="abc").to_dict()
     report["drift"].update(divergence=0.05, threshold=0.02, p_value=0.004, drifted=True)
     save_report(report, settings.home)
-    app = create_app(str(make_model(tmp_path / "model")), Params(), settings, store=rated_store)
+    params = Params(serve=ServeParams(compile_decode=False))
+    app = create_app(str(make_model(tmp_path / "model")), params, settings, store=rated_store)
     with thread_server(app) as base:
         r = httpx.get(f"{base}/monitor", timeout=60)
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")

@@ -32,7 +32,7 @@ def test_playground_generates_and_sends_feedback(tmp_path):
 
     model = make_model(tmp_path / "tiny-model")
     store = FeedbackStore(f"sqlite:///{tmp_path / 'fb.db'}")
-    params = Params(serve=ServeParams(poll_interval_s=0))
+    params = Params(serve=ServeParams(poll_interval_s=0, compile_decode=False))
     shot = Path(os.environ.get("LMOPS_HOME", tmp_path)) / "artifacts" / "playground.png"
     try:
         with thread_server(create_app(str(model), params, store=store)) as base, sync_playwright() as pw:

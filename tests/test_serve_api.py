@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
 def server(model_dir, store):
     from lmcore.serve.app import create_app
 
-    params = Params(serve=ServeParams(max_prompt_chars=200, max_new_tokens=48, max_concurrent=16,
+    params = Params(serve=ServeParams(compile_decode=False, max_prompt_chars=200, max_new_tokens=48, max_concurrent=16,
                                       poll_interval_s=0))
     with thread_server(create_app(str(model_dir), params, store=store, api_token="")) as base:
         yield base
@@ -185,7 +185,8 @@ def test_playground_page_is_served(server):
 def test_health_is_503_until_a_model_loads(tmp_path, store):
     from lmcore.serve.app import create_app
 
-    app = create_app(str(tmp_path / "no-such-model"), Params(serve=ServeParams(poll_interval_s=0)), store=store)
+    params = Params(serve=ServeParams(compile_decode=False, poll_interval_s=0))
+    app = create_app(str(tmp_path / "no-such-model"), params, store=store)
     with thread_server(app, wait=False) as base:
         deadline = time.monotonic() + 30
         while (h := httpx.get(base + "/health")).json()["last_reload_error"] is None and time.monotonic() < deadline:
@@ -199,7 +200,7 @@ def test_health_is_503_until_a_model_loads(tmp_path, store):
 def test_token_guards_feedback_and_admin_and_concurrency_cap(model_dir, store):
     from lmcore.serve.app import create_app
 
-    params = Params(serve=ServeParams(max_concurrent=1, max_new_tokens=5000, poll_interval_s=0))
+    params = Params(serve=ServeParams(compile_decode=False, max_concurrent=1, max_new_tokens=5000, poll_interval_s=0))
     app = create_app(str(model_dir), params, store=store, api_token="s3cret")
     with thread_server(app) as base:
         gid = httpx.post(base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 2}).json()["generation_id"]
@@ -230,7 +231,7 @@ def test_token_guards_feedback_and_admin_and_concurrency_cap(model_dir, store):
 def test_request_timeout_stops_generation(model_dir, store):
     from lmcore.serve.app import create_app
 
-    params = Params(serve=ServeParams(request_timeout_s=1e-6, poll_interval_s=0))
+    params = Params(serve=ServeParams(compile_decode=False, request_timeout_s=1e-6, poll_interval_s=0))
     with thread_server(create_app(str(model_dir), params, store=store)) as base:
         r = httpx.post(base + "/v1/generate", json={"prompt": "x", "max_new_tokens": 200, "temperature": 0})
         body = r.json()
@@ -241,7 +242,8 @@ def test_two_apps_in_one_process_keep_their_own_state(tmp_path, store):
     """The routers are shared modules; engine, limits and token live in each app's own state."""
     from lmcore.serve.app import create_app
 
-    apps = [create_app(str(tmp_path / name), Params(serve=ServeParams(max_prompt_chars=chars, poll_interval_s=0)),
+    apps = [create_app(str(tmp_path / name), Params(serve=ServeParams(compile_decode=False, max_prompt_chars=chars,
+                                                                      poll_interval_s=0)),
                        store=store, api_token=token) for name, chars, token in (("a", 10, "t"), ("b", 20, ""))]
     with thread_server(apps[0], wait=False) as a, thread_server(apps[1], wait=False) as b:
         info_a, info_b = httpx.get(a + "/v1/info").json(), httpx.get(b + "/v1/info").json()

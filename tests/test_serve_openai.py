@@ -20,8 +20,8 @@ pytestmark = pytest.mark.code
 # the module's model carries its own chat template (as a Hugging Face base would)
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-PARAMS = Params(serve=ServeParams(max_prompt_chars=300, max_new_tokens=48, max_concurrent=16, max_batch=4,
-                                  poll_interval_s=0))
+PARAMS = Params(serve=ServeParams(compile_decode=False, max_prompt_chars=300, max_new_tokens=48, max_concurrent=16,
+                                  max_batch=4, poll_interval_s=0))
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 

@@ -30,7 +30,7 @@ def test_reload_swaps_atomically_and_a_corrupt_version_changes_nothing(tmp_path,
     bad = make_model(tmp_path / "bad", seed=3)
     weights = bad / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated weights
-    params = Params(serve=ServeParams(max_new_tokens=3000, poll_interval_s=0))
+    params = Params(serve=ServeParams(compile_decode=False, max_new_tokens=3000, poll_interval_s=0))
     with thread_server(create_app(str(a), params, store=store)) as base:
         v_a = httpx.get(base + "/health").json()["model_version"]
         req = {"prompt": "old", "max_new_tokens": 400, "ignore_eos": True, "stream": True, "temperature": 0}
@@ -89,7 +89,7 @@ def test_serves_the_registry_champion_and_follows_the_alias(tmp_path_factory, st
         v2 = register(make_model(base_dir / "m2", seed=2))
         v3 = register(make_model(base_dir / "m3", seed=3))
         promote("served-lm", v1, "first")
-        params = Params(serve=ServeParams(poll_interval_s=0.3))
+        params = Params(serve=ServeParams(compile_decode=False, poll_interval_s=0.3))
         with thread_server(create_app("models:/served-lm@champion", params, store=store)) as base:
             h = httpx.get(base + "/health").json()
             assert (h["model_name"], h["model_version"]) == ("served-lm", v1)
