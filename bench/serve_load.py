@@ -3,8 +3,9 @@ batching speedup (same server with max_batch=1 as the reference), and a 5,000-PO
 burst at concurrency 32 whose rows are counted in the DB afterwards (feedback_lost must be 0).
 
 Requests stream (server-sent events), so each one gives its time to first token (TTFT) and its
-inter-token latencies (ITL, the gaps between token arrivals) as well as its latency. ``--api openai``
-adds the same load through ``/v1/completions`` with the official ``openai`` client at concurrency 1
+inter-token latencies (ITL, the gaps between token arrivals) as well as its latency. Clients are
+asyncio tasks on one event loop (``httpx.AsyncClient``; keep-alive). ``--api openai`` adds the same
+load through ``/v1/completions`` with the official ``openai.AsyncOpenAI`` client at concurrency 1
 and 16, and the OpenAI layer's cost: 1 - its req/s over the native endpoint's at c16 (the native
 phase is run before and after it, against drift; target <= 5%). Each phase starts once the server
 decodes with its compiled step (``/health``'s ``compiled_decode``; it compiles in the background
@@ -18,6 +19,7 @@ Usage: python bench/serve_load.py [--seconds 8] [--tokens 32] [--feedback 5000] 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -99,27 +101,27 @@ class Server:
                 self.proc.wait()
 
 
-def _native_request(c: httpx.Client, base: str, body: dict) -> tuple[bool, list[float]]:
+async def _native_request(c: httpx.AsyncClient, base: str, body: dict) -> tuple[bool, list[float]]:
     """One streamed ``/v1/generate``: whether it ended with ``done``, and when each token arrived."""
     times: list[float] = []
     done = False
-    with c.stream("POST", base + "/v1/generate", json=body) as r:
-        for line in r.iter_lines():
+    async with c.stream("POST", base + "/v1/generate", json=body) as r:
+        async for line in r.aiter_lines():
             if line == "event: token":
                 times.append(time.perf_counter())
             done = done or line == "event: done"
     return r.status_code == 200 and done, times
 
 
-def _openai_request(c, model: str, body: dict) -> tuple[bool, list[float]]:
+async def _openai_request(c: openai.AsyncOpenAI, model: str, body: dict) -> tuple[bool, list[float]]:
     """The same request through ``/v1/completions`` with the official client (``ignore_eos``: vLLM's extension)."""
     times: list[float] = []
     finished = False
     try:
-        stream = c.completions.create(model=model, prompt=body["prompt"], max_tokens=body["max_new_tokens"],
-                                      temperature=body["temperature"], seed=body["seed"], stream=True,
-                                      extra_body={"ignore_eos": True})
-        for chunk in stream:
+        stream = await c.completions.create(model=model, prompt=body["prompt"], max_tokens=body["max_new_tokens"],
+                                            temperature=body["temperature"], seed=body["seed"], stream=True,
+                                            extra_body={"ignore_eos": True})
+        async for chunk in stream:
             if chunk.choices and chunk.choices[0].text:
                 times.append(time.perf_counter())
             finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
@@ -130,45 +132,45 @@ def _openai_request(c, model: str, body: dict) -> tuple[bool, list[float]]:
 
 def load(base: str, concurrency: int, seconds: float, tokens: int, api: str = "native") -> dict:
     """``concurrency`` clients generating fixed-length completions for ``seconds`` (bounded), streamed through
-    the native API or (``api="openai"``) the OpenAI-compatible one with the ``openai`` client."""
+    the native API (``httpx.AsyncClient``) or (``api="openai"``) the OpenAI-compatible one with the official
+    ``openai.AsyncOpenAI`` client. Both are asyncio clients on one event loop that keep their connections
+    alive: the sync ``openai`` client drops its connection after every stream (it stops reading at
+    ``[DONE]``, before the body's end), which would charge a TCP connection per request to the OpenAI side."""
     lat: list[float] = []
     ttft: list[float] = []
     itl: list[float] = []
     errors = [0]
-    lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
 
-    def client(k: int) -> None:
+    async def client(k: int, stop_at: float) -> None:
         if api == "openai":
-            c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
-            model = c.models.list().data[0].id
+            c = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+            model = (await c.models.list()).data[0].id
             send = lambda body: _openai_request(c, model, body)  # noqa: E731
         else:
-            c = httpx.Client(timeout=120)
+            c = httpx.AsyncClient(timeout=120)
             send = lambda body: _native_request(c, base, body)  # noqa: E731
-        with c:
+        async with c:
             for i in range(100_000):
                 if time.monotonic() >= stop_at:
                     return
                 t = time.perf_counter()
                 body = {"prompt": f"client {k} request {i}: ", "max_new_tokens": tokens, "ignore_eos": True,
                         "temperature": 0.8, "seed": i, "stream": True}
-                ok, times = send(body)
+                ok, times = await send(body)
                 dt = time.perf_counter() - t
-                with lock:
-                    if ok and times:
-                        lat.append(dt)
-                        ttft.append(times[0] - t)
-                        itl.extend(b - a for a, b in zip(times, times[1:], strict=False))
-                    else:
-                        errors[0] += 1
+                if ok and times:
+                    lat.append(dt)
+                    ttft.append(times[0] - t)
+                    itl.extend(b - a for a, b in zip(times, times[1:], strict=False))
+                else:
+                    errors[0] += 1
+
+    async def run() -> None:
+        stop_at = time.monotonic() + seconds
+        await asyncio.gather(*(client(k, stop_at) for k in range(concurrency)))
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    asyncio.run(run())
     wall = time.perf_counter() - t0
     n = len(lat)
     return {"api": api, "requests": n, "errors": errors[0], "rps": round(n / wall, 2),

@@ -9,7 +9,7 @@ import torch
 from _lm_helpers import sharp_model
 
 from lmcore.model.decode import DECODER_SLOTS, Decoder
-from lmcore.model.generate import SamplingParams, generate_tokens
+from lmcore.model.generate import SamplingParams, decode_threads, generate_tokens
 from lmcore.model.transformer import ModelConfig, Transformer
 from lmcore.optimize.quantize import quantize_model, weight_only_model
 
@@ -25,6 +25,13 @@ LEN = DECODER_SLOTS
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     return sharp_model(CFG)
+
+
+@pytest.fixture(autouse=True)
+def _decode_threads():
+    """Every test decodes on the thread count generate_tokens uses: a compiled step is built per count."""
+    with decode_threads("cpu", CFG):
+        yield
 
 
 def ids(out: list[tuple[int, float]]) -> list[int]:

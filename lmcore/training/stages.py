@@ -35,7 +35,7 @@ MODEL_OUT = Path("models/latest")
 EVAL_OUT = Path("metrics/eval.json")
 STAGES = ("prepare", "train", "evaluate")
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("prepare", "tokenizer"),
+    "prepare": ("prepare", "tokenizer", "model.base"),  # a base brings its own tokenizer
     "train": ("model", "train"),
     "evaluate": ("eval",),
 }
