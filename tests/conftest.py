@@ -1,5 +1,8 @@
 """Shared fixtures. Every test session gets its own lmops home, so tests never touch ~/.
 
+``make test`` runs two pytest-xdist workers (``-n 2 --dist loadfile``): a test file stays on one
+worker, in order, and each worker gets a home of its own (its own Prefect test server and database).
+
 Tiers (Made-With-ML style) are pytest markers: ``code``, ``data``, ``model``; ``slow`` marks
 tests over ~20 s. Run one tier with ``pytest -m data``.
 """
@@ -13,7 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-_SESSION_HOME = Path(os.environ.get("LMOPS_TEST_HOME") or (ROOT / ".lmops" / "test-home"))
+# one home per pytest-xdist worker: each worker runs its own Prefect test server on its own database
+_SESSION_HOME = (Path(os.environ.get("LMOPS_TEST_HOME") or (ROOT / ".lmops" / "test-home"))
+                 / os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 os.environ["LMOPS_HOME"] = str(_SESSION_HOME)
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
