@@ -131,7 +131,6 @@ class Row:
     cancel_reason: str = "cancelled"  # the finish reason a cancelled row reports ("stop": a stop sequence)
 
 
-
 def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
     """On the event loop: hand each event to its row's queue (one loop wake-up per decode step)."""
     for out, event in items:
