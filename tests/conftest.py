@@ -137,3 +137,4 @@ def store(tmp_path_factory):
 
     with feedback_store(tmp_path_factory.mktemp("fb")) as s:
         yield s
+

@@ -74,6 +74,16 @@ def test_pick_next_filters():
     assert int(ids_) == 3 and float(probs) == pytest.approx(float(torch.softmax(logits, -1)[0, 3]))
 
 
+def test_a_draw_at_the_total_mass_never_picks_a_token_without_mass(monkeypatch):
+    """Inverse-CDF sampling: where rounding puts the uniform draw at the row's total mass, the pick is
+    the last token that has mass, not a top-k-filtered one after it."""
+    from lmcore.model import generate
+
+    monkeypatch.setattr(generate, "_uniforms", lambda gen, rows, device: torch.ones(rows, 1))
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
+    ids_, probs = pick_next(logits, SamplingParams(temperature=1.0, top_k=2), None)
+    assert ids_.tolist() == [1, 3] and bool((probs > 0).all())
+
 def test_eos_stops_and_is_not_emitted(model):
     prompt = [1, 2, 3]
     greedy = ids(generate_tokens(model, prompt, GREEDY))

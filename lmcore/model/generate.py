@@ -117,8 +117,10 @@ def pick_next(
     probs = torch.softmax(logits, dim=-1)  # (B, V)
     cdf = probs.cumsum(dim=-1)
     u = _uniforms(gen, probs.size(0), probs.device) * cdf[:, -1:]  # (B, 1), below each row's total mass
-    # right=True: the first token whose cumulative mass exceeds u, so a zero-probability token is never picked
-    ids = torch.searchsorted(cdf, u, right=True).clamp_(max=probs.size(-1) - 1)[:, 0]
+    # right=True: the first token whose cumulative mass exceeds u, so a zero-probability token is never
+    # picked; where rounding puts u at the total, the last token that has mass
+    last = probs.size(-1) - 1 - (probs.flip(-1) > 0).int().argmax(dim=-1, keepdim=True)  # (B, 1)
+    ids = torch.minimum(torch.searchsorted(cdf, u, right=True), last)[:, 0]
     return ids, probs.gather(-1, ids[:, None])[:, 0]
 
 
