@@ -24,6 +24,16 @@ def _need_chromium() -> None:
         pytest.skip("/usr/bin/chromium not installed")
 
 
+def generate(page, text: str, max_tokens: int, seed: int) -> str:
+    """Type ``text``, press Generate, wait for the reply; its generation id."""
+    page.fill("#prompt", text)
+    page.fill("#max_new_tokens", str(max_tokens))
+    page.fill("#seed", str(seed))
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('completion').dataset.generationId")
+    return page.eval_on_selector("#completion", "e => e.dataset.generationId")
+
+
 def test_playground_generates_and_sends_feedback(tmp_path):
     _need_chromium()
     from playwright.sync_api import sync_playwright
@@ -41,12 +51,7 @@ def test_playground_generates_and_sends_feedback(tmp_path):
             page.goto(base + "/")
             page.wait_for_function("document.getElementById('model').textContent.includes('local-')")
             assert page.locator("#chat-toggle").is_hidden()  # a byte-level model without a chat template
-            page.fill("#prompt", "def greet(name):\n")
-            page.fill("#max_new_tokens", "40")
-            page.fill("#seed", "7")
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('completion').dataset.generationId")
-            gid = page.eval_on_selector("#completion", "e => e.dataset.generationId")
+            gid = generate(page, "def greet(name):\n", max_tokens=40, seed=7)
             assert page.locator("#completion .tok").count() > 0
             assert page.locator("#completion .tok.p0, #completion .tok.p1").count() > 0  # coloured by prob
             page.click("#up")
@@ -92,12 +97,7 @@ def test_playground_formats_a_chat_models_prompt_with_its_template(tmp_path):
             page.goto(base + "/")
             page.wait_for_function("!document.getElementById('chat-toggle').hidden")
             assert page.is_checked("#chat") and page.inner_text("#prompt-label") == "Message"
-            page.fill("#prompt", "What is two plus two?")
-            page.fill("#max_new_tokens", "12")
-            page.fill("#seed", "3")
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('completion').dataset.generationId")
-            gid = page.eval_on_selector("#completion", "e => e.dataset.generationId")
+            gid = generate(page, "What is two plus two?", max_tokens=12, seed=3)
             shown = page.inner_text("#prompt-echo")
             assert shown.strip() == ("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant"), shown
             assert page.locator("#completion .tok").count() > 0 and "finish" in page.inner_text("#meta")

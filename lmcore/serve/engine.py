@@ -178,12 +178,10 @@ def _pick_rows(rows: list[Row], logits: torch.Tensor) -> list[tuple[int, float]]
     groups: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         groups.setdefault((row.sp.temperature, row.sp.top_k, row.sp.top_p), []).append(i)
-    if len(groups) == 1:  # the usual case: every row alike, no gather
-        ids, probs = pick_next(logits, rows[0].sp, [r.gen for r in rows])
-        return list(zip(ids.tolist(), probs.tolist(), strict=True))
     picked: list[tuple[int, float]] = [(0, 0.0)] * len(rows)
     for idx in groups.values():
-        ids, probs = pick_next(logits[idx], rows[idx[0]].sp, [rows[i].gen for i in idx])
+        sel = logits if len(idx) == len(rows) else logits[idx]  # the usual case, every row alike: no gather
+        ids, probs = pick_next(sel, rows[idx[0]].sp, [rows[i].gen for i in idx])
         for i, t, p in zip(idx, ids.tolist(), probs.tolist(), strict=True):
             picked[i] = (t, p)
     return picked

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
-from lmcore.model.base import base_hash, load_base, resolve_base
+from lmcore.model.base import load_base
 from lmcore.model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, read_meta, save_model
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -108,12 +108,11 @@ def merge_adapter_folder(folder: Path, out: Path) -> Path:
     base = meta.get("base") or {}
     if not base.get("spec"):
         raise LmopsError(f"adapter-only model {folder} does not name its base")
-    got = base_hash(resolve_base(base["spec"]))
-    if got != base.get("hash"):
+    model, _, info = load_base(base["spec"], verify=False)
+    if info.hash != base.get("hash"):
         raise LmopsError(f"adapter-only model {folder} was trained on base {base['spec']} with hash "
-                         f"{base.get('hash')}, but that base now hashes to {got}: fetch the original base files")
+                         f"{base.get('hash')}, but that base now hashes to {info.hash}: fetch the original base files")
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    model, _, _ = load_base(base["spec"], verify=False)
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # lazy: peft imports transformers
 
     lora = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,

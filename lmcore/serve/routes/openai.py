@@ -149,9 +149,9 @@ async def chat_completions(request: Request, state: ServeState = Depends(get_sta
              openapi_extra=documented_body(ChatRenderRequest))
 async def chat_render(request: Request, state: ServeState = Depends(get_state)):
     req = await read_body(request, ChatRenderRequest)
-    state.require_ready()
+    prompt = _render(state, req.messages)
     template = "model" if state.engine.current.lm.tokenizer.chat_template else "default"
-    return {"prompt": _render(state, req.messages), "template": template}
+    return {"prompt": prompt, "template": template}
 
 
 def _render(state: ServeState, messages: list) -> str:
