@@ -238,6 +238,7 @@ class GateParams:
     golden: tuple[dict[str, str], ...]
     golden_tolerance: float
     min_preference_gain: float
+    min_heldout_pairs: int
     check_hf_export: bool
 
     def check(self) -> None:
@@ -245,6 +246,7 @@ class GateParams:
                      for g in self.golden), "gate.golden entries need a prompt and a non-empty completion (strings)")
         _require(self.golden_tolerance >= 0, "gate.golden_tolerance must be >= 0")
         _require(-1.0 <= self.min_preference_gain <= 1.0, "gate.min_preference_gain must be within [-1, 1]")
+        _require(self.min_heldout_pairs >= 1, "gate.min_heldout_pairs must be >= 1")
 
 
 @params_slice("serve")

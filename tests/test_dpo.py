@@ -41,7 +41,11 @@ def test_dpo_loss_matches_trl(sft, tmp_path):
         g = torch.Generator().manual_seed(3)
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    batch = encode_pairs(tok, PAIRS, 256)
+    chats = [{**p, "prompt": [{"role": "user", "content": p["prompt"]}]} for p in PAIRS]  # TRL's conversational form
+    batch = encode_pairs(tok, chats, 256)
+    served = [{**p, "prompt": tok.render_chat(c["prompt"], add_generation_prompt=True)} for p, c in
+              zip(PAIRS, chats, strict=True)]
+    assert torch.equal(encode_pairs(tok, served, 256).ids, batch.ids)  # harvested: the prompt as it was served
     ours, _ = dpo_loss(sequence_logps(policy, batch), reference_logps(ref, batch), beta=0.1)
 
     save_model(tmp_path / "policy", policy, tok)
@@ -90,6 +94,14 @@ def test_gate_rule_4_weighs_golden_and_preferences():
     assert not d.promoted and "golden prompts regress" in d.reason
     assert not decide(2, 1, **{**base, "checks": {**ok, "hf_export_agrees": False}}).promoted
     assert decide(2, None, scores={"challenger_preference_accuracy": 0.0}, **{**base, "champion_bpb": None}).promoted
+    # Held-out pairs (never trained on) decide once there are enough of them; the trained-on share cannot.
+    learnt = {**better, "challenger_preference_accuracy": 1.0, "challenger_heldout_preference_accuracy": 0.4,
+              "champion_heldout_preference_accuracy": 0.5, "challenger_heldout_pairs": 12.0,
+              "champion_heldout_pairs": 12.0}
+    d = decide(2, 1, scores=learnt, min_heldout_pairs=10, **base)
+    assert not d.promoted and "of 12 held-out pairs" in d.reason
+    d = decide(2, 1, scores=learnt, min_heldout_pairs=20, **base)  # too few held out: all pairs, said so
+    assert d.promoted and "all pairs (DPO may have trained on some) in 100%" in d.reason
 
 
 def test_hf_export_check_and_user_scores(sft):
@@ -101,3 +113,7 @@ def test_hf_export_check_and_user_scores(sft):
     s = user_scores(model, tok, ({"prompt": "Say hello.", "completion": "Hello!"},), PAIRS)
     assert s["preference_accuracy"] == preference_scores(model, tok, PAIRS)["preference_accuracy"]
     assert s["golden_loglik"] < 0 and set(s) == {"golden_loglik", "preference_accuracy", "preference_margin"}
+    split = [{**p, "split": "holdout" if i % 2 else "train"} for i, p in enumerate(PAIRS)]
+    s = user_scores(model, tok, (), split)
+    assert s["heldout_pairs"] == 2 and s["heldout_preference_accuracy"] == preference_scores(
+        model, tok, split[1::2])["preference_accuracy"]

@@ -74,6 +74,11 @@ def test_base_loads_with_parity_and_its_own_tokenizer(base):
     assert ids == hf_tok.apply_chat_template(MULTI, tokenize=True)["input_ids"]
     counted = [i for i, m in zip(ids, mask, strict=True) if m]  # exactly the two assistant turns, with their ends
     assert counted == tok.encode_rendered("Hello there<|im_end|>\n") + tok.encode_rendered("Goodbye.<|im_end|>\n")
+    # A served prompt (harvested feedback) was rendered by the template when it was served: it is not
+    # templated again; the reply is counted with the turn's end, exactly as in the chat above.
+    served = tok.render_chat(MULTI[:2], add_generation_prompt=True)
+    ids, mask = tok.encode_served(served, "Hello there")
+    assert ids == tok.encode_chat(MULTI[:3])[0] and mask == tok.encode_chat(MULTI[:3])[1]
 
 
 @pytest.mark.model

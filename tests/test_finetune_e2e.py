@@ -38,7 +38,8 @@ def test_base_sft_feedback_dpo_gate(prefect_harness, tmp_path, monkeypatch):
     from flows.training import training_flow
     from lmcore.config import load_params
     from lmcore.data.tokenizer import Tokenizer
-    from lmcore.feedback.harvest import harvest
+    from lmcore.data.versions import DataRegistry
+    from lmcore.feedback.harvest import harvest, read_pairs
     from lmcore.model.base import TAG_BASE_HASH, base_hash
     from lmcore.registry.models import fetch_model_dir, list_versions, resolve_alias
     from lmcore.serve.app import create_app
@@ -59,15 +60,19 @@ def test_base_sft_feedback_dpo_gate(prefect_harness, tmp_path, monkeypatch):
     assert Tokenizer.load(served / "tokenizer.json").eos_token == "<|im_end|>"
     params = load_params(ws / "params.yaml", {"model.base": str(base), "serve.compile_decode": False})
     with thread_server(create_app("models:/tiny-lm@champion", params)) as url:
-        for prompt, better in QUESTIONS:
-            g = httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "max_new_tokens": 6, "temperature": 0},
-                           timeout=60).json()
-            assert g["model_version"] == "1"
-            r = httpx.post(f"{url}/v1/feedback", json={"generation_id": g["generation_id"], "rating": -1,
+        model_id = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+        for prompt, better in QUESTIONS:  # a chat model is asked as one: its template renders the prompt
+            g = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": model_id, "messages": [{"role": "user", "content": prompt}], "max_tokens": 6,
+                "temperature": 0})
+            assert g.status_code == 200, g.text
+            r = httpx.post(f"{url}/v1/feedback", json={"generation_id": g.headers["X-Generation-Id"], "rating": -1,
                                                          "correction": better}, timeout=30)
             assert r.status_code == 200, r.text
     harvested = harvest(get_settings(), params)
     assert harvested.pairs == len(QUESTIONS)
+    pairs = read_pairs(DataRegistry.open())  # served prompts: through the chat template, each by version 1
+    assert {p["model_version"] for p in pairs} == {"1"} and all(p["prompt"].startswith("<|im_start|>") for p in pairs)
 
     dpo = dpo_flow(params_path=str(ws / "params.yaml"), overrides={"model.base": str(base)})
     gate = dpo["gate"]

@@ -60,6 +60,7 @@ def test_records_take_the_correction_and_mark_negatives():
     recs = build_records(rows, holdout_fraction=0.0)
     assert [r["text"] for r in recs] == ["P:good", "P:fixed", "P:bad"]
     assert [r["meta"]["split"] for r in recs] == ["train", "train", "negative"]
+    assert [r["meta"]["prompt_chars"] for r in recs] == [2, 2, 2]  # where the prompt ends: masked in training
     assert recs[0]["uri"] == "feedback://g1" and recs[1]["meta"]["corrected"] is True
     assert all(r["meta"]["split"] == "holdout" for r in build_records(rows[:2], holdout_fraction=0.999999))
     assert not is_trainable(json.dumps({"split": "negative"})) and is_trainable("{}")
@@ -86,6 +87,19 @@ def test_harvest_validates_versions_and_is_idempotent(env):
     assert sorted(m["split"] for m in metas).count("negative") == 1
     assert any(t.rstrip().endswith("items.sort()") for t in df["text"])
     assert any(v.id == res.version for v in reg.versions())
+
+    # Training reads each record as its served prompt (masked) and the correction or liked completion.
+    from lmcore.data.prepare import encode_doc
+    from lmcore.data.served import parse_served
+    from lmcore.data.tokenizer import Tokenizer
+
+    docs = {rid: text for rid, text, _ in reg.iter_records(res.version)}
+    fixed = next(d for d in docs.values() if (parse_served(d) or ("", ""))[1] == "items.sort()")
+    assert parse_served(fixed) == ("# sort a list a\n", "items.sort()")
+    tok = Tokenizer.train(["# sort a list a\nitems.sort()\n"] * 4, "byte")
+    ids, mask = encode_doc(tok, fixed)
+    assert tok.decode(i for i, m in zip(ids, mask, strict=True) if m) == "items.sort()"
+    assert tok.decode(ids) == "# sort a list a\nitems.sort()" and ids[-1] == tok.eos_id and mask[-1] == 1
 
     again = harvest(settings, params, store=store)  # nothing new: nothing added
     assert (again.new_rows, again.version, again.should_train) == (0, None, False)

@@ -27,6 +27,7 @@ import numpy as np
 
 from lmcore.data.chat import parse_chat
 from lmcore.data.clean import record_id
+from lmcore.data.served import parse_served
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
 from lmcore.model.base import base_tokenizer
@@ -177,8 +178,16 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return out
 
 
+def is_plain(doc: str) -> bool:
+    """Whether a document is plain text (all of it trained on), not a chat or a served completion."""
+    return parse_chat(doc) is None and parse_served(doc) is None
+
+
 def doc_text(doc: str, tokenizer: Tokenizer | None = None) -> str:
-    """What a document reads as: plain text itself, a chat rendered (by ``tokenizer``'s template, else plainly)."""
+    """What a document reads as: plain text itself, a chat rendered (by ``tokenizer``'s template, else plainly),
+    a served completion as its prompt and completion (and the turn's end)."""
+    if (served := parse_served(doc)) is not None:
+        return served[0] + served[1] + (tokenizer.turn_end() if tokenizer is not None else "")
     msgs = parse_chat(doc)
     if msgs is None:
         return doc
@@ -186,7 +195,10 @@ def doc_text(doc: str, tokenizer: Tokenizer | None = None) -> str:
 
 
 def encode_doc(tokenizer: Tokenizer, doc: str) -> tuple[list[int], list[int]]:
-    """(ids, loss mask) of one document: a chat by its template (prompts masked), plain text + EOS all counted."""
+    """(ids, loss mask) of one document: a chat by its template and a served completion after its prompt
+    (prompts masked); plain text + EOS all counted."""
+    if (served := parse_served(doc)) is not None:
+        return tokenizer.encode_served(*served)
     msgs = parse_chat(doc)
     if msgs is not None:
         return tokenizer.encode_chat(msgs)
@@ -203,7 +215,7 @@ def _encode_docs(tokenizer, docs: list[str], path: Path, dtype: str, masked: boo
     with open(path, "wb") as f, (open(mask_path, "wb") if masked else open(os.devnull, "wb")) as fm:
         for start in range(0, len(docs), 256):
             batch = docs[start : start + 256]
-            plain = [d for d in batch if parse_chat(d) is None]
+            plain = [d for d in batch if is_plain(d)]
             encoded = dict(zip(plain, tokenizer.encode_batch(plain), strict=True))
             for doc in batch:
                 ids, mask = (([*encoded[doc], tokenizer.eos_id], None) if doc in encoded
@@ -242,7 +254,7 @@ def prepare_split_texts(train_docs: list[str], val_docs: list[str], out_dir: Pat
         raise LmopsError("corpus is too small to split into train and validation text")
     if tokenizer is None:
         tokenizer = Tokenizer.train((doc_text(d) for d in train_docs), tok.kind, tok.vocab_size)
-    masked = any(parse_chat(d) is not None for d in (*train_docs, *val_docs))
+    masked = not all(is_plain(d) for d in (*train_docs, *val_docs))
     dtype = "uint16" if tokenizer.vocab_size <= 65536 else "uint32"
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,21 @@ class Tokenizer:
             ids, mask = ids + part, mask + [0] * len(part)
         return ids, mask
 
+    def turn_end(self) -> str:
+        """What the chat template writes after an assistant turn's content (:data:`PLAIN_TEMPLATE`: EOS)."""
+        mark, msgs = "\ue000", [{"role": "user", "content": "u"}]
+        prompt = self.render_chat(msgs, add_generation_prompt=True)
+        full = self.render_chat([*msgs, {"role": "assistant", "content": mark}])
+        if not full.startswith(prompt) or mark not in full[len(prompt):]:
+            raise LmopsError("chat template does not render a chat as a prefix of its continuation")
+        return full[len(prompt):].split(mark, 1)[1]
+
+    def encode_served(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        """(ids, loss mask) of ``completion`` after ``prompt`` exactly as it was served (already rendered
+        by the template when the model chats): the prompt masked, the completion and the turn's end counted."""
+        head, reply = self.encode_rendered(prompt), self.encode_rendered(completion + self.turn_end())
+        return head + reply, [0] * len(head) + [1] * len(reply)
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()

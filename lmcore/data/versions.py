@@ -53,6 +53,7 @@ from dvc.repo import Repo
 
 from lmcore.config import DataParams, from_dict
 from lmcore.data import RECORD_COLUMNS
+from lmcore.data.served import split_served
 from lmcore.errors import LmopsError
 from lmcore.locks import file_lock
 from lmcore.services import pid_alive as _alive
@@ -345,7 +346,8 @@ class DataRegistry:
         """``(id, text, split_hint)`` of a version in a stable order, streaming (for ``prepare_dataset``).
 
         The hint is the ``split`` a feedback record's meta carries (train / holdout / negative),
-        None for ingested text.
+        None for ingested text. A feedback record whose meta marks where its prompt ends comes as a
+        served document (:mod:`lmcore.data.served`), so its prompt is masked out of the loss.
         """
         v = self._resolve(version_id)
         if v is None:
@@ -355,8 +357,11 @@ class DataRegistry:
             columns = ["id", "text", "meta"] if kind == "feedback" else ["id", "text"]
             for rb in pq.ParquetFile(path).iter_batches(columns=columns, batch_size=65536):
                 ids, texts = rb.column(0).to_pylist(), rb.column(1).to_pylist()
-                hints = [split_hint(m) for m in rb.column(2).to_pylist()] if kind == "feedback" else [None] * len(ids)
-                yield from zip(ids, texts, hints, strict=True)
+                if kind != "feedback":
+                    yield from ((rid, text, None) for rid, text in zip(ids, texts, strict=True))
+                    continue
+                for rid, text, meta in zip(ids, texts, map(_meta_dict, rb.column(2).to_pylist()), strict=True):
+                    yield rid, split_served(text, meta), split_hint(meta)
 
     def known_ids(self, include_quarantine: bool = True) -> set[str]:
         """Ids in the current version, plus rows quarantined for a row-level reason (no re-flood)."""
@@ -551,14 +556,19 @@ def _pointer_text(kind: str, info: dict) -> str:
             f"  path: {kind}\n")
 
 
-def split_hint(meta: str | dict | None) -> str | None:
-    """The ``split`` a record's meta names (feedback: train / holdout / negative), None if none or unreadable."""
+def _meta_dict(meta: str | dict | None) -> dict:
+    """A record's meta as a dict ({} if none or unreadable)."""
     if isinstance(meta, str):
         try:
             meta = json.loads(meta) if meta else {}
         except ValueError:
-            return None
-    return meta.get("split") if isinstance(meta, dict) else None
+            return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def split_hint(meta: str | dict | None) -> str | None:
+    """The ``split`` a record's meta names (feedback: train / holdout / negative), None if none or unreadable."""
+    return _meta_dict(meta).get("split")
 
 
 def shard_schema() -> Any:

@@ -1,6 +1,8 @@
 """Harvesting: feedback rows since the watermark -> validated, versioned ``feedback`` records.
 
-Each feedback row becomes one record whose ``text`` is the prompt followed by:
+Each feedback row becomes one record whose ``text`` is the prompt followed by (its meta's
+``prompt_chars`` marks where the prompt ends, so training masks the prompt out of the loss and
+takes it exactly as it was served, see :mod:`lmcore.data.served`):
 
 * the user's correction, when there is one (split ``train`` or ``holdout``);
 * the model's completion, for a thumbs-up without correction (``train`` or ``holdout``);
@@ -81,7 +83,8 @@ def build_records(rows, holdout_fraction: float, data_params=None) -> list[dict]
     out = []
     for r in rows:
         correction = r.correction if r.correction and r.correction.strip() else None
-        text = r.prompt + (correction if correction is not None else r.completion)
+        reply = correction if correction is not None else r.completion
+        text = r.prompt + reply
         rid = record_id(clean(text))
         if correction is None and r.rating < 0:
             split = "negative"
@@ -93,10 +96,22 @@ def build_records(rows, holdout_fraction: float, data_params=None) -> list[dict]
             "uri": f"feedback://{r.generation_id}",
             "created_at": pd.Timestamp(r.created_at, unit="s", tz="UTC"),
             "meta": {"rating": int(r.rating), "generation_id": r.generation_id, "model_version": r.model_version,
-                     "split": split, "corrected": correction is not None, "feedback_seq": int(r.seq)},
+                     "split": split, "corrected": correction is not None, "feedback_seq": int(r.seq),
+                     **prompt_boundary(r.prompt, reply, clean)},
             "_id": rid,
         })
     return out
+
+
+def prompt_boundary(prompt: str, reply: str, clean) -> dict[str, int]:
+    """``{"prompt_chars": n}``: where the prompt ends in the record's text once ``clean`` has normalised it
+    (so training masks the prompt out of the loss); {} when cleaning moves text across the boundary."""
+    mark = "\ue000"  # a private-use character: no normalisation step touches or strips it
+    marked = clean(prompt + mark + reply)
+    cut = marked.find(mark)
+    if cut <= 0 or marked.replace(mark, "", 1) != clean(prompt + reply) or cut >= len(marked) - 1:
+        return {}
+    return {"prompt_chars": cut}
 
 
 def pair_text(prompt: str, chosen: str, rejected: str) -> str:

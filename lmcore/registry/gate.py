@@ -15,7 +15,9 @@ The rules, in order:
 4. what users asked for, when there is something to compare: the challenger's mean log-likelihood of
    the golden completions (``gate.golden``) is more than ``golden_tolerance`` nats/token below the
    champion's, or it prefers the harvested corrections (pairs) in a share not at least
-   ``min_preference_gain`` above the champion's: rejected;
+   ``min_preference_gain`` above the champion's: rejected. The share is taken over the held-out pairs
+   (``split: holdout``, which DPO never trains on) once there are ``min_heldout_pairs`` of them, else
+   over all pairs (the reason then says that some may have been trained on);
 5. the challenger's bits per byte beat the champion's by at least ``min_improvement``: promoted;
 6. otherwise: rejected.
 """
@@ -67,14 +69,14 @@ def is_champion(challenger: str, champion: str | None) -> bool:
 def decide(challenger: str, champion: str | None, *, checks: Mapping[str, bool], challenger_bpb: float | None,
            champion_bpb: float | None, min_improvement: float, champion_note: str = "",
            scores: Mapping[str, float] | None = None, golden_tolerance: float = 0.0,
-           min_preference_gain: float = 0.0) -> GateDecision:
+           min_preference_gain: float = 0.0, min_heldout_pairs: int = 10) -> GateDecision:
     """The gate's decision (see the module doc for the rules).
 
     ``champion_bpb`` is None when there is no champion or it could not be evaluated (then
     ``champion_note`` says why, and goes into the reason). ``challenger_bpb`` may be None only
     when the challenger is already the champion (nothing was evaluated). ``scores`` holds
-    ``challenger_``/``champion_`` ``golden_loglik`` and ``preference_accuracy`` where there was a golden set
-    or harvested pairs to score (rule 4 compares only what both sides have).
+    ``challenger_``/``champion_`` ``golden_loglik``, ``preference_accuracy`` and ``heldout_preference_accuracy``
+    where there was a golden set or harvested pairs to score (rule 4 compares only what both sides have).
     """
     challenger, champion = str(challenger), None if champion is None else str(champion)
     checks = {str(k): bool(v) for k, v in checks.items()}
@@ -95,46 +97,64 @@ def decide(challenger: str, champion: str | None, *, checks: Mapping[str, bool],
     if champion_bpb is None or not math.isfinite(champion_bpb):  # a broken champion must not hold the alias
         note = champion_note if champion_bpb is None else f" (champion v{champion} scores {champion_bpb})"
         return decision(True, f"no comparable champion; challenger bpb {challenger_bpb:.4f}{note}")
-    if regression := _user_regression(scores, float(golden_tolerance), float(min_preference_gain)):
+    if regression := _user_regression(scores, float(golden_tolerance), float(min_preference_gain),
+                                      int(min_heldout_pairs)):
         return decision(False, regression)
     gain = champion_bpb - challenger_bpb
     if gain >= min_imp:
         return decision(True, f"challenger bpb {challenger_bpb:.4f} beats champion v{champion} {champion_bpb:.4f} "
-                              f"by {gain:.4f} >= {min_imp}{_user_note(scores)}")
+                              f"by {gain:.4f} >= {min_imp}{_user_note(scores, int(min_heldout_pairs))}")
     return decision(False, f"challenger bpb {challenger_bpb:.4f} does not beat champion v{champion} "
                            f"{champion_bpb:.4f} by >= {min_imp} (improvement {gain:.4f})")
 
 
-def _user_regression(scores: Mapping[str, float], golden_tolerance: float, min_preference_gain: float) -> str:
+def _user_regression(scores: Mapping[str, float], golden_tolerance: float, min_preference_gain: float,
+                     min_heldout_pairs: int) -> str:
     """Rule 4's reason to reject ("" when the challenger passes it, or there was nothing to compare)."""
     ch, cp = scores.get("challenger_golden_loglik"), scores.get("champion_golden_loglik")
     if ch is not None and cp is not None and ch < cp - golden_tolerance:
         return (f"golden prompts regress: challenger log-likelihood {ch:.4f} < champion {cp:.4f} - "
                 f"{golden_tolerance} nats/token")
-    ch, cp = scores.get("challenger_preference_accuracy"), scores.get("champion_preference_accuracy")
+    key, which = _preference_set(scores, min_heldout_pairs)
+    ch, cp = scores.get(f"challenger_{key}"), scores.get(f"champion_{key}")
     if ch is not None and cp is not None and ch < cp + min_preference_gain - 1e-9:
-        return (f"harvested preferences: challenger prefers the chosen text in {ch:.0%} of pairs, champion "
+        return (f"harvested preferences: challenger prefers the chosen text in {ch:.0%} of {which}, champion "
                 f"{cp:.0%} (needs at least {min_preference_gain:+.0%})")
     return ""
 
 
-def _user_note(scores: Mapping[str, float]) -> str:
+def _preference_set(scores: Mapping[str, float], min_heldout_pairs: int) -> tuple[str, str]:
+    """Which preference accuracy rule 4 compares (held-out pairs once there are enough), and its words."""
+    n = scores.get("challenger_heldout_pairs", 0.0)
+    if n >= max(min_heldout_pairs, 1) and "champion_heldout_preference_accuracy" in scores:
+        return "heldout_preference_accuracy", f"{n:.0f} held-out pairs"
+    return "preference_accuracy", "all pairs (DPO may have trained on some)"
+
+
+def _user_note(scores: Mapping[str, float], min_heldout_pairs: int) -> str:
     """What rule 4 compared, for a promotion's reason ("" when nothing was)."""
-    ch, cp = scores.get("challenger_preference_accuracy"), scores.get("champion_preference_accuracy")
+    key, which = _preference_set(scores, min_heldout_pairs)
+    ch, cp = scores.get(f"challenger_{key}"), scores.get(f"champion_{key}")
     if ch is None or cp is None:
         return ""
-    return f"; prefers the harvested pairs' chosen text in {ch:.0%} (champion {cp:.0%})"
+    return f"; prefers the chosen text of {which} in {ch:.0%} (champion {cp:.0%})"
 
 
 # --------------------------------------------------------------------------- the decision's inputs
 def user_scores(model: Any, tokenizer: Any, golden: tuple[dict, ...], pairs: list[dict]) -> dict[str, float]:
-    """Golden log-likelihood (``gate.golden``) and preference accuracy/margin on the harvested pairs."""
+    """Golden log-likelihood (``gate.golden``) and preference accuracy/margin on the harvested pairs: all of
+    them, and apart the held-out ones (``split: holdout``), which no DPO run trained on."""
     out: dict[str, float] = {}
     if golden:
         out["golden_loglik"] = completion_loglik(model, tokenizer, [(g["prompt"], g["completion"]) for g in golden])
-    if pairs:
-        pref = preference_scores(model, tokenizer, pairs)
-        out.update(preference_accuracy=pref["preference_accuracy"], preference_margin=pref["preference_margin"])
+    heldout = [p for p in pairs if p.get("split") == "holdout"]
+    for prefix, subset in (("", pairs), ("heldout_", heldout)):
+        if subset:
+            pref = preference_scores(model, tokenizer, subset)
+            out.update({f"{prefix}preference_accuracy": pref["preference_accuracy"],
+                        f"{prefix}preference_margin": pref["preference_margin"]})
+    if heldout:
+        out["heldout_pairs"] = float(len(heldout))
     return out
 
 

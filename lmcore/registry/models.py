@@ -488,7 +488,8 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
     decision = decide(challenger_version, champion, checks=checks, challenger_bpb=ch_bpb, champion_bpb=champ_bpb,
                       min_improvement=min_imp, champion_note=champ_note, scores=scores,
                       golden_tolerance=params.gate.golden_tolerance,
-                      min_preference_gain=params.gate.min_preference_gain)
+                      min_preference_gain=params.gate.min_preference_gain,
+                      min_heldout_pairs=params.gate.min_heldout_pairs)
     promoted, reason = decision.promoted, decision.reason
 
     # The record first (a gate run + version tags), then the only alias move.

@@ -5,11 +5,12 @@ turns that into a loss without a reward model. The reference model's log-probabi
 computed once, before training (:func:`reference_logps`), so no second model sits in memory
 while the policy trains: only two numbers per pair.
 
-Pairs are tokenized as chats (:meth:`lmcore.data.tokenizer.Tokenizer.encode_chat`: the prompt as a
-user turn, each completion as the assistant's answer, its template's end included), the way TRL
-tokenizes conversational pairs; the loss is TRL's ``sigmoid`` DPO loss (tests/test_dpo.py checks it
-against ``trl.DPOTrainer`` on the same batch and weights). LoRA (``dpo.lora_r``) goes through peft
-as in SFT and is merged on save.
+Harvested pairs are tokenized as they were served (:meth:`lmcore.data.tokenizer.Tokenizer.encode_served`:
+the prompt exactly as the model saw it, already through its chat template when it chats, then each
+completion and the template's end of turn); a pair whose prompt is a list of messages is tokenized
+as a chat, the way TRL tokenizes conversational pairs. The loss is TRL's ``sigmoid`` DPO loss
+(tests/test_dpo.py checks it against ``trl.DPOTrainer`` on the same batch and weights). LoRA
+(``dpo.lora_r``) goes through peft as in SFT and is merged on save.
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ def pair_messages(prompt: str | list[dict], completion: str) -> list[dict]:
     return [*msgs, {"role": "assistant", "content": completion}]
 
 
-def encode_completions(tokenizer: Tokenizer, items: list[tuple], max_len: int) -> PairBatch:
-    """(prompt, completion) rows as right-padded ids plus the completion targets (rows cut to ``max_len``)."""
+def encode_completions(tokenizer: Tokenizer, items: list[tuple], max_len: int, served: bool = False) -> PairBatch:
+    """(prompt, completion) rows as right-padded ids plus the completion targets (rows cut to ``max_len``).
+
+    ``served``: text prompts are taken as served (harvested), not as a user turn to template."""
     if not items:
         raise LmopsError("no completions to encode")
     rows = []
     for prompt, completion in items:
-        ids, mask = tokenizer.encode_chat(pair_messages(prompt, completion))
+        ids, mask = (tokenizer.encode_served(prompt, completion) if served and isinstance(prompt, str)
+                     else tokenizer.encode_chat(pair_messages(prompt, completion)))
         rows.append((ids[:max_len], mask[:max_len]))
     T = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), T), tokenizer.eos_id, dtype=torch.long)
@@ -73,11 +77,12 @@ def encode_completions(tokenizer: Tokenizer, items: list[tuple], max_len: int) -
 
 
 def encode_pairs(tokenizer: Tokenizer, pairs: list[dict], max_len: int) -> PairBatch:
-    """``pairs`` of {prompt, chosen, rejected} as a :class:`PairBatch`: the chosen rows, then the rejected."""
+    """``pairs`` of {prompt (as served), chosen, rejected} as a :class:`PairBatch`: the chosen rows, then the
+    rejected."""
     if not pairs:
         raise LmopsError("no preference pairs to encode")
     return encode_completions(tokenizer, [(p["prompt"], p[k]) for k in ("chosen", "rejected") for p in pairs],
-                              max_len)
+                              max_len, served=True)
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> torch.Tensor:
