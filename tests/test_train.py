@@ -296,3 +296,39 @@ def test_training_tunes_its_threads_beside_busy_processes(prepared, tmp_path):
     pinned = tiny_params(train__threads=1, train__max_steps=3, train__eval_interval=0)
     out = train(prepared, tmp_path / "pinned", pinned.model, pinned.train, progress=False).choices
     assert out["threads"] == 1 and "thread_switches" in out and out["thread_switches"] == 0
+
+
+
+HEAP_PROBE = """
+import ctypes, sys, torch
+from lmcore.machine import keep_freed_memory
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+x = torch.empty(4 << 20)  # 16 MB, like a step's activations
+mapped = libc.mallinfo2().hblkhd
+del x
+print(kept, mapped >> 20, libc.mallinfo2().fordblks >> 20)
+"""
+
+
+@pytest.mark.code
+def test_training_keeps_freed_activations_in_the_heap():
+    """``keep_freed_memory`` (train() calls it on CPUs): a 16 MB block comes from the heap and stays there
+    once freed, for the next step to reuse without page faults; glibc's default maps it afresh each time."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc: its allocator decides for itself")
+
+    def probe(mode: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        return out.stdout.split()
+
+    kept, mapped_mb, free_mb = probe("keep")
+    assert kept == "True" and int(mapped_mb) < 16 and int(free_mb) >= 16  # from the heap, kept for reuse
+    kept, mapped_mb, _ = probe("default")
+    assert kept == "False" and int(mapped_mb) >= 16  # the control: glibc's default maps it on its own

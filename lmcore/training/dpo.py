@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
+from lmcore.machine import keep_freed_memory
 from lmcore.model.checkpoint import load_model, save_model
 from lmcore.training.lora import add_lora, has_lora, merge_lora
 
@@ -152,6 +153,8 @@ def train_dpo(model_dir: str | Path, pairs: list[dict], dp, out_dir: str | Path,
     The SFT model is also the reference: its log-probabilities are taken once, then it trains.
     """
     model, tokenizer, sft_meta = load_model(model_dir)
+    if model.embed.weight.device.type == "cpu":
+        keep_freed_memory()  # as train(): no page faults on every step's activations
     batch = encode_pairs(tokenizer, pairs, min(dp.max_len, model.cfg.block_size + 1))
     before = preference_scores(model, tokenizer, pairs, dp.max_len)
     ref = reference_logps(model, batch)

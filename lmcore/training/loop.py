@@ -42,6 +42,7 @@ from lmcore.data.prepare import load_prepared, tokenizer_hash
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.device import ThreadTuner, pick_device, training_choices
 from lmcore.errors import LmopsError
+from lmcore.machine import keep_freed_memory
 from lmcore.model.base import load_base
 from lmcore.model.checkpoint import WEIGHTS, atomic_dir, commit_dir, save_model, write_model_files
 from lmcore.model.transformer import ModelConfig, Transformer
@@ -276,6 +277,8 @@ def train(
                          f"(model.block_size={model.block_size}) + 1; add text or lower model.block_size")
     tokenizer = Tokenizer.load(data.dir / "tokenizer.json")
     d, device = _dist_setup(pick_device(train.device))
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults on every step's activations
     threads = torch.get_num_threads()
     try:
         trainer = _Trainer.setup(data, tokenizer, Path(out_dir), model, train, d, device, resume=resume,

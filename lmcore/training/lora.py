@@ -32,12 +32,24 @@ from lmcore.model.checkpoint import CONFIG, TOKENIZER, WEIGHTS, read_meta, save_
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
+# lmops' fused projections and how many of a Llama's projections each one holds
+FUSED_PARTS = {"qkv": 3, "gate_up": 2}
+
+
 def lora_config(train) -> Any:
-    """peft's ``LoraConfig`` from params.yaml's ``train.lora_*`` (``TrainParams``)."""
+    """peft's ``LoraConfig`` from params.yaml's ``train.lora_*`` (``TrainParams``).
+
+    Rank r means r per projection, as peft gives a Llama's separate ``q_proj``/``k_proj``/``v_proj``
+    (and ``gate_proj``/``up_proj``): a fused layer gets rank parts x r and alpha parts x alpha (the same
+    alpha / r scaling), which holds every update the separate adapters can make (a block-diagonal B).
+    """
     from peft import LoraConfig  # lazy: peft imports transformers (seconds)
 
+    fused = {t: n for t, n in FUSED_PARTS.items() if t in train.lora_targets}
     return LoraConfig(r=train.lora_r, lora_alpha=train.lora_alpha, lora_dropout=train.lora_dropout,
-                      target_modules=list(train.lora_targets), bias="none")
+                      target_modules=list(train.lora_targets), bias="none",
+                      rank_pattern={t: n * train.lora_r for t, n in fused.items()},
+                      alpha_pattern={t: n * train.lora_alpha for t, n in fused.items()})
 
 
 def add_lora(model: torch.nn.Module, train) -> torch.nn.Module:
@@ -116,7 +128,8 @@ def merge_adapter_folder(folder: Path, out: Path) -> Path:
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict  # lazy: peft imports transformers
 
     lora = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.0,
-                      target_modules=list(cfg["target_modules"]), bias="none")
+                      target_modules=list(cfg["target_modules"]), bias="none",
+                      rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {})
     model = inject_adapter_in_model(lora, model)
     result = set_peft_model_state_dict(model, load_file(str(folder / ADAPTER_WEIGHTS)))
     if getattr(result, "unexpected_keys", None):
