@@ -8,6 +8,8 @@ knows no model, so the model code may ask it without an import cycle.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import hashlib
 import json
@@ -43,9 +45,6 @@ def keep_freed_memory() -> bool:
     trim thresholds keeps them in the heap (the same blocks reused: peak RSS is unchanged). True
     when set; False off glibc (other allocators decide for themselves).
     """
-    import ctypes
-    import ctypes.util
-
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
