@@ -17,7 +17,8 @@ def _model_name(name: str | None, params_path: str | None) -> str:
     return load_params_cli(params_path, None).registry.model_name
 
 
-COLUMNS = ["version", "aliases", "bits/byte", "gate", "data", "code", "params", "run", "prefers", "golden", "base"]
+COLUMNS = ["version", "aliases", "bits/byte", "gate", "data", "code", "params", "run", "prefers", "held-out", "golden",
+           "base"]
 DEFAULT_COLUMNS = ["version", "aliases", "bits/byte", "gate", "data"]  # fit 80 columns; --wide shows all
 
 
@@ -48,6 +49,7 @@ def _row(v: dict) -> list:
         t.get("lmops.params_hash", ""),
         (v["run_id"] or "")[:8],
         t.get("lmops.gate.challenger_preference_accuracy", ""),  # share of harvested pairs it prefers
+        t.get("lmops.gate.challenger_heldout_preference_accuracy", ""),  # ... of those DPO never trained on
         t.get("lmops.gate.challenger_golden_loglik", ""),  # nats/token on gate.golden
         (t.get("lmops.base_hash") or "")[:12],
     ]
@@ -64,8 +66,9 @@ def register(app: typer.Typer) -> None:
         """List registered model versions with aliases (champion/challenger), metrics, gate outcome and lineage.
 
         The table shows version, aliases, bits/byte, gate and dataset version; --wide adds the code
-        revision, params hash, MLflow run, the gate's preference accuracy on harvested pairs and golden
-        log-likelihood, and a fine-tuned base's hash; --json has every value in full.
+        revision, params hash, MLflow run, the gate's preference accuracy on harvested pairs (all, and the
+        held-out ones no DPO run trained on) and golden log-likelihood, and a fine-tuned base's hash;
+        --json has every value in full.
         """
         from lmcore.registry.models import alias_history, list_versions  # lazy: keeps `lmops --help` fast
 
