@@ -119,18 +119,32 @@ def run_lmops(base: Path, args, lora: bool) -> dict:
     return {"tokens_per_s": res.tokens / res.seconds, "heldout_loss": loss, "train_s": res.seconds, "wall_s": wall}
 
 
-def run_hf(base: Path, args, lora: bool) -> dict:
+def hf_model(base: Path, args, lora: bool) -> torch.nn.Module:
+    """The base as transformers loads it, with peft's LoRA on every Llama projection when ``lora``."""
     import transformers
 
-    from lmcore.training.loop import Batches
-
-    dev = torch.device(args.device)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).to(dev)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     if lora:
         import peft
 
         model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=float(2 * args.rank),
                                                            target_modules=HF_TARGETS, lora_dropout=0.0))
+    return model
+
+
+def hf_result(model: torch.nn.Module, base: Path, args, seconds: float, dev: torch.device) -> dict:
+    """A reference run's tokens/s over ``seconds`` of training and its held-out loss."""
+    model.eval()
+    loss = heldout_loss(lambda x: model(input_ids=x).logits, np.load(base / "val_ids.npy"), args.seq, dev)
+    return {"tokens_per_s": args.steps * args.batch * args.seq / seconds, "heldout_loss": loss, "train_s": seconds}
+
+
+def run_hf(base: Path, args, lora: bool) -> dict:
+
+    from lmcore.training.loop import Batches
+
+    dev = torch.device(args.device)
+    model = hf_model(base, args, lora).to(dev)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr_lora if lora else args.lr, betas=(0.9, 0.95), weight_decay=0.0,
@@ -150,10 +164,7 @@ def run_hf(base: Path, args, lora: bool) -> dict:
         opt.zero_grad(set_to_none=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    model.eval()
-    loss = heldout_loss(lambda x: model(input_ids=x).logits, np.load(base / "val_ids.npy"), args.seq, dev)
-    return {"tokens_per_s": args.steps * args.batch * args.seq / seconds, "heldout_loss": loss, "train_s": seconds}
+    return hf_result(model, base, args, time.perf_counter() - t0, dev)
 
 
 def run_hf_trainer(base: Path, args, lora: bool) -> dict:
@@ -166,12 +177,7 @@ def run_hf_trainer(base: Path, args, lora: bool) -> dict:
     from lmcore.training.loop import Batches
 
     dev = torch.device(args.device)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    if lora:
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=float(2 * args.rank),
-                                                           target_modules=HF_TARGETS, lora_dropout=0.0))
+    model = hf_model(base, args, lora)  # Trainer moves it to its device
     batches = Batches(train_ids(base), args.seq, args.batch, 7, torch.device("cpu"))
     windows = [batches.get(step) for step in range(args.steps)]
     rows = [{"input_ids": x[i], "labels": y[i]} for x, y in windows for i in range(x.shape[0])]
@@ -203,10 +209,7 @@ def run_hf_trainer(base: Path, args, lora: bool) -> dict:
         trainer.train()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-    model.eval()
-    loss = heldout_loss(lambda x: model(input_ids=x).logits, np.load(base / "val_ids.npy"), args.seq, dev)
-    return {"tokens_per_s": args.steps * args.batch * args.seq / seconds, "heldout_loss": loss, "train_s": seconds}
+        return hf_result(model, base, args, time.perf_counter() - t0, dev)
 
 
 def run_variant(variant: str, base: Path, args) -> dict:
