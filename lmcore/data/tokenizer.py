@@ -50,6 +50,7 @@ class Tokenizer:
         self.eos_id: int = eos_id
         self.eos_token, self.bos_token, self.chat_template = eos, bos, chat_template
         self._special: _HFTokenizer | None = None  # a twin that reads special tokens, for rendered chats
+        self._turn_end: tuple[tuple, str] | None = None  # (template, eos, bos) -> its turn end, see turn_end
 
     @classmethod
     def train(cls, texts: Iterable[str], kind: str = "bpe", vocab_size: int = 2048) -> Tokenizer:
@@ -147,13 +148,18 @@ class Tokenizer:
         return ids, mask
 
     def turn_end(self) -> str:
-        """What the chat template writes after an assistant turn's content (:data:`PLAIN_TEMPLATE`: EOS)."""
-        mark, msgs = "\ue000", [{"role": "user", "content": "u"}]
-        prompt = self.render_chat(msgs, add_generation_prompt=True)
-        full = self.render_chat([*msgs, {"role": "assistant", "content": mark}])
-        if not full.startswith(prompt) or mark not in full[len(prompt):]:
-            raise LmopsError("chat template does not render a chat as a prefix of its continuation")
-        return full[len(prompt):].split(mark, 1)[1]
+        """What the chat template writes after an assistant turn's content (:data:`PLAIN_TEMPLATE`: EOS).
+
+        Rendered once per template (prepare asks for every served document), not once per call."""
+        key = (self.chat_template, self.eos_token, self.bos_token)
+        if self._turn_end is None or self._turn_end[0] != key:
+            mark, msgs = "\ue000", [{"role": "user", "content": "u"}]
+            prompt = self.render_chat(msgs, add_generation_prompt=True)
+            full = self.render_chat([*msgs, {"role": "assistant", "content": mark}])
+            if not full.startswith(prompt) or mark not in full[len(prompt):]:
+                raise LmopsError("chat template does not render a chat as a prefix of its continuation")
+            self._turn_end = (key, full[len(prompt):].split(mark, 1)[1])
+        return self._turn_end[1]
 
     def encode_served(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
         """(ids, loss mask) of ``completion`` after ``prompt`` exactly as it was served (already rendered
