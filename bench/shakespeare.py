@@ -32,11 +32,11 @@ CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 WINNER = {
     "tokenizer.kind": "byte",
     "model.n_layer": 4, "model.n_head": 4, "model.n_kv_head": 4, "model.d_model": 128,
-    "model.block_size": 64, "model.tie_embeddings": False,
+    "model.block_size": 128, "model.tie_embeddings": False,
     "train.optimizer": "muon", "train.muon_lr": 0.01, "train.muon_momentum": 0.95,
-    "train.lr": 6e-3, "train.min_lr": 0.0, "train.warmup_steps": 50, "train.lr_schedule": "wsd",
+    "train.lr": 1e-2, "train.min_lr": 0.0, "train.warmup_steps": 50, "train.lr_schedule": "wsd",
     "train.cooldown_frac": 0.6, "train.beta1": 0.9, "train.beta2": 0.95, "train.weight_decay": 0.0,
-    "train.grad_clip": 1.0, "train.batch_size": 16, "train.zero_init_residual": True,
+    "train.grad_clip": 1.0, "train.batch_size": 8, "train.zero_init_residual": True,
     "train.max_steps": 1_000_000, "train.eval_interval": 0, "train.checkpoint_interval": 0,
     "train.log_interval": 50, "train.device": "cpu", "train.dtype": "float32", "train.seed": 1337,
 }
