@@ -24,7 +24,8 @@ import torch
 
 from lmcore.settings import get_settings
 
-PROBE_VERSION = 2  # 2: Muon timed as lmcore.training.optimizers runs it (stacked, Gram route); busy flag
+PROBE_VERSION = 3  # 2: Muon timed as lmcore.training.optimizers runs it (stacked, Gram route); busy flag;
+# 3: int8 decode kernels timed on 50 MB of weights (streamed, as in decoding), times to 0.1 us
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
@@ -213,7 +214,8 @@ def interleaved_ms(jobs: dict[str, tuple[Callable[[], None], float]], rounds: in
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
-    return {name: round(best[name] * factor * 1e3, 2) for name, (_, factor) in jobs.items()}
+    # to 0.1 us: the int8 probe times steps of ~50 us, which 0.01 ms would round to ties
+    return {name: round(best[name] * factor * 1e3, 4) for name, (_, factor) in jobs.items()}
 
 
 def machine_busy() -> bool:

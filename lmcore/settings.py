@@ -95,7 +95,10 @@ class Settings:
 
     @property
     def inductor_cache(self) -> Path:
-        return self.home / "cache" / "inductor"
+        """One per ATen vector ISA: Inductor's graph cache does not key on it, so C++ written for AVX2
+        (under ``ATEN_CPU_CAPABILITY=avx2``) would be rebuilt for AVX-512 with 16-wide stores into
+        8-wide loops, corrupting the heap (torch 2.13)."""
+        return self.home / "cache" / "inductor" / (os.environ.get("ATEN_CPU_CAPABILITY", "").lower() or "native")
 
     @property
     def decode_cache(self) -> Path:

@@ -82,6 +82,19 @@ def test_isa_caps_hide_what_the_cpu_has():
     assert cpu_class(effective_isa({"avx2", "avx512f"}, {})) == "avx512"
 
 
+def test_code_compiled_under_an_isa_cap_is_cached_apart(monkeypatch, tmp_path):
+    """Inductor's graph cache does not key on ATen's vector ISA: AVX2 code read back natively on an
+    AVX-512 CPU was rebuilt with 16-wide stores into 8-wide loops and corrupted the heap."""
+    from lmcore.settings import Settings
+
+    settings = Settings(workspace=tmp_path, home=tmp_path)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    native = settings.inductor_cache
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "AVX2")
+    capped = settings.inductor_cache
+    assert native != capped and native.parent == capped.parent == tmp_path / "cache" / "inductor"
+
+
 def _fake_probe(m: Measurements) -> Probe:
     shape = Shape.of(ModelConfig(), 16)
     return Probe(machine={"cpu": "test", "cpu_class": "x"}, shape=shape, measurements=m,
