@@ -177,7 +177,7 @@ def test_lmops_info_shows_the_cpu_and_what_the_probe_chose(lmops_home, tmp_path,
     code, out, _ = run_cli("info", "--json", capsys=capsys)
     machine = json.loads(out)["machine"]
     assert code == 0 and machine["cpu"]["fp32_gflops"] > 0 and machine["cpu"]["cpu_class"]
-    assert machine["probes"] == []  # nothing trained in this home yet
+    assert machine["probes"] == [] and machine["int8_decode"] is None  # nothing measured in this home yet
     monkeypatch.setenv("LMOPS_WORKSPACE", str(tmp_path))  # --probe reads the workspace's params.yaml
     code, out, _ = run_cli("info", "--probe", "--json", capsys=capsys)
     (probed,) = json.loads(out)["machine"]["probes"]
@@ -186,6 +186,8 @@ def test_lmops_info_shows_the_cpu_and_what_the_probe_chose(lmops_home, tmp_path,
     monkeypatch.setenv("COLUMNS", "200")
     code, out, _ = run_cli("info", capsys=capsys)
     assert code == 0 and "probe 1L x 32" in out and f"optimizer {probed['decisions']['optimizer']}" in out
+    int8 = json.loads(run_cli("info", "--json", capsys=capsys)[1])["machine"]["int8_decode"]
+    assert int8["speedup"] > 0 and f"int8 kernel {int8['speedup']:.2f}x fp32" in out  # --probe timed it too
 
 
 def test_float32_newton_schulz_on_the_gram_matrix_is_closer_to_exact_than_torchs_bf16():

@@ -46,6 +46,7 @@ def machine_info(measure: bool = False, params: str | None = None) -> dict:
     """The CPU profile and every model probe this home holds (``lmcore.probe``); with ``measure``,
     the model of ``params`` (default: the workspace's) is probed now if it was not yet."""
     from lmcore.machine import cpu_profile  # lazy: keeps `lmops --help` fast
+    from lmcore.model.decode import cached_int8_matvec_speedup, int8_matvec_speedup
     from lmcore.probe import cached_decode_probes, cached_probes, probe
 
     if measure:
@@ -55,9 +56,11 @@ def machine_info(measure: bool = False, params: str | None = None) -> dict:
         p = load_params_cli(params, None)
         vocab = p.tokenizer.vocab_size if p.tokenizer.kind == "bpe" else 257
         probe(Shape.of(ModelConfig.from_params(p.model, vocab), p.train.batch_size))
+        int8_matvec_speedup()
     probes = [{"shape": pr.shape.__dict__, "decisions": pr.decisions.__dict__,
                "measurements": pr.measurements.__dict__, "measured_at": pr.measured_at} for pr in cached_probes()]
-    return {"cpu": cpu_profile(), "probes": probes, "decode_probes": cached_decode_probes()}
+    return {"cpu": cpu_profile(), "probes": probes, "decode_probes": cached_decode_probes(),
+            "int8_decode": cached_int8_matvec_speedup()}
 
 
 def _probe_rows(machine: dict) -> list[list]:
@@ -77,6 +80,11 @@ def _probe_rows(machine: dict) -> list[list]:
         rows.append([f"decode {s['n_layer']}L x {s['d_model']}",
                      f"threads {d['decode_threads'] or 'all'} (1: {d['decode_ms_1']} ms/token, {d['threads']}: "
                      f"{d['decode_ms_n']} ms); int8 linear {d['int8_speedup']:.2f}x fp32 ({d['int8_engine']})"])
+    if q := machine.get("int8_decode"):
+        reads = "int8 weights" if q["speedup"] >= 1.0 else "their float values (the int8 kernel is slower here)"
+        on = " x ".join(map(str, q["shape"]))
+        rows.append(["compiled int8 decode", f"int8 kernel {q['speedup']:.2f}x fp32 ({q['int8_us']} vs "
+                                             f"{q['fp32_us']} us on {on} weights): int8 models decode from {reads}"])
     return rows
 
 
@@ -84,8 +92,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def info(
         as_json: bool = JSON_OPTION,
-        measure: bool = typer.Option(False, "--probe", help="Probe this machine at the params' model shape now "
-                                     "(once; otherwise the first `lmops train` does it)."),
+        measure: bool = typer.Option(False, "--probe", help="Probe this machine at the params' model shape now, "
+                                     "and its compiled int8 decode kernel (once; otherwise the first `lmops train` "
+                                     "and the first compiled int8 decode do it)."),
         params: str = PARAMS_OPTION,
     ) -> None:
         """Show where lmops keeps everything, stack versions, and what this machine's probe chose.

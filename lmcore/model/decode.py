@@ -144,7 +144,7 @@ def int8_matvec_speedup(refresh: bool = False, home: Path | None = None) -> dict
     float32 values (0.35-0.38x of fp32's speed on an AVX2-only EPYC, which lacks int8 dot products).
     """
     ident = machine_identity()
-    path = cache_dir(home) / f"int8-{cache_key(ident)}.json"
+    path = _int8_probe_path(ident, home)
     if not refresh and (hit := read_memo(path)):
         return hit["int8"]
 
@@ -181,6 +181,16 @@ def int8_matvec_speedup(refresh: bool = False, home: Path | None = None) -> dict
               "speedup": round(best["fp32"] / best["int8"], 3), "shape": list(INT8_PROBE_SHAPE)}
     write_cached(path, {"version": PROBE_VERSION, "machine": ident, "int8": result})
     return result
+
+
+def _int8_probe_path(ident: dict, home: Path | None) -> Path:
+    return cache_dir(home) / f"int8-{cache_key(ident)}.json"
+
+
+def cached_int8_matvec_speedup(home: Path | None = None) -> dict | None:
+    """:func:`int8_matvec_speedup`'s result where this machine measured it already (for ``lmops info``)."""
+    hit = read_memo(_int8_probe_path(machine_identity(), home))
+    return hit["int8"] if hit else None
 
 
 def linear(x: torch.Tensor, w: Weight | nn.Module) -> torch.Tensor:
