@@ -25,6 +25,7 @@ CUDA needs no probe: bf16 autocast and Muon's bf16 iteration are right on every 
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -56,6 +57,9 @@ BF16_MIN_GAIN = 1.10  # bf16 autocast casts every weight each step: below a 10% 
 MUON_STEP_GAIN = 1.5  # Muon saves steps: on a 2-core EPYC 860 Muon steps beat 1,176 AdamW ones (2.41 vs 2.64 bits/char)
 PROBE_TOKENS = 2048  # tokens per timed training step: lmops's default batch (16 x 128)
 DECODE_THREADS_MIN_GAIN = 1.15  # more threads must clearly win: they collapse when another process shares the cores
+# a compiled step shorter than this (on one thread) is not worth trying on more: it is one kernel with ~25
+# parallel regions per layer, each a few us of thread wake-up (4L x 128: 0.12 ms on 1 thread, 0.22 ms on 2)
+COMPILED_STEP_SPLIT_MS = 1.0
 
 
 # ----------------------------------------------------------------------------- the model-shaped probe
@@ -325,6 +329,55 @@ def cached_probes(home: Path | None = None) -> list[Probe]:
         if hit and hit["probe"]["machine"] == ident:
             out.append(Probe.from_dict(hit["probe"], cached=True))
     return sorted(out, key=lambda p: p.measured_at, reverse=True)
+
+
+def _compiled_step_ident(many: int) -> dict:
+    return {**machine_identity(), "threads": many}  # the process's count, not the one decoding runs on
+
+
+def compiled_step_threads(cfg, many: int, home: Path | None = None) -> int:
+    """Threads for the compiled batch-1 decode step of a model ``cfg``: 1, or 0 = torch's count.
+
+    Decided from the step's own times, which generation records (:func:`record_compiled_step`), since
+    neither the eager probe nor a small compiled stand-in predicts it: eagerly a product is MKL's
+    sgemv, which keeps to one core, while compiled it is an Inductor loop over the rows that a second
+    core speeds up once the step is long enough (6L x 384: 3.4 -> 1.5-2.0 ms; 4L x 128: 0.12 -> 0.22).
+    So: 1 thread until a step has been timed; all threads once, if one thread took over
+    ``COMPILED_STEP_SPLIT_MS``; then whichever was faster (more threads only by ``DECODE_THREADS_MIN_GAIN``).
+    Each thread count is its own compiled library, so trying all threads compiles once more.
+    """
+    ident = _compiled_step_ident(many)
+    hit = read_memo(cache_dir(home) / f"compiled-step-{cache_key(ident, _decode_shape(cfg))}.json")
+    return _threads_from((hit or {}).get("ms", {}), many)
+
+
+def _threads_from(ms: dict[str, float], many: int) -> int:
+    one, all_ = ms.get("1"), ms.get("n")
+    if many <= 1 or one is None or one < COMPILED_STEP_SPLIT_MS:
+        return 1
+    return 0 if all_ is None or one / all_ >= DECODE_THREADS_MIN_GAIN else 1
+
+
+def record_compiled_step(cfg, threads: int, many: int, ms: float, home: Path | None = None) -> None:
+    """Keep the fastest time seen for the compiled step of ``cfg`` on ``threads`` (1, or the process's
+    ``many``); not while other work keeps the cores busy, whose times would decide for the wrong reason."""
+    if machine_busy() or threads not in (1, many):
+        return
+    ident = _compiled_step_ident(many)
+    path = cache_dir(home) / f"compiled-step-{cache_key(ident, _decode_shape(cfg))}.json"
+    times = dict((read_memo(path) or {}).get("ms", {}))
+    key = "1" if threads == 1 else "n"
+    times[key] = round(min(ms, times.get(key, math.inf)), 4)
+    write_cached(path, {"version": PROBE_VERSION, "machine": ident, "shape": _decode_shape(cfg), "ms": times})
+
+
+def cached_compiled_steps(home: Path | None = None, many: int | None = None) -> list[dict]:
+    """The compiled step times this home recorded on this machine (``many`` threads: torch's count),
+    with the thread count they choose."""
+    many = many or torch.get_num_threads()
+    hits = (read_cached(path) for path in sorted(cache_dir(home).glob("compiled-step-*.json")))
+    mine = [h for h in hits if h and h.get("machine") == _compiled_step_ident(many)]
+    return [{"shape": h["shape"], "ms": h["ms"], "threads": _threads_from(h["ms"], many)} for h in mine]
 
 
 def cached_decode_probes(home: Path | None = None) -> list[dict]:

@@ -29,8 +29,8 @@ def model() -> Transformer:
 
 @pytest.fixture(autouse=True)
 def _decode_threads():
-    """Every test decodes on the thread count generate_tokens uses: a compiled step is built per count."""
-    with decode_threads("cpu", CFG):
+    """Every test decodes on the thread count a compiled generate_tokens uses: a compiled step is built per count."""
+    with decode_threads("cpu", CFG, compiled=True):
         yield
 
 
@@ -251,3 +251,21 @@ def test_prompts_prefilled_together_match_each_prefilled_alone(model):
         want = eager_logits(model, ids + [7, 7, 7])[len(ids) - 1 :]  # the prompt's last logits, then 3 steps
         assert torch.allclose(got[r], want[0], atol=1e-5), (got[r] - want[0]).abs().max()
         assert torch.allclose(torch.stack([s[r] for s in steps]), want[1:], atol=1e-4)
+
+
+def test_a_compiled_generation_records_its_step_time_for_the_thread_choice(model, monkeypatch):
+    """The compiled step's thread count follows its own recorded times (lmcore.probe.compiled_step_threads)."""
+    import json
+
+    from lmcore.machine import cache_dir
+    from lmcore.model.generate import STEPS_TIMED, process_threads
+    from lmcore.probe import compiled_step_threads
+
+    monkeypatch.setattr("lmcore.probe.machine_busy", lambda: False)  # the other test worker's load
+    sp = SamplingParams(max_new_tokens=STEPS_TIMED + 2, temperature=0.0)
+    assert len(ids(generate_tokens(model, [3, 4, 5], sp, compiled=True))) == STEPS_TIMED + 2
+    hits = [json.loads(p.read_text()) for p in cache_dir(None).glob("compiled-step-*.json")]
+    (mine,) = [h for h in hits if h["shape"]["d_model"] == CFG.d_model and h["shape"]["vocab_size"] == CFG.vocab_size]
+    (ms,) = mine["ms"].values()
+    assert 0 < ms < 1.0  # a step of this tiny model: too short to split over threads
+    assert compiled_step_threads(CFG, process_threads()) == 1

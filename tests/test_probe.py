@@ -95,6 +95,30 @@ def test_code_compiled_under_an_isa_cap_is_cached_apart(monkeypatch, tmp_path):
     assert native != capped and native.parent == capped.parent == tmp_path / "cache" / "inductor"
 
 
+def test_the_compiled_step_tries_more_threads_only_after_a_long_step_and_keeps_the_faster(tmp_path, monkeypatch):
+    from lmcore.probe import COMPILED_STEP_SPLIT_MS, cached_compiled_steps, compiled_step_threads, record_compiled_step
+
+    monkeypatch.setattr("lmcore.probe.machine_busy", lambda: False)
+    short, long = ModelConfig(n_layer=1, d_model=32, n_head=2), ModelConfig(n_layer=2, d_model=32, n_head=2)
+    assert compiled_step_threads(short, 2, home=tmp_path) == 1  # nothing timed yet: one thread
+    record_compiled_step(short, 1, 2, COMPILED_STEP_SPLIT_MS / 4, home=tmp_path)
+    assert compiled_step_threads(short, 2, home=tmp_path) == 1  # too short a step to split
+    record_compiled_step(long, 1, 2, COMPILED_STEP_SPLIT_MS * 3, home=tmp_path)
+    assert compiled_step_threads(long, 2, home=tmp_path) == 0  # long: try all threads once
+    assert compiled_step_threads(long, 1, home=tmp_path) == 1  # ...where there is more than one
+    record_compiled_step(long, 2, 2, COMPILED_STEP_SPLIT_MS * 2.9, home=tmp_path)
+    assert compiled_step_threads(long, 2, home=tmp_path) == 1  # all threads barely won: back to one
+    record_compiled_step(long, 2, 2, COMPILED_STEP_SPLIT_MS * 1.5, home=tmp_path)  # the fastest time is kept
+    assert compiled_step_threads(long, 2, home=tmp_path) == 0
+    record_compiled_step(long, 3, 2, COMPILED_STEP_SPLIT_MS / 10, home=tmp_path)  # neither one nor all: ignored
+    assert compiled_step_threads(long, 2, home=tmp_path) == 0
+    shown = {c["shape"]["n_layer"]: c for c in cached_compiled_steps(tmp_path, many=2)}  # what `lmops info` shows
+    assert shown[2]["threads"] == 0 and shown[2]["ms"] == {"1": 3.0, "n": 1.5} and shown[1]["threads"] == 1
+    monkeypatch.setattr("lmcore.probe.machine_busy", lambda: True)  # times under another's load: not kept
+    record_compiled_step(long, 1, 2, COMPILED_STEP_SPLIT_MS / 10, home=tmp_path)
+    assert compiled_step_threads(long, 2, home=tmp_path) == 0
+
+
 def _fake_probe(m: Measurements) -> Probe:
     shape = Shape.of(ModelConfig(), 16)
     return Probe(machine={"cpu": "test", "cpu_class": "x"}, shape=shape, measurements=m,

@@ -46,8 +46,8 @@ def machine_info(measure: bool = False, params: str | None = None) -> dict:
     """The CPU profile and every model probe this home holds (``lmcore.probe``); with ``measure``,
     the model of ``params`` (default: the workspace's) is probed now if it was not yet."""
     from lmcore.machine import cpu_profile  # lazy: keeps `lmops --help` fast
-    from lmcore.model.decode import cached_int8_matvec_speedup, int8_matvec_speedup
-    from lmcore.probe import cached_decode_probes, cached_probes, probe
+    from lmcore.model.decode import cached_int8_matvec_speedup, int8_matvec_speedup  # lazy: as above
+    from lmcore.probe import cached_compiled_steps, cached_decode_probes, cached_probes, probe  # lazy: as above
 
     if measure:
         from lmcore.model.transformer import ModelConfig  # lazy: keeps `lmops --help` fast
@@ -60,7 +60,7 @@ def machine_info(measure: bool = False, params: str | None = None) -> dict:
     probes = [{"shape": pr.shape.__dict__, "decisions": pr.decisions.__dict__,
                "measurements": pr.measurements.__dict__, "measured_at": pr.measured_at} for pr in cached_probes()]
     return {"cpu": cpu_profile(), "probes": probes, "decode_probes": cached_decode_probes(),
-            "int8_decode": cached_int8_matvec_speedup()}
+            "compiled_steps": cached_compiled_steps(), "int8_decode": cached_int8_matvec_speedup()}
 
 
 def _probe_rows(machine: dict) -> list[list]:
@@ -80,6 +80,11 @@ def _probe_rows(machine: dict) -> list[list]:
         rows.append([f"decode {s['n_layer']}L x {s['d_model']}",
                      f"threads {d['decode_threads'] or 'all'} (1: {d['decode_ms_1']} ms/token, {d['threads']}: "
                      f"{d['decode_ms_n']} ms); int8 linear {d['int8_speedup']:.2f}x fp32 ({d['int8_engine']})"])
+    for c in machine.get("compiled_steps", []):
+        s, ms = c["shape"], c["ms"]
+        timed = ", ".join(f"{'1' if k == '1' else 'all'}: {v} ms" for k, v in sorted(ms.items()))
+        rows.append([f"compiled decode {s['n_layer']}L x {s['d_model']}",
+                     f"threads {'all' if c['threads'] == 0 else 1} (step times as generated: {timed})"])
     if q := machine.get("int8_decode"):
         reads = "int8 weights" if q["speedup"] >= 1.0 else "their float values (the int8 kernel is slower here)"
         on = " x ".join(map(str, q["shape"]))

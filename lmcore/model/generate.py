@@ -12,14 +12,18 @@ For small models intra-op threads cost more than they give (and collapse when th
 shared: 2 threads were 8-13x slower than 1 on a busy 2-core box), while a larger model's
 matrix-vector products may gain from them, depending on the CPU. So :func:`decode_threads`
 uses the count :func:`lmcore.probe.decode_probe` measured faster for the model's shape on this
-machine; ``LMOPS_DECODE_THREADS`` overrides (0 = always leave torch's setting). Greedy picks
+machine, and for the compiled step the count its own recorded times favour
+(:func:`lmcore.probe.compiled_step_threads`); ``LMOPS_DECODE_THREADS`` overrides (0 = always leave
+torch's setting). Greedy picks
 skip the full softmax's extra ops.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,11 +33,12 @@ import torch
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.model.decode import DECODER_SLOTS, Decoder
 from lmcore.model.transformer import Transformer
-from lmcore.probe import decode_probe
+from lmcore.probe import compiled_step_threads, decode_probe, record_compiled_step
 
 # Smaller temperatures sample as this one: logits divided by less overflow float32 to inf (NaN probabilities,
 # which would stop the server's decode loop), and at this one sampling is already the argmax but for exact ties.
 MIN_TEMPERATURE = 1e-6
+STEPS_TIMED = 24  # compiled steps timed per generation, for the thread choice
 
 
 @dataclass(frozen=True)
@@ -52,8 +57,9 @@ _threads_saved = 0
 
 
 @contextmanager
-def decode_threads(device: torch.device | str = "cpu", cfg=None) -> Iterator[None]:
-    """Run CPU decoding of a model (``cfg``: its ``ModelConfig``) on the thread count its probe chose.
+def decode_threads(device: torch.device | str = "cpu", cfg=None, compiled: bool = False) -> Iterator[None]:
+    """Run CPU decoding of a model (``cfg``: its ``ModelConfig``) on the thread count its probe chose
+    (``compiled``: a batch-1 compiled step, :func:`lmcore.probe.compiled_step_threads`).
 
     Reference-counted, so overlapping generations in several threads restore the original
     setting only when the last one leaves; the first one decides (at the process's own count).
@@ -65,7 +71,7 @@ def decode_threads(device: torch.device | str = "cpu", cfg=None) -> Iterator[Non
     with _threads_lock:
         if _threads_users == 0:
             _threads_saved = torch.get_num_threads()
-            want = _wanted_threads(cfg)
+            want = _wanted_threads(cfg, compiled)
             if want > 0 and want != _threads_saved:
                 torch.set_num_threads(want)
         _threads_users += 1
@@ -78,13 +84,21 @@ def decode_threads(device: torch.device | str = "cpu", cfg=None) -> Iterator[Non
                 torch.set_num_threads(_threads_saved)
 
 
-def _wanted_threads(cfg) -> int:
-    """``LMOPS_DECODE_THREADS``, else the decode probe's pick for ``cfg``; 0 = leave torch's setting."""
+def process_threads() -> int:
+    """torch's thread count as the process set it, also while :func:`decode_threads` has changed it."""
+    with _threads_lock:
+        return _threads_saved if _threads_users else torch.get_num_threads()
+
+
+def _wanted_threads(cfg, compiled: bool = False) -> int:
+    """``LMOPS_DECODE_THREADS``, else the probe's pick for ``cfg``; 0 = leave torch's setting."""
     env = os.environ.get("LMOPS_DECODE_THREADS", "")
     if env.strip():
         return int(env)
     if cfg is None:
         return 0
+    if compiled:
+        return compiled_step_threads(cfg, torch.get_num_threads())
 
     return decode_probe(cfg).decode_threads
 
@@ -167,9 +181,12 @@ def generate_tokens(
     size = len(ids) + sp.max_new_tokens
     if compiled:  # one compiled step serves every cache of the same rounded length
         size = -(-size // DECODER_SLOTS) * DECODER_SLOTS
-    with decode_threads(device, model.cfg):
+    timed = compiled and device.type == "cpu"  # its times decide its thread count (compiled_step_threads)
+    many = process_threads()
+    with decode_threads(device, model.cfg, timed):
         dec = Decoder(model, size, compiled=compiled)  # a fresh one per sequence: its cache is a few MB
         logits = dec.prefill(ids)  # (1, V)
+        times: list[float] = []
         for i in range(sp.max_new_tokens):
             nxt, prob = pick_next(logits, sp, gen)
             token = int(nxt)
@@ -177,7 +194,13 @@ def generate_tokens(
                 return
             yield token, float(prob)
             if i + 1 < sp.max_new_tokens:
+                t0 = time.perf_counter()
                 logits = dec.step(nxt)  # (1,) -> (1, V)
+                if timed and len(times) < STEPS_TIMED:
+                    times.append(time.perf_counter() - t0)
+                    if len(times) == STEPS_TIMED:  # the median past the first few (caches, page faults)
+                        record_compiled_step(model.cfg, torch.get_num_threads(), many,
+                                             statistics.median(times[4:]) * 1e3)
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, sp: SamplingParams,
