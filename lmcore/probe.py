@@ -335,6 +335,10 @@ def _compiled_step_ident(many: int) -> dict:
     return {**machine_identity(), "threads": many}  # the process's count, not the one decoding runs on
 
 
+def _compiled_step_path(ident: dict, cfg, home: Path | None) -> Path:
+    return cache_dir(home) / f"compiled-step-{cache_key(ident, _decode_shape(cfg))}.json"
+
+
 def compiled_step_threads(cfg, many: int, home: Path | None = None) -> int:
     """Threads for the compiled batch-1 decode step of a model ``cfg``: 1, or 0 = torch's count.
 
@@ -346,8 +350,7 @@ def compiled_step_threads(cfg, many: int, home: Path | None = None) -> int:
     ``COMPILED_STEP_SPLIT_MS``; then whichever was faster (more threads only by ``DECODE_THREADS_MIN_GAIN``).
     Each thread count is its own compiled library, so trying all threads compiles once more.
     """
-    ident = _compiled_step_ident(many)
-    hit = read_memo(cache_dir(home) / f"compiled-step-{cache_key(ident, _decode_shape(cfg))}.json")
+    hit = read_memo(_compiled_step_path(_compiled_step_ident(many), cfg, home))
     return _threads_from((hit or {}).get("ms", {}), many)
 
 
@@ -364,7 +367,7 @@ def record_compiled_step(cfg, threads: int, many: int, ms: float, home: Path | N
     if machine_busy() or threads not in (1, many):
         return
     ident = _compiled_step_ident(many)
-    path = cache_dir(home) / f"compiled-step-{cache_key(ident, _decode_shape(cfg))}.json"
+    path = _compiled_step_path(ident, cfg, home)
     times = dict((read_memo(path) or {}).get("ms", {}))
     key = "1" if threads == 1 else "n"
     times[key] = round(min(ms, times.get(key, math.inf)), 4)
@@ -375,8 +378,9 @@ def cached_compiled_steps(home: Path | None = None, many: int | None = None) -> 
     """The compiled step times this home recorded on this machine (``many`` threads: torch's count),
     with the thread count they choose."""
     many = many or torch.get_num_threads()
+    ident = _compiled_step_ident(many)
     hits = (read_cached(path) for path in sorted(cache_dir(home).glob("compiled-step-*.json")))
-    mine = [h for h in hits if h and h.get("machine") == _compiled_step_ident(many)]
+    mine = [h for h in hits if h and h.get("machine") == ident]
     return [{"shape": h["shape"], "ms": h["ms"], "threads": _threads_from(h["ms"], many)} for h in mine]
 
 

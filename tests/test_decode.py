@@ -255,17 +255,15 @@ def test_prompts_prefilled_together_match_each_prefilled_alone(model):
 
 def test_a_compiled_generation_records_its_step_time_for_the_thread_choice(model, monkeypatch):
     """The compiled step's thread count follows its own recorded times (lmcore.probe.compiled_step_threads)."""
-    import json
-
-    from lmcore.machine import cache_dir
     from lmcore.model.generate import STEPS_TIMED, process_threads
-    from lmcore.probe import compiled_step_threads
+    from lmcore.probe import cached_compiled_steps, compiled_step_threads
 
     monkeypatch.setattr("lmcore.probe.machine_busy", lambda: False)  # the other test worker's load
     sp = SamplingParams(max_new_tokens=STEPS_TIMED + 2, temperature=0.0)
     assert len(ids(generate_tokens(model, [3, 4, 5], sp, compiled=True))) == STEPS_TIMED + 2
-    hits = [json.loads(p.read_text()) for p in cache_dir(None).glob("compiled-step-*.json")]
-    (mine,) = [h for h in hits if h["shape"]["d_model"] == CFG.d_model and h["shape"]["vocab_size"] == CFG.vocab_size]
+    recorded = cached_compiled_steps(many=process_threads())
+    (mine,) = [c for c in recorded
+               if c["shape"]["d_model"] == CFG.d_model and c["shape"]["vocab_size"] == CFG.vocab_size]
     (ms,) = mine["ms"].values()
     assert 0 < ms < 1.0  # a step of this tiny model: too short to split over threads
-    assert compiled_step_threads(CFG, process_threads()) == 1
+    assert mine["threads"] == compiled_step_threads(CFG, process_threads()) == 1
