@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from lmcore.config import to_dict
 from lmcore.data.prepare import load_prepared, tokenizer_hash
 from lmcore.data.tokenizer import Tokenizer
-from lmcore.device import ThreadTuner, pick_device, training_choices
+from lmcore.device import DTYPES, ThreadTuner, TrainingChoices, pick_device, training_choices
 from lmcore.errors import LmopsError
 from lmcore.machine import keep_freed_memory
 from lmcore.model.base import load_base
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from lmcore.config import ModelParams, TrainParams
     from lmcore.data.prepare import PreparedData
     from lmcore.data.tokenizer import Tokenizer
-    from lmcore.device import TrainingChoices
     from lmcore.model.transformer import ModelConfig
 
 STATE = "trainer_state.pt"
@@ -352,8 +351,8 @@ class _Trainer:
         if resume and ckpt is None and d.main:
             print(f"no checkpoint in {out_dir}: starting from step 0", file=sys.stderr)
         state = _resume_model(ckpt, net, cfg, device) if ckpt is not None else {}
-        if state and tp.optimizer == "auto" and state.get("choices", {}).get("optimizer"):  # keep what auto meant
-            choices = dataclasses.replace(choices, optimizer=state["choices"]["optimizer"])
+        if state:
+            choices = _resumed_choices(choices, state.get("choices", {}), tp)
         net.to(device)
         optimizers = _optimizers(net, tp, choices, state.get("optimizers"), ckpt)
         meta = {
@@ -586,6 +585,26 @@ def _resume_model(ckpt: Path, net: torch.nn.Module, cfg: ModelConfig, device: to
     if device.type == "cuda" and "rng_cuda" in state:
         torch.cuda.set_rng_state(state["rng_cuda"], device)
     return state
+
+
+def _resumed_choices(now: TrainingChoices, began: dict, tp: TrainParams) -> TrainingChoices:
+    """What ``auto`` meant when the run began, kept on resume: a run continues as it started, not as the
+    probe (re-measured on a busy machine, or after a cache clear) would decide today.
+
+    The optimizer is always kept (its state must load). Precision is kept only on the same kind of
+    device and CPU class: a checkpoint moved from an AMX Xeon to an AVX2-only host must not keep bf16.
+    """
+    if tp.optimizer == "auto" and began.get("optimizer"):
+        now = dataclasses.replace(now, optimizer=began["optimizer"])
+    same_machine = (began.get("source"), began.get("cpu_class")) == (now.source, now.to_dict().get("cpu_class"))
+    if not same_machine:
+        return now
+    if tp.dtype == "auto" and began.get("dtype") in DTYPES:
+        dtype = DTYPES[began["dtype"]]
+        now = dataclasses.replace(now, autocast=None if dtype is torch.float32 else dtype)
+    if began.get("muon_ns_dtype") in DTYPES:
+        now = dataclasses.replace(now, muon_ns_dtype=DTYPES[began["muon_ns_dtype"]])
+    return now
 
 
 def _optimizers(net: torch.nn.Module, tp: TrainParams, choices: TrainingChoices, states: list | None,
