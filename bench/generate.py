@@ -59,14 +59,14 @@ def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, dev
         out["reference"] = y[0, len(prompt) :].tolist()
 
     runs = {"lmops": run_ours, "reference": run_ref} | ({"lmops_eager": run_eager} if compiled else {})
-    from lmcore.model.generate import _wanted_threads
+    from lmcore.model.generate import wanted_decode_threads
 
     # warm up all: the first compiled run compiles, and where its times favour more threads
     # (lmcore.probe.compiled_step_threads) the next one compiles the step for them; time once it settles
     warm: list[float] = []
     want = None
-    while len(warm) < 3 and _wanted_threads(ours.cfg, compiled) != want:
-        want = _wanted_threads(ours.cfg, compiled)
+    while len(warm) < 3 and wanted_decode_threads(ours.cfg, compiled) != want:
+        want = wanted_decode_threads(ours.cfg, compiled)
         warm.append(timed(run_ours))
     for name, fn in runs.items():
         if name != "lmops":
@@ -75,7 +75,8 @@ def measure(size: dict, vocab: int, prompt: list[int], n: int, repeats: int, dev
     lm, rf = n / sec["lmops"], n / sec["reference"]
     agree = next((i for i, (a, b) in enumerate(zip(out["lmops"], out["reference"], strict=True)) if a != b), n)
     result = {"lmops_tokens_per_s": round(lm, 1), "reference_tokens_per_s": round(rf, 1), "ratio": round(lm / rf, 3),
-              "same_tokens": agree, "lmops_threads": _wanted_threads(ours.cfg, compiled) or torch.get_num_threads()}
+              "same_tokens": agree,
+              "lmops_threads": wanted_decode_threads(ours.cfg, compiled) or torch.get_num_threads()}
     if compiled:
         result |= {"lmops_eager_tokens_per_s": round(n / sec["lmops_eager"], 1),
                    "eager_ratio": round(sec["reference"] / sec["lmops_eager"], 3),

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from _serve_helpers import make_model, parse_sse, thread_server
+from _serve_helpers import make_model, parse_sse, process_server, thread_server
 
 from lmcore.config import Params, ServeParams
 
@@ -195,6 +195,14 @@ def test_health_is_503_until_a_model_loads(tmp_path, store):
         assert h.status_code == 503 and "no-such-model" in h.json()["last_reload_error"]
         r = httpx.post(base + "/v1/generate", json={"prompt": "x"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+
+
+def test_ready_means_the_decode_probe_is_done(model_dir, tmp_path):
+    """In a fresh home the decode probe (seconds on a busy host) runs before /health says ready, so the
+    first request does not pay for it (it once outlasted a client's 5 s read on a loaded test machine)."""
+    home = tmp_path / "home"
+    with process_server(model_dir, home):  # its own process: no other server's decode thread chose already
+        assert list((home / "cache" / "probe").glob("decode-*.json")), "ready before the decode probe ran"
 
 
 def test_token_guards_feedback_and_admin_and_concurrency_cap(model_dir, store):

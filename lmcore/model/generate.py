@@ -71,7 +71,7 @@ def decode_threads(device: torch.device | str = "cpu", cfg=None, compiled: bool 
     with _threads_lock:
         if _threads_users == 0:
             _threads_saved = torch.get_num_threads()
-            want = _wanted_threads(cfg, compiled)
+            want = wanted_decode_threads(cfg, compiled)
             if want > 0 and want != _threads_saved:
                 torch.set_num_threads(want)
         _threads_users += 1
@@ -90,7 +90,7 @@ def process_threads() -> int:
         return _threads_saved if _threads_users else torch.get_num_threads()
 
 
-def _wanted_threads(cfg, compiled: bool = False) -> int:
+def wanted_decode_threads(cfg, compiled: bool = False) -> int:
     """``LMOPS_DECODE_THREADS``, else the probe's pick for ``cfg``; 0 = leave torch's setting."""
     env = os.environ.get("LMOPS_DECODE_THREADS", "")
     if env.strip():

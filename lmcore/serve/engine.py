@@ -200,6 +200,9 @@ class Batcher:
         self.decoder = Decoder(lm.model, -(-self.max_len // DECODER_SLOTS) * DECODER_SLOTS, slots=max_batch)
         self.compiled = compiled
         self.compile_done = threading.Event()  # set once the compiled step is in use, or has failed
+        # set once the decode thread has its thread count: in a fresh home that runs the decode probe
+        # (seconds on a busy host), which the engine waits for before it reports ready
+        self.threads_chosen = threading.Event()
         self.pending: queue.Queue[Row] = queue.Queue()
         self.active: list[Row] = []  # active[i].slot == i
         self.admitting: list[Row] = []  # rows being prefilled
@@ -245,13 +248,20 @@ class Batcher:
 
     # -- the decode thread -----------------------------------------------------------------
     def _run(self) -> None:
-        with decode_threads(self.lm.model.embed.weight.device, self.lm.model.cfg):
-            if self.compiled:  # compiled for the thread count this thread decodes on
-                threading.Thread(target=self._compile, args=(self.decoder, torch.get_num_threads()),
-                                 name=f"compile-{self.lm.version}", daemon=True).start()
-            else:
-                self.compile_done.set()
-            self._loop()
+        try:
+            with decode_threads(self.lm.model.embed.weight.device, self.lm.model.cfg):
+                self.threads_chosen.set()
+                self._decode()
+        finally:
+            self.threads_chosen.set()  # also when choosing failed: submit() restarts a dead decode thread
+
+    def _decode(self) -> None:
+        if self.compiled:  # compiled for the thread count this thread decodes on
+            threading.Thread(target=self._compile, args=(self.decoder, torch.get_num_threads()),
+                             name=f"compile-{self.lm.version}", daemon=True).start()
+        else:
+            self.compile_done.set()
+        self._loop()
 
     def _compile(self, decoder: Decoder, threads: int) -> None:
         """Switch the decoder to the compiled step once it is built; on failure keep decoding eagerly."""
@@ -442,6 +452,7 @@ class Engine:
             if previous is not None and lm.version == previous and self.source == source:
                 return {"ok": True, "version": previous, "previous": previous, "swapped": False, "error": None}
             batcher = self._batcher(lm)
+            batcher.threads_chosen.wait()  # not inside the first request after /health said ready
             with self._swap_lock:
                 old, self.current = self.current, batcher
                 self.source = source
