@@ -71,6 +71,11 @@ class TrainingChoices:
         return out
 
 
+def autocast_for(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype that trains in ``dtype``: None for plain float32 (no autocast at all)."""
+    return None if dtype is torch.float32 else dtype
+
+
 def _check_dtype(dtype_param: str) -> None:
     if dtype_param not in ("auto", *DTYPES):
         raise LmopsError(f"unknown dtype '{dtype_param}' (use auto, float32 or bfloat16)")
@@ -88,14 +93,14 @@ def training_choices(device: torch.device, train, cfg=None, probe_result=None) -
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = DTYPES.get(train.dtype, torch.bfloat16 if bf16 else None)
         optimizer = "muon" if train.optimizer == "auto" else train.optimizer
-        return TrainingChoices(None if dtype is torch.float32 else dtype, optimizer,
+        return TrainingChoices(autocast_for(dtype), optimizer,
                                torch.bfloat16 if bf16 else torch.float32, "cuda" if device.type == "cuda" else "params")
     if probe_result is None:
         probe_result = probe(Shape.of(cfg, train.batch_size))
     d = probe_result.decisions
     dtype = DTYPES[d.train_dtype if train.dtype == "auto" else train.dtype]
     optimizer = d.optimizer if train.optimizer == "auto" else train.optimizer
-    return TrainingChoices(None if dtype is torch.float32 else dtype, optimizer, DTYPES[d.muon_ns_dtype],
+    return TrainingChoices(autocast_for(dtype), optimizer, DTYPES[d.muon_ns_dtype],
                            "probe", probe_result.to_dict())
 
 

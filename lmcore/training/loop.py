@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from lmcore.config import to_dict
 from lmcore.data.prepare import load_prepared, tokenizer_hash
 from lmcore.data.tokenizer import Tokenizer
-from lmcore.device import DTYPES, ThreadTuner, TrainingChoices, pick_device, training_choices
+from lmcore.device import DTYPES, ThreadTuner, TrainingChoices, autocast_for, pick_device, training_choices
 from lmcore.errors import LmopsError
 from lmcore.machine import keep_freed_memory
 from lmcore.model.base import load_base
@@ -600,8 +600,7 @@ def _resumed_choices(now: TrainingChoices, began: dict, tp: TrainParams) -> Trai
     if not same_machine:
         return now
     if tp.dtype == "auto" and began.get("dtype") in DTYPES:
-        dtype = DTYPES[began["dtype"]]
-        now = dataclasses.replace(now, autocast=None if dtype is torch.float32 else dtype)
+        now = dataclasses.replace(now, autocast=autocast_for(DTYPES[began["dtype"]]))
     if began.get("muon_ns_dtype") in DTYPES:
         now = dataclasses.replace(now, muon_ns_dtype=DTYPES[began["muon_ns_dtype"]])
     return now
