@@ -41,7 +41,6 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 bench: install
 	@cuda=$$($(BIN)/python -c "import torch; print(int(torch.cuda.is_available()))"); \

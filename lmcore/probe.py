@@ -335,11 +335,14 @@ def _compiled_step_ident(many: int) -> dict:
     return {**machine_identity(), "threads": many}  # the process's count, not the one decoding runs on
 
 
-def _compiled_step_path(ident: dict, cfg, home: Path | None) -> Path:
-    return cache_dir(home) / f"compiled-step-{cache_key(ident, _decode_shape(cfg))}.json"
+def _compiled_step_path(ident: dict, cfg, int8: bool, home: Path | None) -> Path:
+    """One record per shape and weights: an int8 step reads a quarter of the bytes, so the thread
+    count that wins for the float step of a shape need not win for its int8 one."""
+    key = cache_key(ident, _decode_shape(cfg), *(["int8"] if int8 else []))
+    return cache_dir(home) / f"compiled-step-{key}.json"
 
 
-def compiled_step_threads(cfg, many: int, home: Path | None = None) -> int:
+def compiled_step_threads(cfg, many: int, home: Path | None = None, int8: bool = False) -> int:
     """Threads for the compiled batch-1 decode step of a model ``cfg``: 1, or 0 = torch's count.
 
     Decided from the step's own times, which generation records (:func:`record_compiled_step`), since
@@ -349,8 +352,9 @@ def compiled_step_threads(cfg, many: int, home: Path | None = None) -> int:
     So: 1 thread until a step has been timed; all threads once, if one thread took over
     ``COMPILED_STEP_SPLIT_MS``; then whichever was faster (more threads only by ``DECODE_THREADS_MIN_GAIN``).
     Each thread count is its own compiled library, so trying all threads compiles once more.
+    ``int8``: the step reads int8 weights (``lmcore.model.decode.use_int8_kernels``), timed apart.
     """
-    hit = read_memo(_compiled_step_path(_compiled_step_ident(many), cfg, home))
+    hit = read_memo(_compiled_step_path(_compiled_step_ident(many), cfg, int8, home))
     return _threads_from((hit or {}).get("ms", {}), many)
 
 
@@ -361,17 +365,19 @@ def _threads_from(ms: dict[str, float], many: int) -> int:
     return 0 if all_ is None or one / all_ >= DECODE_THREADS_MIN_GAIN else 1
 
 
-def record_compiled_step(cfg, threads: int, many: int, ms: float, home: Path | None = None) -> None:
+def record_compiled_step(cfg, threads: int, many: int, ms: float, home: Path | None = None,
+                         int8: bool = False) -> None:
     """Keep the fastest time seen for the compiled step of ``cfg`` on ``threads`` (1, or the process's
     ``many``); not while other work keeps the cores busy, whose times would decide for the wrong reason."""
     if machine_busy() or threads not in (1, many):
         return
     ident = _compiled_step_ident(many)
-    path = _compiled_step_path(ident, cfg, home)
+    path = _compiled_step_path(ident, cfg, int8, home)
     times = dict((read_memo(path) or {}).get("ms", {}))
     key = "1" if threads == 1 else "n"
     times[key] = round(min(ms, times.get(key, math.inf)), 4)
-    write_cached(path, {"version": PROBE_VERSION, "machine": ident, "shape": _decode_shape(cfg), "ms": times})
+    write_cached(path, {"version": PROBE_VERSION, "machine": ident, "shape": _decode_shape(cfg), "int8": int8,
+                        "ms": times})
 
 
 def cached_compiled_steps(home: Path | None = None, many: int | None = None) -> list[dict]:
@@ -381,7 +387,8 @@ def cached_compiled_steps(home: Path | None = None, many: int | None = None) -> 
     ident = _compiled_step_ident(many)
     hits = (read_cached(path) for path in sorted(cache_dir(home).glob("compiled-step-*.json")))
     mine = [h for h in hits if h and h.get("machine") == ident]
-    return [{"shape": h["shape"], "ms": h["ms"], "threads": _threads_from(h["ms"], many)} for h in mine]
+    return [{"shape": h["shape"], "int8": h.get("int8", False), "ms": h["ms"], "threads": _threads_from(h["ms"], many)}
+            for h in mine]
 
 
 def cached_decode_probes(home: Path | None = None) -> list[dict]:

@@ -253,17 +253,25 @@ def test_prompts_prefilled_together_match_each_prefilled_alone(model):
         assert torch.allclose(torch.stack([s[r] for s in steps]), want[1:], atol=1e-4)
 
 
-def test_a_compiled_generation_records_its_step_time_for_the_thread_choice(model, monkeypatch):
-    """The compiled step's thread count follows its own recorded times (lmcore.probe.compiled_step_threads)."""
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_compiled_generation_records_its_step_time_for_the_thread_choice(model, monkeypatch, int8):
+    """The compiled step's thread count follows its own recorded times (lmcore.probe.compiled_step_threads),
+    an int8 step's apart from the float step's of the same shape."""
+    from lmcore.machine import _memo
     from lmcore.model.generate import STEPS_TIMED, process_threads
-    from lmcore.probe import cached_compiled_steps, compiled_step_threads
+    from lmcore.probe import _compiled_step_ident, _compiled_step_path, cached_compiled_steps, compiled_step_threads
 
     monkeypatch.setattr("lmcore.probe.machine_busy", lambda: False)  # the other test worker's load
+    monkeypatch.setenv("LMOPS_INT8_KERNELS", "1")  # the step reads int8 weights, whatever this CPU's probe says
+    record = _compiled_step_path(_compiled_step_ident(process_threads()), CFG, int8, None)
+    record.unlink(missing_ok=True)  # so that what is read below is this generation's record
+    _memo.pop(record, None)
     sp = SamplingParams(max_new_tokens=STEPS_TIMED + 2, temperature=0.0)
-    assert len(ids(generate_tokens(model, [3, 4, 5], sp, compiled=True))) == STEPS_TIMED + 2
+    decoded = quantize_model(model) if int8 else model
+    assert len(ids(generate_tokens(decoded, [3, 4, 5], sp, compiled=True))) == STEPS_TIMED + 2
     recorded = cached_compiled_steps(many=process_threads())
-    (mine,) = [c for c in recorded
-               if c["shape"]["d_model"] == CFG.d_model and c["shape"]["vocab_size"] == CFG.vocab_size]
+    (mine,) = [c for c in recorded if c["int8"] is int8
+               and c["shape"]["d_model"] == CFG.d_model and c["shape"]["vocab_size"] == CFG.vocab_size]
     (ms,) = mine["ms"].values()
     assert 0 < ms < 1.0  # a step of this tiny model: too short to split over threads
-    assert mine["threads"] == compiled_step_threads(CFG, process_threads()) == 1
+    assert mine["threads"] == compiled_step_threads(CFG, process_threads(), int8=int8) == 1

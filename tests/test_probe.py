@@ -114,6 +114,13 @@ def test_the_compiled_step_tries_more_threads_only_after_a_long_step_and_keeps_t
     assert compiled_step_threads(long, 2, home=tmp_path) == 0
     shown = {c["shape"]["n_layer"]: c for c in cached_compiled_steps(tmp_path, many=2)}  # what `lmops info` shows
     assert shown[2]["threads"] == 0 and shown[2]["ms"] == {"1": 3.0, "n": 1.5} and shown[1]["threads"] == 1
+    # the int8 step of the same shape is timed apart: a short one stays on one thread, the float choice stands
+    assert compiled_step_threads(long, 2, home=tmp_path, int8=True) == 1
+    record_compiled_step(long, 1, 2, COMPILED_STEP_SPLIT_MS / 4, home=tmp_path, int8=True)
+    assert compiled_step_threads(long, 2, home=tmp_path, int8=True) == 1
+    assert compiled_step_threads(long, 2, home=tmp_path) == 0
+    assert {(c["shape"]["n_layer"], c["int8"]): c["ms"] for c in cached_compiled_steps(tmp_path, many=2)}[2, True] \
+        == {"1": COMPILED_STEP_SPLIT_MS / 4}
     monkeypatch.setattr("lmcore.probe.machine_busy", lambda: True)  # times under another's load: not kept
     record_compiled_step(long, 1, 2, COMPILED_STEP_SPLIT_MS / 10, home=tmp_path)
     assert compiled_step_threads(long, 2, home=tmp_path) == 0

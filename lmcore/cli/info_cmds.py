@@ -83,7 +83,7 @@ def _probe_rows(machine: dict) -> list[list]:
     for c in machine.get("compiled_steps", []):
         s, ms = c["shape"], c["ms"]
         timed = ", ".join(f"{'1' if k == '1' else 'all'}: {v} ms" for k, v in sorted(ms.items()))
-        rows.append([f"compiled decode {s['n_layer']}L x {s['d_model']}",
+        rows.append([f"compiled{' int8' if c.get('int8') else ''} decode {s['n_layer']}L x {s['d_model']}",
                      f"threads {'all' if c['threads'] == 0 else 1} (step times as generated: {timed})"])
     if q := machine.get("int8_decode"):
         reads = "int8 weights" if q["speedup"] >= 1.0 else "their float values (the int8 kernel is slower here)"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcore.data.tokenizer import Tokenizer
-from lmcore.model.decode import DECODER_SLOTS, Decoder
+from lmcore.model.decode import DECODER_SLOTS, Decoder, use_int8_kernels
 from lmcore.model.transformer import Transformer
 from lmcore.probe import compiled_step_threads, decode_probe, record_compiled_step
 
@@ -57,9 +57,11 @@ _threads_saved = 0
 
 
 @contextmanager
-def decode_threads(device: torch.device | str = "cpu", cfg=None, compiled: bool = False) -> Iterator[None]:
+def decode_threads(device: torch.device | str = "cpu", cfg=None, compiled: bool = False,
+                   int8: bool = False) -> Iterator[None]:
     """Run CPU decoding of a model (``cfg``: its ``ModelConfig``) on the thread count its probe chose
-    (``compiled``: a batch-1 compiled step, :func:`lmcore.probe.compiled_step_threads`).
+    (``compiled``: a batch-1 compiled step, :func:`lmcore.probe.compiled_step_threads`; ``int8``: one
+    that reads int8 weights).
 
     Reference-counted, so overlapping generations in several threads restore the original
     setting only when the last one leaves; the first one decides (at the process's own count).
@@ -71,7 +73,7 @@ def decode_threads(device: torch.device | str = "cpu", cfg=None, compiled: bool 
     with _threads_lock:
         if _threads_users == 0:
             _threads_saved = torch.get_num_threads()
-            want = wanted_decode_threads(cfg, compiled)
+            want = wanted_decode_threads(cfg, compiled, int8)
             if want > 0 and want != _threads_saved:
                 torch.set_num_threads(want)
         _threads_users += 1
@@ -90,7 +92,7 @@ def process_threads() -> int:
         return _threads_saved if _threads_users else torch.get_num_threads()
 
 
-def wanted_decode_threads(cfg, compiled: bool = False) -> int:
+def wanted_decode_threads(cfg, compiled: bool = False, int8: bool = False) -> int:
     """``LMOPS_DECODE_THREADS``, else the probe's pick for ``cfg``; 0 = leave torch's setting."""
     env = os.environ.get("LMOPS_DECODE_THREADS", "")
     if env.strip():
@@ -98,7 +100,7 @@ def wanted_decode_threads(cfg, compiled: bool = False) -> int:
     if cfg is None:
         return 0
     if compiled:
-        return compiled_step_threads(cfg, torch.get_num_threads())
+        return compiled_step_threads(cfg, torch.get_num_threads(), int8=int8)
 
     return decode_probe(cfg).decode_threads
 
@@ -182,8 +184,9 @@ def generate_tokens(
     if compiled:  # one compiled step serves every cache of the same rounded length
         size = -(-size // DECODER_SLOTS) * DECODER_SLOTS
     timed = compiled and device.type == "cpu"  # its times decide its thread count (compiled_step_threads)
+    int8 = timed and use_int8_kernels(model)  # an int8 step's times are kept apart from the float one's
     many = process_threads()
-    with decode_threads(device, model.cfg, timed):
+    with decode_threads(device, model.cfg, timed, int8):
         dec = Decoder(model, size, compiled=compiled)  # a fresh one per sequence: its cache is a few MB
         logits = dec.prefill(ids)  # (1, V)
         times: list[float] = []
@@ -200,7 +203,7 @@ def generate_tokens(
                     times.append(time.perf_counter() - t0)
                     if len(times) == STEPS_TIMED:  # the median past the first few (caches, page faults)
                         record_compiled_step(model.cfg, torch.get_num_threads(), many,
-                                             statistics.median(times[4:]) * 1e3)
+                                             statistics.median(times[4:]) * 1e3, int8=int8)
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, sp: SamplingParams,
