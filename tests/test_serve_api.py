@@ -200,9 +200,11 @@ def test_health_is_503_until_a_model_loads(tmp_path, store):
 def test_ready_means_the_decode_probe_is_done(model_dir, tmp_path):
     """In a fresh home the decode probe (seconds on a busy host) runs before /health says ready, so the
     first request does not pay for it (it once outlasted a client's 5 s read on a loaded test machine)."""
+    from lmcore.machine import cache_dir
+
     home = tmp_path / "home"
     with process_server(model_dir, home):  # its own process: no other server's decode thread chose already
-        assert list((home / "cache" / "probe").glob("decode-*.json")), "ready before the decode probe ran"
+        assert list(cache_dir(home).glob("decode-*.json")), "ready before the decode probe ran"
 
 
 def test_token_guards_feedback_and_admin_and_concurrency_cap(model_dir, store):
