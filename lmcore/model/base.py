@@ -1,10 +1,13 @@
-"""A pretrained base to fine-tune: a Hugging Face ``LlamaForCausalLM`` folder or hub id as lmops' model.
+"""A pretrained base to fine-tune: a Hugging Face ``LlamaForCausalLM`` folder, hub id or GGUF file as lmops' model.
 
 Why: teams start from an open checkpoint (SmolLM2, TinyLlama, Llama-3.2) rather than from
 scratch. ``model.base`` (params.yaml) or ``lmops run --base`` names one; it is read through the
 HF mapping of :mod:`lmcore.model.hf` into lmops' own ``Transformer`` (so training, decoding,
 int8, the server and export all stay one code path), its logits are checked against
 ``transformers``' own model of the same folder, and its own tokenizer and chat template are used.
+
+A ``.gguf`` file (llama.cpp, Ollama) is dequantized once into an HF folder under the lmops home
+(:mod:`lmcore.model.gguf`); its lineage hash is the GGUF file's.
 
 A hub id is fetched through ``huggingface_hub``'s cache; lmops sets ``HF_HUB_OFFLINE=1``, so an id
 resolves only once it is in that cache (``HF_HUB_OFFLINE=0 lmops run --base ORG/NAME`` fetches it).
@@ -22,6 +25,7 @@ import torch
 
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
+from lmcore.model.gguf import gguf_source_hash, hf_folder_from_gguf, is_gguf
 from lmcore.model.hf import read_hf_folder
 from lmcore.model.transformer import Transformer
 
@@ -45,13 +49,16 @@ class BaseInfo:
 
 
 def resolve_base(spec: str) -> Path:
-    """A local folder as is; a hub id (``org/name``) through the huggingface_hub cache; else a one-line error."""
+    """A local folder as is; a GGUF file as its converted folder; a hub id (``org/name``) through the
+    huggingface_hub cache; else a one-line error."""
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
+    if is_gguf(spec):
+        return hf_folder_from_gguf(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise LmopsError(f"base model not found: {spec!r} (give a Hugging Face model folder or a hub id "
-                         f"like HuggingFaceTB/SmolLM2-135M)")
+        raise LmopsError(f"base model not found: {spec!r} (give a Hugging Face model folder, a .gguf file or a "
+                         f"hub id like HuggingFaceTB/SmolLM2-135M)")
     try:
         from huggingface_hub import snapshot_download  # lazy: only hub ids need it
 
@@ -81,7 +88,10 @@ def check_architecture(folder: Path) -> str:
 def base_hash(folder: Path) -> str:
     """sha256 over the config, tokenizer and weight files (names and bytes): the base's lineage id.
 
+    A folder converted from a GGUF file is named by that file's hash (what the user has on disk).
     Remembered per process while the files keep their sizes and mtimes (a 1B base is gigabytes)."""
+    if source := gguf_source_hash(folder):
+        return source
     files = [f for f in [folder / n for n in _HASHED] + sorted(folder.glob("*.safetensors")) if f.is_file()]
     return _hash_files(tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
