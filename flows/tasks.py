@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import os
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,12 +27,13 @@ from prefect import task
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from lmcore.config import Params
 from lmcore.data.ingest import ingest
-from lmcore.data.prepare import params_tokenizer, prepare_dataset, prepare_key, prepared_dir
-from lmcore.data.versions import DataRegistry
+from lmcore.data.prepare import params_tokenizer, prepare_dataset, prepare_key, prepared_dir, training_kinds
+from lmcore.data.versions import TEXT_KINDS, DataRegistry
 from lmcore.errors import LmopsError
 from lmcore.model.base import TAG_BASE_HASH, base_lineage
 from lmcore.registry.models import find_version_by_tag, gate, log_model, register_version
@@ -108,50 +110,67 @@ def source_hash(*modules: str) -> str:
     return h.hexdigest()[:16]
 
 
-def train_key(version: str, params: Params) -> str:
+def train_key(version: str, params: Params, kinds: tuple[str, ...] = TEXT_KINDS) -> str:
     base = base_lineage(params.model.base)[TAG_BASE_HASH] if params.model.base else ""  # a base's files, not its name
-    return _hash("train", prepare_key(version, params), source_hash(*PREPARE_CODE),
+    return _hash("train", prepare_key(version, params, kinds), source_hash(*PREPARE_CODE),
                  params.slice_hash(*STAGE_PARAMS["train"]), source_hash(*TRAIN_CODE), base)
 
 
-def train_dir(version: str, params: Params) -> Path:
-    return get_settings().runs_dir / "train" / train_key(version, params)
+def train_dir(version: str, params: Params, kinds: tuple[str, ...] = TEXT_KINDS) -> Path:
+    return get_settings().runs_dir / "train" / train_key(version, params, kinds)
 
 
 def _prepare_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    return f"prepare-{prepare_key(p['version'], p['params'])}-{source_hash(*PREPARE_CODE)}"
+    return f"prepare-{prepare_key(p['version'], p['params'], tuple(p['kinds']))}-{source_hash(*PREPARE_CODE)}"
 
 
 def _train_cache_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    return f"train-{train_key(p['dataset']['version'], p['params'])}"
+    return f"train-{train_key(p['dataset']['version'], p['params'], tuple(p['dataset']['kinds']))}"
+
+
+def say_and_log(line: str) -> None:
+    """A line for the terminal and for the task run's log in the Prefect UI."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    get_run_logger().info(line)
 
 
 @task(name="ingest")
-def ingest_task(sources: list[str], params: Params) -> dict[str, Any]:
-    """Read, clean, validate (GX) and version the sources; returns the current dataset version."""
+def ingest_task(sources: list[str], params: Params, sources_named: bool = True) -> dict[str, Any]:
+    """Read, clean, validate (GX) and version the sources; returns the current dataset version and the
+    record kinds training reads from it (:func:`lmcore.data.prepare.training_kinds`).
+
+    ``sources_named`` False means ``sources`` are params' defaults: a base with chat data in the registry
+    then ingests nothing and fine-tunes on that data (``ingested`` False says so)."""
     registry = DataRegistry.open()
-    result = ingest(sources, params.data, registry=registry, progress=False)
+    current = registry.current()
+    if not sources_named and current is not None and training_kinds(current, params) != TEXT_KINDS:
+        sources = []  # a base fine-tunes on the chat data already there: the default corpus is not wanted
+    result = ingest(sources, params.data, registry=registry, progress=False) if sources else None
     current = registry.current()
     if current is None:
         raise LmopsError("no dataset version: ingest accepted no records and the registry is empty")
     return {
         "version": current.id,
         "git_rev": current.git_rev,
-        "new_version": result.version,
-        "rows": result.rows,
-        "accepted": result.accepted,
-        "quarantined": result.quarantined,
-        "refusals": list(result.refusals),
+        "new_version": result.version if result else None,
+        "rows": result.rows if result else 0,
+        "accepted": result.accepted if result else 0,
+        "quarantined": result.quarantined if result else 0,
+        "refusals": list(result.refusals) if result else [],
+        "ingested": result is not None,
+        "kinds": list(training_kinds(current, params, sources_named)),
+        "rows_by_kind": dict(current.rows_by_kind),
     }
 
 
 @task(name="prepare", cache_policy=_serializable(_prepare_cache_key), **CACHED)
-def prepare_task(version: str, params: Params) -> str:
-    """Tokenizer + deterministic split + memmaps for one dataset version."""
-    out = prepared_dir(version, params)
-    records = DataRegistry.open().iter_records(version)
+def prepare_task(version: str, params: Params, kinds: list[str]) -> str:
+    """Tokenizer + deterministic split + memmaps for one dataset version (records of ``kinds``)."""
+    out = prepared_dir(version, params, tuple(kinds))
+    records = DataRegistry.open().iter_records(version, tuple(kinds))
     prepare_dataset(records, out, params.tokenizer, params.prepare, dataset_version=version,
-                    tokenizer=params_tokenizer(params))
+                    tokenizer=params_tokenizer(params), extra={"kinds": list(kinds)})
     return str(out)
 
 
@@ -159,7 +178,7 @@ def prepare_task(version: str, params: Params) -> str:
 def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: dict[str, str]) -> dict[str, Any]:
     """Train one model inside its own MLflow run (explicit run id, thread-safe); the run stays open."""
     version = dataset["version"]
-    out = train_dir(version, params)
+    out = train_dir(version, params, tuple(dataset["kinds"]))
     tracker = RunTracker.start(
         params.registry.experiment, run_name=f"train-{out.name[:8]}", params=params.flat(), tags=lineage
     )
@@ -167,7 +186,7 @@ def train_task(data_dir: str, dataset: dict[str, Any], params: Params, lineage: 
         tracker.log_dataset_input(SimpleNamespace(id=version, git_rev=dataset.get("git_rev")), "data")
         result = train(
             Path(data_dir), out, params.model, params.train,
-            progress=True, on_metrics=tracker.log_metrics, dataset_version=version,
+            progress=True, on_metrics=tracker.log_metrics, dataset_version=version, say=say_and_log,
         )
         # what `auto` resolved to on this machine, beside the params that said `auto`
         tracker.log_params({f"resolved.{k}": v for k, v in result.choices.items()})

@@ -25,6 +25,7 @@ from flows.tasks import (
     train_task,
 )
 from lmcore.config import load_params
+from lmcore.data.prepare import training_data_line
 from lmcore.device import pick_device
 from lmcore.locks import file_lock
 from lmcore.model.base import base_lineage
@@ -64,14 +65,17 @@ def training_flow(
     steps = 7
 
     with stage(1, steps, "ingest + validate + version") as note:
-        data = ingest_task(list(sources or params.data.sources), params)
+        data = ingest_task(list(sources or params.data.sources), params, sources_named=bool(sources))
         version = data["version"]
-        note["done"] = f"dataset {version}: {data['accepted']} accepted, {data['quarantined']} quarantined"
+        note["done"] = (f"dataset {version}: {data['accepted']} accepted, {data['quarantined']} quarantined"
+                        if data["ingested"] else f"dataset {version} as it is: fine-tuning on its chat data, "
+                        f"default sources ({', '.join(params.data.sources)}) not ingested (--source adds some)")
 
     with stage(2, steps, "prepare (tokenizer, split, memmap)") as note:
-        prepared_state = run_cached(prepare_task, lambda d: (Path(d) / "meta.json").is_file(), version, params)
+        prepared_state = run_cached(prepare_task, lambda d: (Path(d) / "meta.json").is_file(), version, params,
+                                    data["kinds"])
         prepared = prepared_state.result()
-        note["done"] = "cached" if _cached(prepared_state) else prepared
+        note["done"] = ("cached: " if _cached(prepared_state) else "") + training_data_line(Path(prepared))
 
     lineage = lineage_tags(
         dataset_version=version,

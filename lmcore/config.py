@@ -156,9 +156,13 @@ class TrainParams:
     lora_alpha: float
     lora_dropout: float
     lora_targets: tuple[str, ...]
+    finetune_epochs: float  # with model.base: passes over the fine-tuning tokens (max_steps stays an upper bound)
+    finetune_max_minutes: float  # with model.base: the wall-clock bound instead of max_minutes (0 = none)
 
     def check(self) -> None:
         _require(self.threads >= 0, "train.threads must be >= 0 (0 = auto)")
+        _require(self.finetune_epochs >= 0 and self.finetune_max_minutes >= 0,
+                 "train.finetune_epochs and train.finetune_max_minutes must be >= 0 (0 = no such bound)")
         _check_lora(self, "train")
         _require(self.lr > 0, f"train.lr must be > 0 (got {self.lr})")
         _require(0 <= self.min_lr <= self.lr, "train.min_lr must be within [0, train.lr]")
@@ -212,6 +216,8 @@ class DpoParams:
 class EvalParams:
     batch_size: int
     max_batches: int
+    max_tokens: int  # validation tokens scored at most (0 = max_batches alone bounds it)
+    block_size: int  # tokens per scored window (0 = the window the model was trained in)
     n_samples: int
     sample_max_new_tokens: int
     temperature: float
@@ -222,6 +228,7 @@ class EvalParams:
 
     def check(self) -> None:
         _require(self.temperature >= 0, "eval.temperature must be >= 0")
+        _require(self.max_tokens >= 0 and self.block_size >= 0, "eval.max_tokens and eval.block_size must be >= 0")
         _require(0 < self.top_p <= 1, "eval.top_p must be within (0, 1]")
 
 

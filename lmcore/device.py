@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lmcore.errors import LmopsError
-from lmcore.probe import Shape, probe
+from lmcore.probe import Shape, StepFactory, probe
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -81,11 +81,14 @@ def _check_dtype(dtype_param: str) -> None:
         raise LmopsError(f"unknown dtype '{dtype_param}' (use auto, float32 or bfloat16)")
 
 
-def training_choices(device: torch.device, train, cfg=None, probe_result=None) -> TrainingChoices:
+def training_choices(device: torch.device, train, cfg=None, probe_result=None, *, window: int | None = None,
+                     lora_r: int = 0, step: StepFactory | None = None, say=None) -> TrainingChoices:
     """Resolve ``train.dtype`` and ``train.optimizer`` (``TrainParams``) for a model ``cfg`` (``ModelConfig``).
 
     Explicit values are kept as given. On a CPU, any ``auto`` (and Muon's iteration precision)
-    follows the machine's probe at ``cfg``'s shapes; ``probe_result`` passes one in (tests, DDP ranks).
+    follows the machine's probe at the shape that will run: ``cfg``, the batch, the training ``window``
+    (not a base's whole context) and the LoRA rank (0: full training), timing ``step`` (the real model's step, see
+    :func:`lmcore.probe.model_step`) when given; ``probe_result`` passes one in (tests, DDP ranks).
     """
     _check_dtype(train.dtype)
     nothing_to_measure = train.dtype != "auto" and train.optimizer == "adamw"  # Muon needs its precision
@@ -96,7 +99,8 @@ def training_choices(device: torch.device, train, cfg=None, probe_result=None) -
         return TrainingChoices(autocast_for(dtype), optimizer,
                                torch.bfloat16 if bf16 else torch.float32, "cuda" if device.type == "cuda" else "params")
     if probe_result is None:
-        probe_result = probe(Shape.of(cfg, train.batch_size))
+        shape = Shape.of(cfg, train.batch_size, window, lora_r)
+        probe_result = probe(shape, step=step, muon=train.optimizer != "adamw", say=say)
     d = probe_result.decisions
     dtype = DTYPES[d.train_dtype if train.dtype == "auto" else train.dtype]
     optimizer = d.optimizer if train.optimizer == "auto" else train.optimizer

@@ -57,6 +57,20 @@ def keep_freed_memory() -> bool:
         libc.mallopt(m_trim_threshold, MALLOC_KEEP_BYTES))
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free memory back to the kernel (glibc's ``malloc_trim``): at the end of a stage.
+
+    Why: :func:`keep_freed_memory` keeps a step's freed activations in the heap for the next step, so a
+    long-running process (the flow, a server) would otherwise stay at its training peak after training.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
 # ----------------------------------------------------------------------------- the CPU
 
 
@@ -203,13 +217,25 @@ def describe_cpu(p: dict) -> str:
             f"bf16 {p['bf16_gflops']:.1f} GFLOP/s")
 
 
-def interleaved_ms(jobs: dict[str, tuple[Callable[[], None], float]], rounds: int = 3) -> dict[str, float]:
+def interleaved_ms(jobs: dict[str, tuple[Callable[[], None], float]], rounds: int = 3,
+                   deadline: float | None = None) -> dict[str, float] | None:
     """Best scaled time of each job over ``rounds``, the jobs taking turns: a burst of load from
-    another process then hits one round of each, not all rounds of one (ratios are what decide)."""
-    for fn, _ in jobs.values():
+    another process then hits one round of each, not all rounds of one (ratios are what decide).
+
+    ``deadline`` (a ``time.perf_counter`` time): the warm-up calls must end before it, else None
+    (nothing trustworthy was measured in time); later rounds run only while one more fits before it.
+    """
+    took: dict[str, float] = {}
+    for name, (fn, _) in jobs.items():
+        t0 = time.perf_counter()
         fn()  # warm-up: allocations, oneDNN primitive creation
+        took[name] = time.perf_counter() - t0
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
     best = dict.fromkeys(jobs, math.inf)
-    for _ in range(rounds):
+    for r in range(rounds):
+        if r and deadline is not None and time.perf_counter() + sum(min(took[n], best[n]) for n in jobs) > deadline:
+            break
         for name, (fn, _) in jobs.items():
             t0 = time.perf_counter()
             fn()

@@ -55,7 +55,11 @@ from lmcore.training.optimizers import newton_schulz
 # Thresholds of the decisions, each with the reason it has this value.
 BF16_MIN_GAIN = 1.10  # bf16 autocast casts every weight each step: below a 10% faster step it is noise
 MUON_STEP_GAIN = 1.5  # Muon saves steps: on a 2-core EPYC 860 Muon steps beat 1,176 AdamW ones (2.41 vs 2.64 bits/char)
-PROBE_TOKENS = 2048  # tokens per timed training step: lmops's default batch (16 x 128)
+PROBE_BUDGET_S = 15.0  # a probe never takes longer than this, whatever the model (issue: 1B in <= 15 s)
+STEP_CALL_S = 1.2  # one timed training step should take about this long: rows are cut down (never below
+# MIN_TIMED_TOKENS) so that warm-up + 2 rounds of fp32 and bf16 steps fit PROBE_BUDGET_S with room to spare
+MIN_TIMED_TOKENS = 64  # fewer tokens per timed step time dispatch, not matrix work: the probe falls back instead
+STEP_EFFICIENCY = 0.35  # share of the matmul peak a whole training step reaches (measured 0.3-0.6 on CPUs)
 DECODE_THREADS_MIN_GAIN = 1.15  # more threads must clearly win: they collapse when another process shares the cores
 # a compiled step shorter than this (on one thread) is not worth trying on more: it is one kernel with ~25
 # parallel regions per layer, each a few us of thread wake-up (4L x 128: 0.12 ms on 1 thread, 0.22 ms on 2)
@@ -75,14 +79,16 @@ class Shape:
     d_model: int
     hidden: int
     vocab_size: int
-    block_size: int
+    block_size: int  # the training window (tokens per row), never a base's whole context
     batch_size: int
+    lora_r: int = 0  # > 0: a LoRA step (frozen base, adapters of this rank) is what training runs
 
     @classmethod
-    def of(cls, cfg, batch_size: int) -> Shape:
-        """From a ``lmcore.model.transformer.ModelConfig`` and the training batch size."""
+    def of(cls, cfg, batch_size: int, window: int | None = None, lora_r: int = 0) -> Shape:
+        """From a ``lmcore.model.transformer.ModelConfig``, the training batch size and window (default
+        the model's context: a model trained from scratch trains in its whole context)."""
         return cls(cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.d_model, cfg.hidden, cfg.vocab_size,
-                   cfg.block_size, batch_size)
+                   min(window or cfg.block_size, cfg.block_size), batch_size, lora_r)
 
     def config(self):
         return ModelConfig(vocab_size=self.vocab_size, n_layer=self.n_layer, n_head=self.n_head,
@@ -111,8 +117,8 @@ class Decisions:
 
 
 def decide(m: Measurements) -> Decisions:
-    """The machine-dependent defaults from the measured times (pure)."""
-    bf16_step = m.step_ms_bf16 is not None and m.step_ms_fp32 / m.step_ms_bf16 >= BF16_MIN_GAIN
+    """The machine-dependent defaults from the measured times (pure); an untimed step (0) keeps fp32."""
+    bf16_step = bool(m.step_ms_bf16) and m.step_ms_fp32 / m.step_ms_bf16 >= BF16_MIN_GAIN
     ns_bf16 = m.ns_ms_bf16 is not None and m.ns_ms_bf16 < m.ns_ms_fp32
     ns_ms = m.ns_ms_bf16 if ns_bf16 else m.ns_ms_fp32
     step_ms = m.step_ms_bf16 if bf16_step else m.step_ms_fp32
@@ -124,24 +130,52 @@ def decide(m: Measurements) -> Decisions:
                      muon_overhead=round(overhead, 3))
 
 
-def _train_step(cfg, batch: int, dtype: torch.dtype | None) -> tuple[Callable[[], None], float]:
-    """One forward + backward on rows of about ``PROBE_TOKENS`` tokens, and the factor to ``batch`` rows.
+StepFactory = Callable[[torch.Tensor, "torch.dtype | None"], Callable[[], None]]
 
-    Fewer rows than the batch keep a large model's probe short; not fewer than that many tokens,
-    or per-op overhead (not matrix work) dominates and the scaled time is too long.
-    """
+
+def model_step(model: nn.Module) -> StepFactory:
+    """The training step of ``model`` as the probe times it: forward + backward on ``x`` under autocast
+    ``dtype`` (None: fp32); gradients dropped after each call, so the probe holds no more than a step."""
+
+    def factory(x: torch.Tensor, dtype: torch.dtype | None) -> Callable[[], None]:
+        def step() -> None:
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+                _, loss = model(x, x)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return step
+
+    return factory
+
+
+def step_flops(shape: Shape, tokens: int) -> float:
+    """FLOPs of one training step over ``tokens``: 6 per weight per token for full training, 4 under LoRA
+    (no weight gradients for the frozen base), plus attention over the window."""
+    c, h, layers = shape.d_model, shape.hidden, shape.n_layer
+    kv = shape.n_kv_head * (c // shape.n_head)
+    weights = layers * (c * (c + 2 * kv) + c * c + 3 * c * h) + shape.vocab_size * c  # + the head
+    attention = layers * 2 * shape.block_size * c  # q.k and p.v per token, on average half the window
+    return (4.0 if shape.lora_r else 6.0) * tokens * (weights + attention)
+
+
+def timed_rows(shape: Shape, fp32_gflops: float) -> tuple[int, int]:
+    """(rows, tokens per row) of a timed step: the training batch, cut until one step is about
+    ``STEP_CALL_S`` at the measured fp32 speed (rows first, then the window; (0, 0): too large to time)."""
+    seconds_per_token = step_flops(shape, 1) / (max(fp32_gflops, 1e-3) * 1e9 * STEP_EFFICIENCY)
+    batch_tokens = shape.batch_size * shape.block_size
+    tokens = min(batch_tokens, int(STEP_CALL_S / seconds_per_token))
+    if tokens < min(MIN_TIMED_TOKENS, batch_tokens):
+        return 0, 0
+    rows = max(1, min(shape.batch_size, tokens // shape.block_size))
+    return rows, min(shape.block_size, tokens // rows)
+
+
+def _random_model_step(shape: Shape) -> StepFactory:
+    """A freshly initialised model of ``shape`` (``lmops info --probe``, tests): the same arithmetic as
+    the model that will train, without its weights."""
     torch.manual_seed(0)
-    model = Transformer(cfg).train()
-    rows = min(batch, max(1, -(-PROBE_TOKENS // cfg.block_size)))
-    x = torch.randint(0, cfg.vocab_size, (rows, cfg.block_size))
-
-    def step() -> None:
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            _, loss = model(x, x)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    return step, batch / rows
+    return model_step(Transformer(shape.config()).train())
 
 
 def _hidden_matrix_shapes(cfg) -> list[tuple[int, int]]:
@@ -214,19 +248,50 @@ def _int8_over_fp32(cfg, budget_s: float = 0.1) -> dict[str, float]:
     return out
 
 
-def measure(shape: Shape, budget_s: float = 0.1) -> Measurements:
-    """Time everything :func:`decide` needs at ``shape`` (~1-3 s for lmops's default model on 2 cores)."""
+def measure(shape: Shape, budget_s: float = 0.1, step: StepFactory | None = None, muon: bool = True,
+            say: Callable[[str], None] | None = None) -> Measurements:
+    """Time everything :func:`decide` needs at ``shape`` (~1-3 s for lmops's default model on 2 cores).
+
+    ``step`` builds the step to time from a batch and an autocast dtype (:func:`model_step` of the model
+    that will train, LoRA adapters included); default: a random model of ``shape``. The step is timed on
+    as many of the batch's rows as fit ``STEP_CALL_S`` at the measured fp32 speed and scaled to the
+    batch, so the whole probe stays within ``PROBE_BUDGET_S`` for any model up to ~1B parameters; a
+    model too large for even one short row is not timed (``step_ms_fp32`` 0: :func:`decide` keeps fp32).
+    ``muon``: time Newton-Schulz too (only a run whose optimizer may be Muon needs it).
+    """
+    say = say or (lambda _: None)
+    t0 = time.perf_counter()
     cfg = shape.config()
     tokens = max(shape.batch_size * shape.block_size, 1024)  # fewer rows time dispatch, not arithmetic
     fp32 = matmul_gflops(tokens, shape.d_model, shape.hidden, torch.float32, budget_s / 3)
     bf16 = matmul_gflops(tokens, shape.d_model, shape.hidden, torch.bfloat16, budget_s / 3, screen_below=fp32 / 4)
-    jobs = {"step_ms_fp32": _train_step(cfg, shape.batch_size, None), "ns_ms_fp32": _newton_schulz(cfg, torch.float32)}
-    if bf16 > fp32:  # else timing bf16 steps and iterations only costs minutes to learn they are slower
-        jobs.update(step_ms_bf16=_train_step(cfg, shape.batch_size, torch.bfloat16),
-                    ns_ms_bf16=_newton_schulz(cfg, torch.bfloat16))
-    times = interleaved_ms(jobs)
+    rows, window = timed_rows(shape, fp32)
+    if rows == 0:
+        say(f"probe: one {shape.block_size}-token step of this model would take over {STEP_CALL_S:g} s at "
+            f"{fp32:.0f} GFLOP/s: not timed, training runs in float32 (the safe choice)")
+        return Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=0.0,
+                            step_ms_bf16=None, ns_ms_fp32=0.0, ns_ms_bf16=None)
+    factory = step or _random_model_step(shape)
+    x = torch.randint(0, shape.vocab_size, (rows, window))
+    scale = shape.batch_size * shape.block_size / (rows * window)
+    precisions = [None, torch.bfloat16] if bf16 > fp32 else [None]  # bf16 slower at matmul: minutes to learn that
+    say(f"probe: timing {'LoRA ' if shape.lora_r else ''}training steps of {rows} x {window} tokens in "
+        + " and ".join("bf16" if p else "fp32" for p in precisions) + f" (fp32 matmul {fp32:.0f} GFLOP/s, "
+        f"bf16 {bf16:.0f})")
+    jobs = {f"step_ms_{'bf16' if p else 'fp32'}": (factory(x, p), scale) for p in precisions}
+    if muon:
+        jobs["ns_ms_fp32"] = _newton_schulz(cfg, torch.float32)
+        if bf16 > fp32:
+            jobs["ns_ms_bf16"] = _newton_schulz(cfg, torch.bfloat16)
+    # a call under way cannot be cut short: stop early enough that the last one still ends within the budget
+    times = interleaved_ms(jobs, rounds=2, deadline=t0 + PROBE_BUDGET_S - 2 * STEP_CALL_S)
+    if times is None:
+        say(f"probe: stopped at its {PROBE_BUDGET_S:g} s budget (the machine is slower or busier than its matmul "
+            f"speed said): training runs in float32 (the safe choice)")
+        return Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=0.0,
+                            step_ms_bf16=None, ns_ms_fp32=0.0, ns_ms_bf16=None)
     return Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=times["step_ms_fp32"],
-                        step_ms_bf16=times.get("step_ms_bf16"), ns_ms_fp32=times["ns_ms_fp32"],
+                        step_ms_bf16=times.get("step_ms_bf16"), ns_ms_fp32=times.get("ns_ms_fp32", 0.0),
                         ns_ms_bf16=times.get("ns_ms_bf16"))
 
 
@@ -299,20 +364,35 @@ class Probe:
                    cached=cached, busy=d.get("busy", False))
 
 
-def probe(shape: Shape, refresh: bool = False, home: Path | None = None) -> Probe:
-    """The training measurements and decisions for ``shape`` on this machine: cached, else measured now.
+def _shape_key(shape: Shape) -> dict:
+    """The cache key's shape: without ``lora_r`` when 0, so full-training probes keep their older keys."""
+    d = asdict(shape)
+    if not d["lora_r"]:
+        d.pop("lora_r")
+    return d
+
+
+def probe(shape: Shape, refresh: bool = False, home: Path | None = None, step: StepFactory | None = None,
+          muon: bool = True, say: Callable[[str], None] | None = None) -> Probe:
+    """The training measurements and decisions for ``shape`` on this machine: cached, else measured now
+    (``step``, ``muon``, ``say``: see :func:`measure`).
 
     A probe taken while the machine was busy is kept but measured again by the next caller, until
     one is taken on a quiet machine: with threads fighting over two cores, times swing 10x and a
-    ratio taken then could pin a wrong default for good.
+    ratio taken then could pin a wrong default for good. Torch's random state is left as it was, so a
+    run's batches and dropout do not depend on whether its probe was cached.
     """
     ident = machine_identity()
-    path = cache_dir(home) / f"probe-{cache_key(ident, asdict(shape))}.json"
+    path = cache_dir(home) / f"probe-{cache_key(ident, _shape_key(shape), *([] if muon else ['no-muon']))}.json"
     if not refresh and (hit := read_cached(path)) and not hit["probe"].get("busy"):
         return Probe.from_dict(hit["probe"], cached=True)
     t0 = time.perf_counter()
     busy = machine_busy()
-    m = measure(shape)
+    rng = torch.get_rng_state()
+    try:
+        m = measure(shape, step=step, muon=muon, say=say)
+    finally:
+        torch.set_rng_state(rng)
     result = Probe(machine=ident, shape=shape, measurements=m, decisions=decide(m),
                    measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    seconds=round(time.perf_counter() - t0, 2), busy=busy or machine_busy())

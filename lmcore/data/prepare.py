@@ -29,6 +29,7 @@ from lmcore.data.chat import parse_chat
 from lmcore.data.clean import record_id
 from lmcore.data.served import parse_served
 from lmcore.data.tokenizer import Tokenizer
+from lmcore.data.versions import TEXT_KINDS
 from lmcore.errors import LmopsError
 from lmcore.model.base import base_tokenizer
 from lmcore.model.checkpoint import atomic_dir, commit_dir
@@ -230,7 +231,8 @@ def _encode_docs(tokenizer, docs: list[str], path: Path, dtype: str, masked: boo
 
 
 def prepare_dataset(records: Iterable[tuple], out_dir: Path, tok, prep,
-                    dataset_version: str | None = None, tokenizer: Tokenizer | None = None) -> PreparedData:
+                    dataset_version: str | None = None, tokenizer: Tokenizer | None = None,
+                    extra: dict | None = None) -> PreparedData:
     """Split records by seeded id hash, train the tokenizer on the train split, write it all atomically.
 
     ``records`` are ``(id, text)`` or ``(id, text, split_hint)`` (see ``_split``).
@@ -242,7 +244,7 @@ def prepare_dataset(records: Iterable[tuple], out_dir: Path, tok, prep,
     if not recs:
         raise LmopsError("corpus is empty: no non-blank text to prepare")
     train_docs, val_docs = _split(recs, prep.val_fraction, prep.seed)
-    extra = {"val_fraction": prep.val_fraction, "seed": prep.seed}
+    extra = {"val_fraction": prep.val_fraction, "seed": prep.seed, **(extra or {})}
     return prepare_split_texts(train_docs, val_docs, out_dir, tok, dataset_version, extra, tokenizer)
 
 
@@ -262,6 +264,9 @@ def prepare_split_texts(train_docs: list[str], val_docs: list[str], out_dir: Pat
     try:
         tokenizer.save(tmp / "tokenizer.json")
         n_train, t_train = _encode_docs(tokenizer, train_docs, tmp / "train.bin", dtype, masked)
+        if masked and t_train == 0:
+            raise LmopsError("the chat data has no assistant turns in its training split: nothing to learn from "
+                             "(each chat needs a completion or an assistant message)")
         n_val, t_val = _encode_docs(tokenizer, val_docs, tmp / "val.bin", dtype, masked)
         val_texts = [doc_text(d, tokenizer) for d in val_docs]
         with open(tmp / "val_docs.jsonl", "w", encoding="utf-8") as f:
@@ -298,18 +303,46 @@ def params_tokenizer(params) -> Tokenizer | None:
     return base_tokenizer(params.model.base) if params.model.base else None
 
 
-def prepare_key(dataset_version: str, params) -> str:
+FINETUNE_KINDS = ("chat", "feedback")  # what a base with chat data fine-tunes on (see training_kinds)
+
+
+def training_kinds(version, params, sources_named: bool = False) -> tuple[str, ...]:
+    """The record kinds of dataset ``version`` (a ``DatasetVersion``) that SFT trains on.
+
+    A pretrained base with chat data in the registry learns from the chats (and harvested feedback),
+    not from whatever raw text the registry also holds: a chat model fine-tuned on the default corpus
+    (the standard library's source) learns to write Python, not to answer. ``sources_named``: the
+    user named the sources of this run (``--source``), so every text kind counts.
+    """
+    if params.model.base and not sources_named and version.rows_by_kind.get("chat"):
+        return FINETUNE_KINDS
+    return TEXT_KINDS
+
+
+def prepare_key(dataset_version: str, params, kinds: tuple[str, ...] = TEXT_KINDS) -> str:
     """Names the prepared data of a dataset version under the prepare + tokenizer params (and a base's
-    tokenizer): the one content key the training flow's cache, the optimizer sweep and the output folders share."""
+    tokenizer, and the record kinds when not all): the one content key the training flow's cache, the
+    optimizer sweep and the output folders share."""
     payload = f"prepare|{dataset_version}|{params.slice_hash('prepare', 'tokenizer')}"
     if params.model.base:
         payload += f"|base-tokenizer={tokenizer_hash(base_tokenizer(params.model.base))}"
+    if tuple(kinds) != TEXT_KINDS:
+        payload += f"|kinds={','.join(kinds)}"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def prepared_dir(dataset_version: str, params) -> Path:
-    """Where the prepared data of a dataset version lives under the lmops home."""
-    return get_settings().runs_dir / "prepared" / prepare_key(dataset_version, params)
+def training_data_line(folder: Path) -> str:
+    """What a run trains on, in one line: record kinds, documents and tokens (and those the loss counts)."""
+    meta = load_prepared(folder).meta
+    kinds = " + ".join(meta.get("kinds") or TEXT_KINDS)
+    counted = f" ({meta['train_target_tokens']:,} in the loss)" if meta.get("loss_mask") else ""
+    return (f"training on {kinds}: {meta['train_docs']:,} documents, {meta['train_tokens']:,} tokens{counted}; "
+            f"validation {meta['val_docs']:,} documents, {meta['val_tokens']:,} tokens")
+
+
+def prepared_dir(dataset_version: str, params, kinds: tuple[str, ...] = TEXT_KINDS) -> Path:
+    """Where the prepared data of a dataset version (of those record kinds) lives under the lmops home."""
+    return get_settings().runs_dir / "prepared" / prepare_key(dataset_version, params, kinds)
 
 
 def load_prepared(dir: Path) -> PreparedData:

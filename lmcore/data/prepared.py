@@ -31,6 +31,7 @@ from lmcore.data.prepare import (
     prepare_key,
     prepared_dir,
     read_text_source,
+    training_kinds,
 )
 from lmcore.data.versions import DataRegistry
 from lmcore.errors import LmopsError
@@ -110,8 +111,9 @@ def resolve_prepared(data: str | Path | None, params: Any, *, text_dir: Path | N
     registry = DataRegistry.open()
     current = registry.current()
     if current is not None:
-        out = prepared_dir(current.id, params)  # the training flow's prepared folder
-        _prepare_once(out, lambda: registry.iter_records(current.id), params, lambda _: current.id)
+        kinds = training_kinds(current, params)
+        out = prepared_dir(current.id, params, kinds)  # the training flow's prepared folder
+        _prepare_once(out, lambda: registry.iter_records(current.id, kinds), params, lambda _: current.id)
         return out, current.id
     fallback = workspace_prepared()
     if is_prepared(fallback):

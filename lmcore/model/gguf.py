@@ -21,6 +21,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from lmcore.errors import LmopsError
 
 SOURCE_FILE = "gguf_source.json"  # in a converted folder: which GGUF file (name, sha256) it came from
@@ -74,7 +76,7 @@ def check_gguf(path: Path) -> None:
 
 def _dequantizable() -> set[str]:
     """Tensor types ``transformers``' GGUF reader can turn into floats (it calls ``gguf.quants.dequantize``)."""
-    import gguf.quants
+    import gguf.quants  # lazy: only GGUF bases need it
 
     return {"F32", "F16", "F64", *(t.name for t in gguf.quants._type_traits)}
 
@@ -90,9 +92,8 @@ def hf_folder_from_gguf(path: Path, home: Path | None = None) -> Path:
     if (out / SOURCE_FILE).is_file():
         return out
     try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # lazy: ~1 s, first use only
+        from transformers.utils import logging as hf_logging  # lazy: as above
     except ImportError:
         raise LmopsError("reading a GGUF base needs transformers (pip install transformers)") from None
     hf_logging.disable_progress_bar()

@@ -9,6 +9,7 @@ What the gate decides lives in :mod:`lmcore.registry.gate`; here it is evaluated
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
 import json
 import shutil
@@ -25,6 +26,8 @@ from lmcore.data.versions import CATALOG, DataRegistry
 from lmcore.device import pick_device
 from lmcore.errors import LmopsError
 from lmcore.feedback.harvest import read_pairs
+from lmcore.machine import release_freed_memory
+from lmcore.model.base import load_base
 from lmcore.model.checkpoint import load_model, read_meta
 from lmcore.registry.gate import (
     GateDecision,
@@ -405,14 +408,30 @@ def rollback(name: str, reason: str) -> str:
 # --------------------------------------------------------------------------- the gate
 def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, device: Any) -> tuple[dict, list, Any]:
     folder, _ = fetch_model_dir(f"models:/{name}/{version}")
-    model, tokenizer, _ = load_model(folder, device=device)
+    model, tokenizer, meta = load_model(folder, device=device)
     if not finite_logits(model, tokenizer, tuple(params.eval.prompts)):
         nan = float("nan")
         return ({"val_loss": nan, "bits_per_byte": nan, "perplexity": nan, "accuracy": 0.0}, [],
                 (model, tokenizer, folder))
-    metrics = evaluate_model(model, tokenizer, Path(data_dir), params.eval, device)
+    metrics = evaluate_model(model, tokenizer, Path(data_dir), params.eval, device, trained_window=meta.get("window"))
     completions = prompt_completions(model, tokenizer, params.eval)
     return metrics, completions, (model, tokenizer, folder)
+
+
+def _base_scores(folder: Path, data_dir: Path, params: Any, device: Any) -> dict[str, float]:
+    """The pretrained base a model was fine-tuned from, scored on the same held-out tokens in the same
+    window ({} for a model trained from scratch): whether fine-tuning helped at all."""
+    meta = read_meta(folder)
+    if not meta.get("base"):
+        return {}
+    try:
+        base, tokenizer, _ = load_base(meta["base"]["spec"], verify=False)
+    except LmopsError:  # the base is not on this machine (a registry shared by a team): nothing to compare
+        return {}
+    metrics = evaluate_model(base, tokenizer, Path(data_dir), dataclasses.replace(params.eval, n_samples=0), device,
+                             trained_window=meta.get("window"))
+    return {"base_val_loss": metrics["val_loss"], "base_bits_per_byte": metrics["bits_per_byte"],
+            **({} if "sft_model" in meta else {"sft": 1.0})}
 
 
 def harvested_pairs() -> list[dict]:
@@ -471,6 +490,10 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
         checks["hf_export_agrees"] = hf_export_agrees(folder, (params.eval.prompts or ("\n",))[0])
     scores = {f"challenger_{k}": v for k, v in user_scores(model, tok, params.gate.golden, pairs).items()}
     del model, tok
+    base = _base_scores(folder, data_dir, params, device)
+    if base.pop("sft", None):  # supervised fine-tuning that does worse on held-out data than its base taught nothing
+        checks["beats_base"] = float(ch_metrics["val_loss"]) <= base["base_val_loss"]
+    scores.update(base)
     champ_metrics: dict | None = None
     champ_samples: list = []
     champ_note = ""
@@ -525,4 +548,5 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
         + ", ".join(f"{k}={'ok' if ok else 'FAIL'}" for k, ok in checks.items())))
     if promoted:
         _move_champion(client, name, challenger_version, "gate", reason)
+    release_freed_memory()  # both models are gone: their heap goes back to the kernel
     return decision

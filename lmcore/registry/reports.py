@@ -87,6 +87,10 @@ def comparison_markdown(decision: Any, ch_metrics: dict, champ_metrics: dict | N
              f"**Decision: {'PROMOTED' if decision.promoted else 'REJECTED'}**: {decision.reason}", "",
              "| metric | challenger | champion |", "| --- | --- | --- |"]
     lines += [f"| {k} | {_fmt(ch_metrics.get(k))} | {_fmt(champ_metrics.get(k))} |" for k in EVAL_KEYS]
+    if "base_val_loss" in (scores := decision.scores):  # a fine-tune: its base on the same held-out tokens
+        lines += ["", "| pretrained base | val_loss | bits_per_byte |", "| --- | --- | --- |",
+                  f"| base | {_fmt(scores['base_val_loss'])} | {_fmt(scores['base_bits_per_byte'])} |",
+                  f"| challenger | {_fmt(ch_metrics.get('val_loss'))} | {_fmt(ch_metrics.get('bits_per_byte'))} |"]
     lines += ["", "| check | result |", "| --- | --- |"]
     lines += [f"| {k} | {'ok' if ok else 'FAIL'} |" for k, ok in decision.checks.items()]
     lines += ["", "## Completions", ""]

@@ -1,24 +1,30 @@
 """Score a model on a prepared validation split: loss, perplexity, bits per byte, accuracy, samples.
 
 The windows are contiguous and non-overlapping from the start of the val split (all of it,
-or the first ``max_batches * batch_size`` windows), so a champion and a challenger always
-see the same tokens. Bits per byte divide total nats by the UTF-8 bytes the scored target
-tokens stand for, so models with different tokenizers compare fairly; when the model's
-tokenizer differs from the data's, the validation text is re-tokenized with the model's.
+or the first ``max_batches * batch_size`` windows, and at most ``max_tokens`` tokens), so a champion
+and a challenger always see the same tokens. A window is as long as the one the model was trained in
+(``eval.block_size`` to choose another): scoring a fine-tuned base in its whole 8k context costs
+quadratic attention and 8k x vocabulary logits per row for no better answer. Bits per byte divide
+total nats by the UTF-8 bytes the scored target tokens stand for, so models with different tokenizers
+compare fairly; when the model's tokenizer differs from the data's, the validation text is
+re-tokenized with the model's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lmcore.data.prepare import load_prepared, token_byte_lengths, tokenizer_hash
 from lmcore.device import pick_device
 from lmcore.errors import LmopsError
+from lmcore.machine import release_freed_memory
 from lmcore.model.checkpoint import load_model
 from lmcore.model.generate import SamplingParams, generate_text
 from lmcore.model.weights import unwrap
@@ -41,14 +47,29 @@ def _val_ids(tokenizer, data_dir: Path) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+MAX_DEFAULT_WINDOW = 1024  # a model that names no training window is scored in at most this many tokens
+
+
+def eval_window(net: torch.nn.Module, params=None, trained_window: int | None = None) -> int:
+    """Tokens per scored window: ``eval.block_size``, else the window the model trained in (its meta's
+    ``window``), else its context up to ``MAX_DEFAULT_WINDOW``; never more than the model's context."""
+    context = unwrap(net).cfg.block_size
+    asked = getattr(params, "block_size", 0) or trained_window or min(context, MAX_DEFAULT_WINDOW)
+    return max(1, min(int(asked), context))
+
+
 @torch.no_grad()
 def score_tokens(model: torch.nn.Module, ids: np.ndarray, byte_len: np.ndarray, block: int, batch_size: int,
-                 max_batches: int, device: torch.device) -> dict:
+                 max_batches: int, device: torch.device, max_tokens: int = 0, progress: bool = False) -> dict:
     """Total nats, correct top-1 predictions, tokens and bytes over contiguous windows of ``ids``."""
     n_windows = math.ceil((len(ids) - 1) / block)
     if max_batches > 0:
         n_windows = min(n_windows, max_batches * batch_size)
+    if max_tokens > 0:
+        n_windows = min(n_windows, max(1, max_tokens // block))
     nats, correct, count, nbytes = 0.0, 0, 0, 0
+    bar = tqdm(total=n_windows, unit="window", desc="evaluate", dynamic_ncols=True, leave=False, file=sys.stderr,
+               disable=not (progress and sys.stderr.isatty()))
     for w0 in range(0, n_windows, batch_size):
         ws = range(w0, min(w0 + batch_size, n_windows))
         full = [w for w in ws if (w + 1) * block + 1 <= len(ids)]
@@ -66,6 +87,8 @@ def score_tokens(model: torch.nn.Module, ids: np.ndarray, byte_len: np.ndarray, 
             correct += int((logits.argmax(-1) == y).sum())
             count += y.numel()
             nbytes += int(byte_len[win[:, 1:]].sum())
+            bar.update(len(g))
+    bar.close()
     return {"nats": nats, "correct": correct, "tokens": count, "bytes": nbytes}
 
 
@@ -92,13 +115,14 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, texts: list[str], max_token
         raise LmopsError("not enough text to measure bits per byte")
     net = unwrap(model)
     device = next(net.parameters()).device
-    s = score_tokens(net, arr, token_byte_lengths(tokenizer), net.cfg.block_size, 1, 0, device)
+    s = score_tokens(net, arr, token_byte_lengths(tokenizer), eval_window(net), 1, 0, device)
     return _bpb(s["nats"], s["bytes"])
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, device: str | torch.device = "auto"
-                   ) -> dict:
-    """Metrics of an in-memory model (eval ``params`` = ``EvalParams``) on ``data_dir``'s val split."""
+def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, device: str | torch.device = "auto",
+                   trained_window: int | None = None, progress: bool = True) -> dict:
+    """Metrics of an in-memory model (eval ``params`` = ``EvalParams``) on ``data_dir``'s val split, in
+    windows of :func:`eval_window` (``trained_window``: the model folder's meta ``window``)."""
     dev = device if isinstance(device, torch.device) else pick_device(device)
     net = unwrap(model)
     was_training = net.training
@@ -109,7 +133,9 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, de
     if int(ids.max()) >= net.cfg.vocab_size:
         raise LmopsError(f"validation tokens in {data_dir} exceed the model vocabulary ({net.cfg.vocab_size})")
     byte_len = token_byte_lengths(tokenizer)
-    s = score_tokens(net, ids, byte_len, net.cfg.block_size, params.batch_size, params.max_batches, dev)
+    window = eval_window(net, params, trained_window)
+    s = score_tokens(net, ids, byte_len, window, params.batch_size, params.max_batches, dev, params.max_tokens,
+                     progress)
     val_loss = s["nats"] / s["tokens"]
     prompts = list(params.prompts) or [""]
     samples = []
@@ -126,6 +152,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, de
         "accuracy": s["correct"] / s["tokens"],
         "tokens": s["tokens"],
         "bytes": s["bytes"],
+        "window": window,
         "samples": samples,
     }
 
@@ -134,7 +161,9 @@ def evaluate(model_dir: Path, data_dir: Path, params, out_path: Path | None = No
     """Load a model folder and score it on ``data_dir``; the metrics JSON goes to ``out_path`` if given."""
     dev = pick_device(device)
     model, tokenizer, meta = load_model(model_dir, dev)
-    metrics = evaluate_model(model, tokenizer, data_dir, params, dev)
+    metrics = evaluate_model(model, tokenizer, data_dir, params, dev, trained_window=meta.get("window"))
+    del model
+    release_freed_memory()
     metrics.update(model_dir=str(model_dir), data_dir=str(data_dir), dataset_version=meta.get("dataset_version"))
     if out_path is not None:
         out_path = Path(out_path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -42,11 +43,12 @@ from lmcore.data.prepare import load_prepared, tokenizer_hash
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.device import DTYPES, ThreadTuner, TrainingChoices, autocast_for, pick_device, training_choices
 from lmcore.errors import LmopsError
-from lmcore.machine import keep_freed_memory
+from lmcore.machine import keep_freed_memory, release_freed_memory
 from lmcore.model.base import load_base
 from lmcore.model.checkpoint import WEIGHTS, atomic_dir, commit_dir, save_model, write_model_files
 from lmcore.model.transformer import ModelConfig, Transformer
 from lmcore.model.weights import tie_head
+from lmcore.probe import model_step
 from lmcore.training.lora import add_lora, has_lora, merge_lora, save_adapter
 from lmcore.training.optimizers import build_optimizers, lr_multiplier, set_lr
 
@@ -245,6 +247,12 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
+def _say(line: str) -> None:
+    """A line for the terminal (not ``print``: Prefect's ``log_prints`` would take it into the run log only)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _progress_bar(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
@@ -263,12 +271,14 @@ def train(
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
     dataset_version: str | None = None,
     on_model: Callable[[torch.nn.Module], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train from ``data_dir`` (a prepared folder) into ``out_dir`` (model/, checkpoint/, history.csv).
 
     ``on_metrics(step, metrics)`` runs on rank 0 at every log/eval point (MLflow hooks in here);
     ``on_model(model)`` runs on every rank with the trained, unwrapped model just before returning
-    (in-memory evaluation for sweeps; DDP tests compare ranks with it).
+    (in-memory evaluation for sweeps; DDP tests compare ranks with it); ``say(line)`` gets what rank 0
+    tells people before the steps start (the probe, the fine-tuning budget; default: the terminal).
     """
     data = load_prepared(Path(data_dir))
     if data.train_tokens < model.block_size + 1:
@@ -281,13 +291,17 @@ def train(
     threads = torch.get_num_threads()
     try:
         trainer = _Trainer.setup(data, tokenizer, Path(out_dir), model, train, d, device, resume=resume,
-                                 dataset_version=dataset_version or data.dataset_version, on_metrics=on_metrics)
+                                 dataset_version=dataset_version or data.dataset_version, on_metrics=on_metrics,
+                                 say=(say or _say) if d.main and progress else None)
         stopped_by = trainer.run(progress=progress, threads=threads)
         return trainer.finish(stopped_by, on_model)
     finally:
         torch.set_num_threads(threads)  # the process's own setting again (ThreadTuner, train.threads)
         if d.owned:
             torch.distributed.destroy_process_group()
+        trainer = None  # the model, optimizer states and batches go now, not when the caller's frame ends
+        gc.collect()
+        release_freed_memory()  # what keep_freed_memory kept for the next step goes back to the kernel
 
 
 def _history_row(step: int, train_loss: float | None = None, val_loss: float | None = None,
@@ -326,6 +340,7 @@ class _Trainer:
     out_dir: Path
     meta: dict  # written with every checkpoint and the final model
     on_metrics: Callable[[int, dict[str, float]], None] | None
+    say: Callable[[str], None] | None = None  # rank 0: progress lines where no terminal bar shows (logs, Prefect)
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0  # seconds of training, across resumes
@@ -338,7 +353,8 @@ class _Trainer:
     @classmethod
     def setup(cls, data: PreparedData, tokenizer: Tokenizer, out_dir: Path, mp: ModelParams, tp: TrainParams,
               d: _Dist, device: torch.device, *, resume: bool, dataset_version: str | None,
-              on_metrics: Callable[[int, dict[str, float]], None] | None) -> _Trainer:
+              on_metrics: Callable[[int, dict[str, float]], None] | None,
+              say: Callable[[str], None] | None = None) -> _Trainer:
         """The model (seeded, or a pretrained base with LoRA adapters if asked), the training choices
         (rank 0's), a checkpoint's state when resuming, the optimizers, the DDP/compile wrapping and the
         batch source."""
@@ -346,7 +362,12 @@ class _Trainer:
             tp = dataclasses.replace(tp, optimizer="adamw")
         net, base = _initial_model(mp, tp, data)
         cfg = net.cfg
-        choices = _rank0_choices(lambda: training_choices(device, tp, cfg), d, device)
+        seq = min(mp.block_size, cfg.block_size)  # the training window: a base's whole context is never trained
+        if base is not None:
+            tp = _finetune_budget(tp, data.train_tokens, seq, d.world, say=say)
+        choices = _rank0_choices(lambda: training_choices(
+            device, tp, cfg, window=seq, lora_r=tp.lora_r if has_lora(net) else 0, step=model_step(net),
+            say=say), d, device)
         ckpt = find_checkpoint(out_dir) if resume else None
         if resume and ckpt is None and d.main:
             print(f"no checkpoint in {out_dir}: starting from step 0", file=sys.stderr)
@@ -363,12 +384,12 @@ class _Trainer:
         }
         if base is not None:
             meta.update(base=base, finetune="lora" if tp.lora_r else "full")
-        seq = min(mp.block_size, cfg.block_size)
+        meta["window"] = seq  # evaluation and the gate score in the window the model was trained in
         t = cls(mp=mp, tp=tp, cfg=cfg, choices=choices, d=d, device=device, net=net, fwd=_wrap(net, tp, d, device),
                 optimizers=optimizers, tokenizer=tokenizer,
                 batches=Batches(data.tokens("train"), seq, tp.batch_size, tp.seed, device, data.loss_mask("train")),
                 val_ids=data.tokens("val"), val_mask=data.loss_mask("val"), out_dir=out_dir, meta=meta,
-                on_metrics=on_metrics)
+                on_metrics=on_metrics, say=say)
         if state:
             t.step, t.tokens = int(state["step"]), int(state.get("tokens", 0))
             t.elapsed = float(state.get("elapsed", 0.0))
@@ -487,8 +508,18 @@ class _Trainer:
             self.on_metrics(self.step, {"train_loss": self.last_train_loss, "lr": lr, "tokens_per_s": tps})
         if bar is not None:
             bar.set_postfix(loss=f"{self.last_train_loss:.3f}", tok_s=f"{tps:,.0f}")
+        elif self.say:
+            self.say(f"step {self.step}/{self.tp.max_steps} loss {self.last_train_loss:.4f} {tps:,.0f} tok/s "
+                     f"({self.elapsed:.0f} s, ETA {self._eta():.0f} s)")
         window.loss.zero_()
         window.steps, window.t0, window.tokens = 0, now, 0
+
+    def _eta(self) -> float:
+        """Seconds left: the steps still to go at the pace so far, or the wall-clock budget left if sooner."""
+        left = (self.tp.max_steps - self.step) * self.elapsed / max(self.step, 1)
+        if self.tp.max_minutes > 0:
+            left = min(left, max(self.tp.max_minutes * 60.0 - self.elapsed, 0.0))
+        return left
 
     def eval_point(self, *, say: bool) -> None:
         """An evaluation point: val loss into this step's history row (or a row of its own) and MLflow."""
@@ -500,8 +531,8 @@ class _Trainer:
         if self.on_metrics and self.d.main:
             self.on_metrics(self.step, {"val_loss": self.last_val})
         if say:
-            print(f"step {self.step}/{self.tp.max_steps} train_loss {self.last_train_loss:.4f} "
-                  f"val_loss {self.last_val:.4f} ({self.elapsed:.0f}s)", file=sys.stderr, flush=True)
+            (self.say or _say)(f"step {self.step}/{self.tp.max_steps} train_loss {self.last_train_loss:.4f} "
+                               f"val_loss {self.last_val:.4f} ({self.elapsed:.0f}s)")
 
     # ------------------------------------------------------------------------- finish
 
@@ -541,6 +572,30 @@ class _Trainer:
         if d.world > 1:
             torch.distributed.barrier()
         return result
+
+
+def _finetune_budget(tp: TrainParams, train_tokens: int, window: int, world: int,
+                     say: Callable[[str], None] | None = None) -> TrainParams:
+    """A base run's budget: ``train.finetune_epochs`` passes over the fine-tuning tokens (``max_steps`` caps
+    it), bounded by ``train.finetune_max_minutes`` instead of ``max_minutes``, with warmup at most a tenth.
+
+    Why not the from-scratch budget: 600 steps or 2 minutes is ~60 epochs of a few hundred chats
+    (overfitting them) on a fast machine and a fraction of one on a slow one; an epoch means the same
+    on both.
+    """
+    steps = tp.max_steps
+    if tp.finetune_epochs > 0:
+        per_step = tp.batch_size * window * tp.grad_accum * world
+        steps = max(1, min(tp.max_steps, math.ceil(tp.finetune_epochs * train_tokens / per_step)))
+    warmup = min(tp.warmup_steps, steps // 10)
+    log_interval = max(1, min(tp.log_interval, steps // 10))  # ~10 progress lines however short the run
+    if say:
+        limit = f"at most {tp.finetune_max_minutes:g} min" if tp.finetune_max_minutes else "no time limit"
+        say(f"fine-tuning budget: {tp.finetune_epochs:g} epoch(s) of {train_tokens:,} tokens = {steps} steps of "
+            f"{tp.batch_size} x {window} tokens (train.finetune_epochs; max_steps {tp.max_steps} caps it), {limit}, "
+            f"warmup {warmup}")
+    return dataclasses.replace(tp, max_steps=steps, max_minutes=tp.finetune_max_minutes, warmup_steps=warmup,
+                               log_interval=log_interval)
 
 
 def _initial_model(mp: ModelParams, tp: TrainParams, data: PreparedData) -> tuple[torch.nn.Module, dict | None]:

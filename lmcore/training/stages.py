@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from lmcore.config import load_params
-from lmcore.data.prepare import params_tokenizer, prepare_dataset
+from lmcore.data.prepare import params_tokenizer, prepare_dataset, training_kinds
 from lmcore.data.prepared import WORKSPACE_PREPARED as PREPARED  # the one name of the workspace's prepared folder
 from lmcore.data.prepared import current_dataset
 from lmcore.data.versions import DataRegistry
@@ -66,7 +66,7 @@ def run_stage(stage: str, workspace: Path | None = None) -> dict:
 
         reg = DataRegistry(ws, settings.home)
         current = current_dataset(reg)
-        prepared = prepare_dataset(reg.iter_records(current.id), ws / PREPARED,
+        prepared = prepare_dataset(reg.iter_records(current.id, training_kinds(current, params)), ws / PREPARED,
                                    params.tokenizer, params.prepare, dataset_version=current.id,
                                    tokenizer=params_tokenizer(params))
         return {"stage": stage, "dataset_version": current.id, "prepared": str(prepared.dir)}
