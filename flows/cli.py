@@ -28,8 +28,10 @@ def run(
     source: list[str] = typer.Option(
         None, "--source", "-s", help="Source to ingest (path or built-in name); repeatable. Default: data.sources."
     ),
-    base: str = typer.Option(None, "--base", help="Fine-tune this pretrained base (a Hugging Face Llama folder "
-                                                  "or hub id) instead of training from scratch: -S model.base=..."),
+    base: str = typer.Option(None, "--base", help="Fine-tune this pretrained base (a Hugging Face Llama folder, "
+                                                  "a .gguf file or a hub id) instead of training from scratch: "
+                                                  "-S model.base=...; with chat data in the registry and no "
+                                                  "--source, it trains on that data for train.finetune_epochs"),
     params: str = PARAMS_OPTION,
     sets: list[str] = SET_OPTION,
     as_json: bool = JSON_OPTION,
@@ -42,7 +44,11 @@ def run(
     """
     if base:
         sets = [*(sets or []), f"model.base={base}"]
-    load_params_cli(params, sets)  # fail fast on bad params, before Prefect starts
+    p = load_params_cli(params, sets)  # fail fast on bad params, before Prefect starts
+    if p.model.base:  # and on a base that is not there, not Llama, or too large for this machine's memory
+        from lmcore.model.base import check_fits_memory  # lazy: keeps `lmops --help` fast
+
+        check_fits_memory(p.model.base, p.train.lora_r)
     from flows.prefect_home import prefect_start_errors  # lazy: keeps `lmops --help` fast
 
     _prepare_prefect()

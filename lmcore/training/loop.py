@@ -44,7 +44,7 @@ from lmcore.data.tokenizer import Tokenizer
 from lmcore.device import DTYPES, ThreadTuner, TrainingChoices, autocast_for, pick_device, training_choices
 from lmcore.errors import LmopsError
 from lmcore.machine import keep_freed_memory, release_freed_memory
-from lmcore.model.base import load_base
+from lmcore.model.base import check_fits_memory, load_base
 from lmcore.model.checkpoint import WEIGHTS, atomic_dir, commit_dir, save_model, write_model_files
 from lmcore.model.transformer import ModelConfig, Transformer
 from lmcore.model.weights import tie_head
@@ -603,6 +603,7 @@ def _initial_model(mp: ModelParams, tp: TrainParams, data: PreparedData) -> tupl
     adapters when ``train.lora_r`` > 0; the base's lineage (None without one)."""
     if not mp.base:
         return _new_model(ModelConfig.from_params(mp, data.vocab_size), tp), None
+    check_fits_memory(mp.base, tp.lora_r)  # before the minutes of loading and probing, not an OOM kill after
     net, tokenizer, info = load_base(mp.base)
     if tokenizer_hash(tokenizer) != data.meta.get("tokenizer_hash"):
         raise LmopsError(f"prepared data in {data.dir} was not tokenized with base {mp.base}'s tokenizer: "
