@@ -1,4 +1,4 @@
-"""`lmops optimize`: hyper-parameter sweeps, int8 quantization for CPU serving, HF export."""
+"""`lmops optimize`: hyper-parameter sweeps, int8 quantization for CPU serving, HF and GGUF export."""
 
 from __future__ import annotations
 
@@ -125,7 +125,10 @@ def quantize(
 @optimize_app.command("export")
 def export(
     out_dir: Path = typer.Argument(..., help="Folder to write (must be empty unless --force)."),
-    fmt: str = typer.Option("hf", "--format", help="Export format: hf (transformers LlamaForCausalLM)."),
+    fmt: str = typer.Option("hf", "--format", help="Export format: hf (transformers LlamaForCausalLM folder) or "
+                                                   "gguf (one model-<TYPE>.gguf file for llama.cpp / Ollama)."),
+    gguf_type: str = typer.Option(None, "--gguf-type", help="GGUF weight type: f32 (default), f16 or q8_0 "
+                                                            "(norms stay f32)."),
     version: str = typer.Option(None, "--version", help="Registered version or alias (default: champion)."),
     model: Path = typer.Option(None, "--model", help="A model folder instead of a registered version."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output folder."),
@@ -133,12 +136,14 @@ def export(
     params_path: str = PARAMS_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Export a registered version (default: champion) for transformers / vLLM / TGI."""
+    """Export a registered version (default: champion) for transformers / vLLM / TGI, or as GGUF for llama.cpp."""
     from lmcore.optimize.export import export_model, verify_hf  # lazy: keeps `lmops --help` fast
 
+    if verify and fmt != "hf":  # before any work
+        raise LmopsError("--verify checks an hf export (a GGUF file loads in transformers with gguf_file=...)")
     params = load_params_cli(params_path, None)
     result = export_model(out_dir, fmt=fmt, name=params.registry.model_name, version=version, model_dir=model,
-                          force=force)
+                          force=force, gguf_type=gguf_type)
     if verify:
         check = verify_hf(out_dir, result["source"])
         result["verified"] = check["match"]
@@ -148,7 +153,9 @@ def export(
         emit_json(result)
         return
     what = f"version {result['version']}" if result["version"] else result["source"]
-    typer.echo(f"exported {what} to {result['out_dir']} ({fmt})" + (" - verified with transformers" if verify else ""))
+    where = result.get("file") or result["out_dir"]
+    kind = f"gguf {result['gguf_type']}" if fmt == "gguf" else fmt
+    typer.echo(f"exported {what} to {where} ({kind})" + (" - verified with transformers" if verify else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,9 +1,10 @@
-"""Export a registered version (default: the champion) or a model folder to Hugging Face format.
+"""Export a registered version (default: the champion) or a model folder to Hugging Face or GGUF format.
 
 Why here and not only in ``lmcore.model.hf``: users think in registry versions, not folders. This
 resolves ``--version``/``--model`` to a local model folder, refuses int8 variants (HF Llama
 has no such weights; export their fp32 source), and delegates the format to
-``lmcore.model.hf.export_hf``. :func:`verify_hf` replays a greedy continuation through
+``lmcore.model.hf.export_hf`` (``hf``) or ``lmcore.model.gguf_writer.export_gguf`` (``gguf``: one
+file for llama.cpp / Ollama, F32, F16 or Q8_0). :func:`verify_hf` replays a greedy continuation through
 ``transformers`` to prove the export loads and matches lmops token for token.
 """
 
@@ -17,10 +18,11 @@ import torch
 from lmcore.errors import LmopsError
 from lmcore.model.checkpoint import load_model, read_meta
 from lmcore.model.generate import SamplingParams, generate_tokens
+from lmcore.model.gguf_writer import check_type, export_gguf
 from lmcore.model.hf import export_hf
 from lmcore.registry.models import fetch_model_dir
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "gguf")
 
 
 def resolve_source(name: str, version: str | None = None, model_dir: str | Path | None = None,
@@ -46,10 +48,15 @@ def resolve_source(name: str, version: str | None = None, model_dir: str | Path 
 
 
 def export_model(out_dir: str | Path, *, fmt: str = "hf", name: str, version: str | None = None,
-                 model_dir: str | Path | None = None, force: bool = False) -> dict[str, Any]:
-    """Export and return ``{"out_dir", "format", "version", "source"}``; nothing written on error."""
+                 model_dir: str | Path | None = None, force: bool = False,
+                 gguf_type: str | None = None) -> dict[str, Any]:
+    """Export and return ``{"out_dir", "format", "version", "source"}`` (and ``"file"``, ``"gguf_type"`` for
+    GGUF); nothing written on error."""
     if fmt not in FORMATS:
         raise LmopsError(f"unknown export format '{fmt}' (supported: {', '.join(FORMATS)})")
+    if gguf_type is not None and fmt != "gguf":
+        raise LmopsError("--gguf-type applies to --format gguf only")
+    gguf_type = check_type(gguf_type or "f32") if fmt == "gguf" else None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LmopsError(f"output path exists and is not a folder: {out}")
@@ -60,11 +67,16 @@ def export_model(out_dir: str | Path, *, fmt: str = "hf", name: str, version: st
     if meta.get("quantization"):
         origin = meta.get("quantized_from")
         hint = f" (export its source, version {origin})" if origin else ""
-        raise LmopsError(f"model {info.get('version') or src} is {meta['quantization']} quantized; the HF format "
-                         f"holds float weights{hint}")
+        raise LmopsError(f"model {info.get('version') or src} is {meta['quantization']} quantized; the "
+                         f"{fmt.upper()} export holds float weights{hint}")
+    result = {"out_dir": str(out), "format": fmt, "name": info.get("name"), "version": info.get("version"),
+              "source": str(src)}
+    if fmt == "gguf":
+        label = f"{info['name']} v{info['version']}" if info.get("name") and info.get("version") else src.name
+        file = export_gguf(src, out, gguf_type or "f32", force=force, name=label)
+        return {**result, "file": str(file), "gguf_type": gguf_type}
     export_hf(src, out, force=force)
-    return {"out_dir": str(out), "format": fmt, "name": info.get("name"), "version": info.get("version"),
-            "source": str(src)}
+    return result
 
 
 def verify_hf(hf_dir: str | Path, model_dir: str | Path, prompt: str = "\n", new_tokens: int = 16) -> dict[str, Any]:
