@@ -301,8 +301,10 @@ def _sample_inputs(cache: KVCache, rows: int) -> tuple:
     shape, kw = (rows, *k0.shape[1:]), {"device": k0.device, "dtype": k0.dtype}
     tokens = torch.zeros(rows, dtype=torch.long, device=k0.device)
     pos = torch.ones(rows, dtype=torch.long, device=k0.device)
-    ks = [torch.zeros(shape, **kw) for _ in cache.k]
-    vs = [torch.zeros(shape, **kw) for _ in cache.v]
+    # empty, not zeros: only their shapes matter, and a check run touches 3 positions of each, so
+    # zeros would make hundreds of MB of a long cache resident (kept by malloc) for nothing
+    ks = [torch.empty(shape, **kw) for _ in cache.k]
+    vs = [torch.empty(shape, **kw) for _ in cache.v]
     return tokens, pos, torch.empty(3, device=k0.device), ks, vs
 
 
@@ -371,7 +373,8 @@ def _compile_main(p: dict) -> None:
     torch.set_num_threads(p["threads"])  # the library runs on the thread count it is built for
     leaves: list[torch.Tensor] = []
     for i, ((shape, dtype), first) in enumerate(zip(p["leaves"], p["alias"], strict=True)):
-        leaves.append(leaves[first] if first != i else torch.zeros(shape, dtype=getattr(torch, dtype)))
+        # empty: values do not matter to export and compile, and untouched pages are not resident
+        leaves.append(leaves[first] if first != i else torch.empty(shape, dtype=getattr(torch, dtype)))
     args = tree_unflatten(leaves, treespec_loads(p["treespec"]))
     weights, ks, path = args[3], args[4], Path(p["path"])
     batch = torch.export.Dim("batch", min=2) if p["rows"] > 1 else None  # rows >= 2: any slot count
@@ -408,6 +411,72 @@ def _gpu_runner(weights: Weights, rope: tuple, cache: KVCache, n_head: int, eps:
     return run
 
 
+COMMIT_POSITIONS = 256  # a slot's cache is zeroed (its memory committed) this many positions at a time
+
+
+class ReservedCache(KVCache):
+    """A :class:`KVCache` whose memory is committed as its slots fill, not when it is made.
+
+    Why: a server's cache holds the longest request (prompt limit + max new tokens) in every slot
+    (``serve.max_batch``): 16 slots x 4,353 positions of a 30-layer, 3-kv-head model are 3.2 GB, of which a
+    few requests use megabytes. The tensors are allocated empty (a large one is a fresh mapping whose
+    pages the kernel provides on first touch), and positions are committed by the writes that fill
+    them, or zeroed ``COMMIT_POSITIONS`` at a time by :meth:`commit` just before a batched step first
+    reads them: that step reads each row up to the longest row's end, masked, but 0 x NaN is NaN, so
+    those positions must hold finite values. ``ready[s]``: positions 0..ready[s]-1 of slot s do.
+    Resident memory thus follows the tokens held; :meth:`release` gives it back (an idle server).
+    """
+
+    def __init__(self, cfg, slots: int, max_len: int, device=None, dtype=torch.float32):
+        self.shape = (slots, cfg.n_kv_head, max_len + 1, cfg.head_dim)
+        self.n_layer, self.device, self.dtype = cfg.n_layer, device, dtype
+        self.max_len = max_len
+        self.lens = [0] * slots
+        self._reserve()
+
+    def _reserve(self) -> None:
+        kw = {"device": self.device, "dtype": self.dtype}
+        self.k = [torch.empty(self.shape, **kw) for _ in range(self.n_layer)]
+        self.v = [torch.empty(self.shape, **kw) for _ in range(self.n_layer)]
+        self.ready = [0] * len(self.lens)
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes of one position of one slot, all layers' keys and values."""
+        _, hkv, _, d = self.shape
+        return 2 * self.n_layer * hkv * d * self.k[0].element_size()
+
+    def committed_bytes(self) -> int:
+        return sum(self.ready) * self.position_bytes
+
+    def written(self, slot: int, n: int) -> None:
+        """Positions 0..n-1 of ``slot`` were just written (a prefill, a move)."""
+        self.ready[slot] = max(self.ready[slot], n)
+
+    def commit(self, rows: int, n: int) -> None:
+        """Make positions 0..n-1 of slots 0..rows-1 finite before a step reads them."""
+        ready = self.ready
+        if min(ready[:rows]) >= n:
+            return
+        end = min(-(-n // COMMIT_POSITIONS) * COMMIT_POSITIONS, self.max_len + 1)
+        for s in range(rows):
+            if ready[s] < n:
+                for k, v in zip(self.k, self.v, strict=True):
+                    k[s, :, ready[s] : end].zero_()
+                    v[s, :, ready[s] : end].zero_()
+                ready[s] = end
+
+    def move(self, src: int, dst: int) -> None:
+        super().move(src, dst)
+        self.written(dst, self.lens[dst])
+
+    def release(self) -> None:
+        """Drop every slot's content and give its memory back (fresh, uncommitted tensors)."""
+        self.k, self.v = [], []  # the old tensors go first: their memory is freed before the new is reserved
+        self.lens = [0] * len(self.lens)
+        self._reserve()
+
+
 class Decoder:
     """Incremental decoding of up to ``slots`` sequences of ``max_len`` tokens over one :class:`KVCache`.
 
@@ -423,7 +492,8 @@ class Decoder:
             compiled_cache_dir()  # before anything imports torch._dynamo, which fixes Inductor's cache folder
         model = unwrap(model)
         self.model, self.cfg, self.max_len = model, model.cfg, max_len
-        self.cache = model.new_cache(slots, max_len)
+        p = model.embed.weight
+        self.cache = ReservedCache(self.cfg, slots, max_len, p.device, p.dtype)
         self.rope = model.rope(0, max_len)  # (max_len, D) x2, grown now, not inside a step
         device = model.embed.weight.device
         self._span = torch.empty(max_len + 1, device=device)  # its slices carry the attended length
@@ -473,6 +543,7 @@ class Decoder:
         self.cache.lens[slot] = 0
         x = torch.tensor([ids], dtype=torch.long, device=self.model.embed.weight.device)
         logits, _ = self.model(x, cache=self.cache, last_only=True, slot=slot)  # (1, 1, V)
+        self.cache.written(slot, len(ids))
         return logits[:, -1, :]
 
     @torch.inference_mode()
@@ -492,6 +563,8 @@ class Decoder:
         self.cache.lens[slot : slot + len(prompts)] = [0] * len(prompts)
         logits, _ = self.model(x, cache=self.cache, slot=slot, last=last)  # (n, 1, V)
         self.cache.lens[slot : slot + len(prompts)] = [len(ids) for ids in prompts]
+        for s in range(slot, slot + len(prompts)):
+            self.cache.written(s, T)  # padding included
         return logits[:, -1, :]
 
     @torch.inference_mode()
@@ -508,6 +581,8 @@ class Decoder:
         views = self._views.get(B)
         if views is None:
             views = self._views[B] = ([k[:B] for k in self.cache.k], [v[:B] for v in self.cache.v])
+        if B > 1:  # a row reads up to the longest row's end (one row reads only what it wrote)
+            self.cache.commit(B, top + 1)
         pos = torch.tensor(lens[:B], device=tokens.device)
         # top + 2 elements: the attended length top + 1, plus one to keep the dimension clear of the
         # sizes 0 and 1 that the compiler specialises
@@ -519,3 +594,8 @@ class Decoder:
     def move(self, src: int, dst: int) -> None:
         """Move slot ``src``'s sequence into slot ``dst`` (a batch keeps its rows in the leading slots)."""
         self.cache.move(src, dst)
+
+    def release(self) -> None:
+        """Empty every slot and give the cache's memory back (see :class:`ReservedCache`)."""
+        self._views = {}
+        self.cache.release()

@@ -31,7 +31,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,11 +43,15 @@ from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
 from lmcore.model.checkpoint import load_model
 from lmcore.model.decode import DECODER_SLOTS, Decoder
-from lmcore.model.generate import SamplingParams, decode_threads, pick_next
+from lmcore.model.generate import SamplingParams, decode_threads, pick_next, process_threads
 from lmcore.model.transformer import Transformer
 from lmcore.registry.models import fetch_model_dir, resolve_alias
 
 log = logging.getLogger("lmops.serve")
+
+# an idle batcher gives its cache's memory back once its rows had committed more than this (below it, the
+# next requests reuse the committed pages instead of faulting them in again)
+IDLE_RELEASE_BYTES = 64 << 20
 
 
 @dataclass
@@ -172,6 +177,25 @@ def _logprobs(row: Row, logits: torch.Tensor, token: int) -> tuple:
     return ((float(lp[token]), top),)
 
 
+@contextmanager
+def _all_threads() -> Iterator[None]:
+    """Run a prefill on the process's thread count, not the decode step's.
+
+    Why: the probe may decode on 1 thread (a matrix-vector step gains little from more on a small
+    model), while a prefill is matrix-matrix work that scales with the cores: on 1 of 2 threads a
+    200-token prompt's first token took 2x one forward pass of the model.
+    """
+    want, now = process_threads(), torch.get_num_threads()
+    if want == now:
+        yield
+        return
+    torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(now)
+
+
 def _pick_rows(rows: list[Row], logits: torch.Tensor) -> list[tuple[int, float]]:
     """(token, probability) of each row from logits (B, V): one batched pick per group of rows with the
     same temperature, top-k and top-p, each row drawing from its own generator (``pick_next``)."""
@@ -191,12 +215,18 @@ class Batcher:
     """The decode loop of one model version: admit, prefill, decode all rows together."""
 
     def __init__(self, lm: LoadedModel, max_batch: int, max_new_tokens: int, batch_window_ms: float,
-                 on_batch=None, compiled: bool = True, observer: RowObserver | None = None):
+                 on_batch=None, compiled: bool = True, observer: RowObserver | None = None,
+                 max_prompt_tokens: int | None = None):
         self.lm = lm
         self.max_batch = max_batch
         self.window = batch_window_ms / 1000.0
-        self.max_len = lm.model.cfg.block_size + max_new_tokens
-        # the cache's length rounded as lmcore.model.generate rounds it: one compiled step serves both
+        # what a request can use: its prompt (the last max_prompt_tokens, at most the model's context) and
+        # max_new_tokens; not the model's whole context per slot (8,192 positions x 16 slots: 6 GB for 135M)
+        block = lm.model.cfg.block_size
+        self.prompt_limit = min(block, max_prompt_tokens) if max_prompt_tokens else block
+        self.max_len = self.prompt_limit + max_new_tokens
+        # the cache's length rounded as lmcore.model.generate rounds it: one compiled step serves both;
+        # its memory is committed as rows fill it (lmcore.model.decode.ReservedCache)
         self.decoder = Decoder(lm.model, -(-self.max_len // DECODER_SLOTS) * DECODER_SLOTS, slots=max_batch)
         self.compiled = compiled
         self.compile_done = threading.Event()  # set once the compiled step is in use, or has failed
@@ -219,8 +249,7 @@ class Batcher:
     def submit(self, row: Row) -> None:
         if self._retired.is_set():
             raise LmopsError("model version is being replaced; retry")
-        block = self.lm.model.cfg.block_size
-        row.prompt_ids = row.prompt_ids[-block:] or [self.lm.tokenizer.eos_id]
+        row.prompt_ids = row.prompt_ids[-self.prompt_limit:] or [self.lm.tokenizer.eos_id]
         if row.sp.seed is not None and row.sp.temperature > 0:
             row.gen = torch.Generator(device=self.lm.model.embed.weight.device)
             row.gen.manual_seed(row.sp.seed)
@@ -283,6 +312,8 @@ class Batcher:
                 if not self.active:
                     if self._retired.is_set() and self.pending.empty():
                         break
+                    if self.decoder.cache.committed_bytes() > IDLE_RELEASE_BYTES:
+                        self.decoder.release()  # idle: resident memory back to the model's own
                     try:
                         first = self.pending.get(timeout=0.05)
                     except queue.Empty:
@@ -339,7 +370,8 @@ class Batcher:
             self.observer.admitted(now - row.queued_at, len(row.prompt_ids))
         self.admitting = rows  # in neither queue while they prefill: a crash must still answer them
         first = len(self.active)
-        logits = self.decoder.prefill_many([r.prompt_ids for r in rows], first)  # (n, V)
+        with _all_threads():
+            logits = self.decoder.prefill_many([r.prompt_ids for r in rows], first)  # (n, V)
         for k, row in enumerate(rows):
             row.slot = first + k
             self.active.append(row)
@@ -400,8 +432,9 @@ class Engine:
 
     def __init__(self, source: str, *, max_batch: int = 16, max_new_tokens: int = 256,
                  batch_window_ms: float = 5.0, on_batch=None, compiled: bool = True,
-                 observe: Callable[[LoadedModel], RowObserver] | None = None):
+                 observe: Callable[[LoadedModel], RowObserver] | None = None, max_prompt_tokens: int | None = None):
         self.source = source
+        self.max_prompt_tokens = max_prompt_tokens  # prompts keep their last this many tokens (None: the context)
         self.compiled = compiled  # decode with the compiled step once it is built (see the module doc)
         self.max_batch, self.max_new_tokens, self.batch_window_ms = max_batch, max_new_tokens, batch_window_ms
         self.on_batch = on_batch
@@ -489,7 +522,7 @@ class Engine:
 
     def _batcher(self, lm: LoadedModel) -> Batcher:
         return Batcher(lm, self.max_batch, self.max_new_tokens, self.batch_window_ms, self.on_batch, self.compiled,
-                       self.observe(lm) if self.observe else None)
+                       self.observe(lm) if self.observe else None, self.max_prompt_tokens)
 
     def start_polling(self, interval_s: float) -> None:
         """Poll the registry alias every ``interval_s`` and reload when it points elsewhere."""

@@ -58,7 +58,8 @@ class TokenProb(BaseModel):
 
 
 class Usage(BaseModel):
-    prompt_tokens: int = Field(..., description="Prompt tokens fed to the model (after truncation to block_size).")
+    prompt_tokens: int = Field(..., description="Prompt tokens fed to the model (its last serve.max_prompt_chars "
+                                                "tokens, at most block_size).")
     completion_tokens: int = Field(..., description="Tokens generated.")
 
 

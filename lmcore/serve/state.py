@@ -48,6 +48,9 @@ class ServeState:
             source, max_batch=sp_cfg.max_batch, max_new_tokens=sp_cfg.max_new_tokens,
             batch_window_ms=sp_cfg.batch_window_ms, compiled=sp_cfg.compile_decode,
             on_batch=metrics.batch_rows.observe, observe=metrics.for_version,
+            # a prompt within the character limit rarely has more tokens than characters; one that has
+            # keeps its last ones, as a prompt over the model's context does
+            max_prompt_tokens=sp_cfg.max_prompt_chars,
         )
         metrics.watch(engine.loads)
         engine.on_swap = lambda _old, _new: metrics.set_model(engine.current.lm.name, engine.current.lm.version)
