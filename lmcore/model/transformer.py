@@ -150,6 +150,79 @@ def chunk_mask(start: int, T: int, device=None) -> tuple[torch.Tensor | None, bo
     return torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start), False
 
 
+# Above this many logits (B * T * V) a forward with targets returns (None, loss) and never materialises
+# them: at 16 x 128 tokens over a 49,152 vocabulary the logits, their log-softmax and their gradient
+# were 1.2 GB of a LoRA step's peak. Every caller that passes targets uses only the loss; tests with
+# tiny shapes still get the logits.
+PLAIN_LOSS_LOGITS = 1 << 22
+LOSS_CHUNK_LOGITS = 1 << 23  # logits per chunk of rows in linear_cross_entropy (32 MB in fp32)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy(h @ weight.T, targets, ignore_index=-1)`` (mean), computed ``chunk_rows`` rows at a time.
+
+    h (N, C), weight (V, C), targets (N,). Why: the plain path keeps (N, V) logits, their log-softmax
+    and their gradient alive at once; here one chunk of logits exists at a time, and with gradients
+    wanted the chunk's softmax becomes its gradient in place, so the backward is two products per
+    chunk and no (N, V) tensor is ever stored. The weight's gradient is only formed when it is
+    trained (not under LoRA, where the tied embedding is frozen). Under autocast the products run in
+    its dtype and the softmax in fp32, as the plain path does.
+    """
+    rows = chunk_rows or max(16, LOSS_CHUNK_LOGITS // weight.shape[0])
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        h, weight = h.to(dtype), weight.to(dtype)
+    with torch.autocast(dev, enabled=False):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(h, weight, targets, rows)
+        return _linear_cross_entropy(h, weight, targets, rows, False, False)[0]
+
+
+def _linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int,
+                          grad_h: bool, grad_w: bool):
+    """(loss, dloss/dh or None, dloss/dweight or None), chunk by chunk (see :func:`linear_cross_entropy`)."""
+    valid = targets != -1
+    count = valid.sum()
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if grad_h else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if grad_w else None
+    for s in range(0, h.shape[0], rows):
+        hc, tc, vc = h[s : s + rows], targets[s : s + rows].clamp(min=0), valid[s : s + rows]
+        logits = (hc @ weight.T).float()  # (r, V): the only logits alive
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, tc[:, None]).squeeze(1)
+        total += torch.where(vc, lse - picked, 0.0).sum()
+        if grad_h or grad_w:
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs.scatter_add_(1, tc[:, None], -vc[:, None].to(probs.dtype))  # minus the one-hot target
+            probs.mul_(vc[:, None] / count)  # ignored rows give nothing; the mean's 1/count
+            g = probs.to(h.dtype)
+            if grad_h:
+                torch.mm(g, weight, out=dh[s : s + rows])
+            if grad_w:
+                dw += (g.T @ hc).float()
+    return total / count, dh, (dw.to(weight.dtype) if dw is not None else None)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The gradients are formed in the forward (the loss is a scalar at the end of the graph) and scaled
+    by the incoming gradient in the backward: no recomputation of the logits, nothing (N, V) saved."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows):
+        loss, dh, dw = _linear_cross_entropy(h, weight, targets, rows, ctx.needs_input_grad[0],
+                                             ctx.needs_input_grad[1])
+        ctx.save_for_backward(dh, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return (dh * grad if dh is not None else None, dw * grad if dw is not None else None, None, None)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -181,6 +254,8 @@ class Attention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # split, not slicing: its backward is one cat instead of a zero-filled gradient per slice
         qk, v = self.qkv(x).view(B, T, H + 2 * Hkv, D).split((H + Hkv, Hkv), dim=2)
+        if torch.is_grad_enabled() and v.requires_grad and kv is None:
+            v = v.contiguous()  # attention saves v for its backward: as a view it would keep all of q|k|v alive
         q, k = apply_rope(qk, cos[:, None], sin[:, None]).split((H, Hkv), dim=2)  # q and k rotated in one go
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) x2
 
@@ -219,8 +294,32 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        gu = self.gate_up(x)  # (B, T, 2 hidden): gate | up
+        if torch.is_grad_enabled() and gu.requires_grad:
+            return self.down(_SiluMul.apply(gu))
+        gate, up = gu.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up of gate|up (..., 2 hidden), saving only gate|up: autograd's own ops also keep
+    silu(gate) (hidden floats per token and layer, 1/8 of a LoRA step's activations at 576 wide),
+    which the backward recomputes here from gate for a few elementwise passes."""
+
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor) -> torch.Tensor:
+        gate, up = gu.chunk(2, dim=-1)
+        ctx.save_for_backward(gu)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (gu,) = ctx.saved_tensors
+        gate, up = gu.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        d_gate = grad * up * (sig + silu * (1 - sig))  # d silu(g)/dg = s + g s (1 - s)
+        return torch.cat((d_gate, grad * silu), dim=-1)
 
 
 class Block(nn.Module):
@@ -282,8 +381,11 @@ class Transformer(nn.Module):
         last_only: bool = False,
         slot: int = 0,
         last: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids -> logits (B, T, V) (or (B, 1, V) with last_only, or at ``last``), loss.
+
+        With ``targets`` (-1 = ignored) the loss is their mean cross-entropy; above ``PLAIN_LOSS_LOGITS``
+        logits it is computed without them (:meth:`loss_of`) and the logits returned are None.
 
         With ``cache``, idx's rows continue the cache's slots slot..slot+B-1 (all of one length) and
         their keys and values are appended there: a prompt's prefill, or a chunk after it. ``last``
@@ -310,12 +412,28 @@ class Transformer(nn.Module):
             x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, C)
         elif last_only:
             x = x[:, -1:, :]
+        if targets is not None and x.shape[0] * x.shape[1] * self.cfg.vocab_size > PLAIN_LOSS_LOGITS:
+            return None, self.loss_of(x, targets)
         x = self.norm(x)
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def loss_of(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the last block's output x (B, T, C) without the (B, T, V) logits.
+
+        Rows whose target is ignored (-1: masked prompt tokens) are dropped before the final norm and
+        head; the rest go through :func:`linear_cross_entropy` in chunks of rows.
+        """
+        h, t = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+        if not torch.compiler.is_compiling():  # a data-dependent row count would recompile every step
+            keep = t != -1
+            if not bool(keep.all()):
+                idx = keep.nonzero().squeeze(1)
+                h, t = h.index_select(0, idx), t.index_select(0, idx)
+        return linear_cross_entropy(self.norm(h), self.lm_head.weight, t)
 
     def new_cache(self, slots: int, max_len: int | None = None, dtype=None) -> KVCache:
         """A cache of ``slots`` sequences of up to ``max_len`` (default block_size) tokens each."""
