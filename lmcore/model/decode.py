@@ -352,7 +352,8 @@ def _compile_in_child(args: tuple, leaves: list[torch.Tensor], n_head: int, eps:
 
     Why a child: export and Inductor hold the GIL for most of 20-30 s, which would stall a server's
     decode loop, and export edits process-global tracing state (``torch.fx.traceback``) that other
-    threads' torch calls read. The weights are inputs, so their values do not matter.
+    threads' torch calls read; niced, so that the server's requests keep their time to first token
+    meanwhile. The weights are inputs, so their values do not matter.
     """
     payload = {
         "treespec": treespec_dumps(tree_flatten(args)[1]),
@@ -361,7 +362,9 @@ def _compile_in_child(args: tuple, leaves: list[torch.Tensor], n_head: int, eps:
         "n_head": n_head, "eps": eps, "rows": rows, "options": options, "path": str(path),
         "threads": torch.get_num_threads(),
     }
-    code = "import json, sys; from lmcore.model.decode import _compile_main; _compile_main(json.load(sys.stdin))"
+    # at a lower priority: where it shares the cores with a server, the requests decoding meanwhile come first
+    code = ("import json, os, sys; os.nice(10); from lmcore.model.decode import _compile_main; "
+            "_compile_main(json.load(sys.stdin))")
     done = subprocess.run([sys.executable, "-c", code], input=json.dumps(payload), capture_output=True, text=True)
     if done.returncode != 0 or not path.is_file():
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

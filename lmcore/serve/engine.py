@@ -26,13 +26,15 @@ Shapes: B active rows, S slots, V vocab.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
+import platform
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -177,6 +179,14 @@ def _logprobs(row: Row, logits: torch.Tensor, token: int) -> tuple:
     return ((float(lp[token]), top),)
 
 
+def _trim_heap() -> None:
+    """Hand the free pages of glibc's heap back to the kernel (no-op off glibc)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @contextmanager
 def _all_threads() -> Iterator[None]:
     """Run a prefill on the process's thread count, not the decode step's.
@@ -314,6 +324,7 @@ class Batcher:
                         break
                     if self.decoder.cache.committed_bytes() > IDLE_RELEASE_BYTES:
                         self.decoder.release()  # idle: resident memory back to the model's own
+                        _trim_heap()  # and the batch's prefill activations, which malloc keeps in its heap
                     try:
                         first = self.pending.get(timeout=0.05)
                     except queue.Empty:
