@@ -156,11 +156,13 @@ class TrainParams:
     lora_alpha: float
     lora_dropout: float
     lora_targets: tuple[str, ...]
+    micro_batch: int  # rows per forward/backward (0 = auto: the batch, or fewer where activations would be large)
     finetune_epochs: float  # with model.base: passes over the fine-tuning tokens (max_steps stays an upper bound)
     finetune_max_minutes: float  # with model.base: the wall-clock bound instead of max_minutes (0 = none)
 
     def check(self) -> None:
         _require(self.threads >= 0, "train.threads must be >= 0 (0 = auto)")
+        _require(self.micro_batch >= 0, "train.micro_batch must be >= 0 (0 = auto)")
         _require(self.finetune_epochs >= 0 and self.finetune_max_minutes >= 0,
                  "train.finetune_epochs and train.finetune_max_minutes must be >= 0 (0 = no such bound)")
         _check_lora(self, "train")

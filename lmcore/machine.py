@@ -223,10 +223,13 @@ def interleaved_ms(jobs: dict[str, tuple[Callable[[], None], float]], rounds: in
     another process then hits one round of each, not all rounds of one (ratios are what decide).
 
     ``deadline`` (a ``time.perf_counter`` time): the warm-up calls must end before it, else None
-    (nothing trustworthy was measured in time); later rounds run only while one more fits before it.
+    (nothing trustworthy was measured in time; one is not started when the longest so far would not
+    fit); later rounds run only while one more fits before it.
     """
     took: dict[str, float] = {}
     for name, (fn, _) in jobs.items():
+        if deadline is not None and took and time.perf_counter() + max(took.values()) > deadline:
+            return None  # the next warm-up would likely end past the deadline: do not start it
         t0 = time.perf_counter()
         fn()  # warm-up: allocations, oneDNN primitive creation
         took[name] = time.perf_counter() - t0

@@ -538,6 +538,7 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
         tracker.finish()
     for k, v in {"lmops.gate.decision": "promoted" if promoted else "rejected", "lmops.gate.reason": reason[:4900],
                  "lmops.gate.challenger_bpb": f"{ch_bpb:.6f}",
+                 "lmops.gate.challenger_val_loss": f"{float(ch_metrics['val_loss']):.6f}",
                  "lmops.gate.champion_bpb": "none" if champ_bpb is None else f"{champ_bpb:.6f}",
                  "lmops.gate.champion_version": champion or "none", "lmops.gate.run_id": tracker.run_id,
                  "lmops.gate.checks": json.dumps(checks),

@@ -170,10 +170,13 @@ class Batches:
 @torch.no_grad()
 def estimate_val_loss(model: torch.nn.Module, val: np.ndarray, block: int, batch: int, iters: int, seed: int,
                       device: torch.device, amp: torch.dtype | None, mask: np.ndarray | None = None) -> float:
-    """Mean loss over ``iters`` fixed random val windows (the same windows at every evaluation)."""
+    """Mean loss over ``iters`` fixed random val batches (the same windows at every evaluation); no more
+    batches than it takes to cover the val split once (a fine-tune's few hundred held-out chat tokens
+    need one batch, not ten: each costs a forward pass over batch x block tokens)."""
     T = min(block, len(val) - 1)
     if T < 1:
         return float("nan")
+    iters = min(iters, math.ceil(len(val) / (batch * T)))
     try:
         b = Batches(val, T, batch, seed, device, mask)
     except LmopsError:  # a val split of prompts only: nothing to score
@@ -341,6 +344,7 @@ class _Trainer:
     meta: dict  # written with every checkpoint and the final model
     on_metrics: Callable[[int, dict[str, float]], None] | None
     say: Callable[[str], None] | None = None  # rank 0: progress lines where no terminal bar shows (logs, Prefect)
+    micro_rows: int = 0  # rows per forward/backward (micro_batch_rows); 0 = the whole batch
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0  # seconds of training, across resumes
@@ -389,7 +393,7 @@ class _Trainer:
                 optimizers=optimizers, tokenizer=tokenizer,
                 batches=Batches(data.tokens("train"), seq, tp.batch_size, tp.seed, device, data.loss_mask("train")),
                 val_ids=data.tokens("val"), val_mask=data.loss_mask("val"), out_dir=out_dir, meta=meta,
-                on_metrics=on_metrics, say=say)
+                on_metrics=on_metrics, say=say, micro_rows=micro_batch_rows(cfg, tp, seq))
         if state:
             t.step, t.tokens = int(state["step"]), int(state.get("tokens", 0))
             t.elapsed = float(state.get("elapsed", 0.0))
@@ -480,16 +484,24 @@ class _Trainer:
         return stopped_by
 
     def optimizer_step(self, window: _Window) -> None:
-        """One optimizer step over ``train.grad_accum`` micro-batches (DDP syncs gradients on the last)."""
+        """One optimizer step over ``train.grad_accum`` batches, each run ``micro_rows`` rows at a time with
+        every chunk's loss weighted by its share of the batch's counted targets: the batch's own gradient,
+        with a chunk's activations alive at a time (DDP syncs gradients on the last chunk)."""
         tp, d, fwd = self.tp, self.d, self.fwd
         for micro in range(tp.grad_accum):
             x, y = self.batches.get(self.step, micro, d.rank)
-            sync = nullcontext() if (d.world == 1 or micro == tp.grad_accum - 1) else fwd.no_sync()
-            with sync:
-                with _autocast(self.device, self.choices.autocast):
-                    _, loss = fwd(x, y)
-                (loss / tp.grad_accum).backward()
-            window.loss += loss.detach() / tp.grad_accum
+            counted = max(int((y != -1).sum()), 1)
+            chunks = list(zip(x.split(self.micro_rows), y.split(self.micro_rows), strict=True))
+            for i, (xc, yc) in enumerate(chunks):
+                last = micro == tp.grad_accum - 1 and i == len(chunks) - 1
+                share = int((yc != -1).sum()) / counted
+                if share == 0:  # every target of these rows is masked prompt: no loss, no gradient
+                    continue
+                with nullcontext() if (d.world == 1 or last) else fwd.no_sync():
+                    with _autocast(self.device, self.choices.autocast):
+                        _, loss = fwd(xc, yc)
+                    (loss * share / tp.grad_accum).backward()
+                window.loss += loss.detach() * share / tp.grad_accum
         if tp.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), tp.grad_clip)
         for opt in self.optimizers:
@@ -572,6 +584,26 @@ class _Trainer:
         if d.world > 1:
             torch.distributed.barrier()
         return result
+
+
+ACTIVATION_BUDGET_BYTES = 512 << 20  # train.micro_batch auto: one forward/backward's activations stay under this
+
+
+def activation_bytes_per_token(cfg: ModelConfig) -> int:
+    """What one token's forward keeps for the backward, roughly: per layer ~10 residual-width tensors
+    (norms, q|k|v, attention out, projections) and ~3 hidden-width ones (gate|up), in fp32."""
+    return cfg.n_layer * (10 * cfg.d_model + 3 * cfg.hidden) * 4
+
+
+def micro_batch_rows(cfg: ModelConfig, tp: TrainParams, window: int) -> int:
+    """Rows per forward/backward: ``train.micro_batch``, else (auto) the whole batch unless its activations
+    would pass ``ACTIVATION_BUDGET_BYTES``. Why: a 30-layer base at 16 x 128 keeps ~2.5 GB of activations
+    (over half a LoRA fine-tune's peak memory); a third of the rows at a time does the same arithmetic in
+    products still hundreds of rows tall. lmops' default model (4 x 128) keeps ~130 MB: one chunk."""
+    if tp.micro_batch:
+        return min(tp.micro_batch, tp.batch_size)
+    per_row = activation_bytes_per_token(cfg) * window
+    return max(1, min(tp.batch_size, ACTIVATION_BUDGET_BYTES // per_row))
 
 
 def _finetune_budget(tp: TrainParams, train_tokens: int, window: int, world: int,
