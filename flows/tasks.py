@@ -220,7 +220,7 @@ def evaluate_task(trained: dict[str, Any], data_dir: str, params: Params, lineag
     """Metrics, samples, loss curve, model card and the pyfunc model, into the training run; closes it."""
     out = Path(trained["out_dir"]) / "eval.json"
     tmp = out.with_suffix(".tmp.json")
-    metrics = evaluate(Path(trained["model_dir"]), Path(data_dir), params.eval, out_path=tmp)
+    metrics = evaluate(Path(trained["model_dir"]), Path(data_dir), params.eval, out_path=tmp, say=say_and_log)
     tracker = RunTracker.attach(trained["run_id"])
     try:
         log_training_outputs(
@@ -291,7 +291,7 @@ def gate_task(registered: dict[str, Any], data_dir: str, params: Params) -> dict
     gate itself says so (``promoted: False``, see ``lmcore.registry.gate``). The gate scores both
     versions itself (or reads their recorded numbers), so the evaluate task's metrics are not passed.
     """
-    return gate(params.registry.model_name, registered["version"], Path(data_dir), params).to_dict()
+    return gate(params.registry.model_name, registered["version"], Path(data_dir), params, say=say_and_log).to_dict()
 
 
 @task(name="deploy", retries=3, retry_delay_seconds=exponential_backoff(1))

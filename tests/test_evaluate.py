@@ -54,6 +54,15 @@ def test_max_batches_takes_the_same_leading_windows(trained):
     assert m["tokens"] == 8 * 32 and m["samples"] == []
 
 
+def test_evaluation_tells_a_log_how_far_it_is(trained):
+    model_dir, data, _ = trained
+    said: list[str] = []
+    m = evaluate(model_dir, data.dir, tiny_params(eval__max_batches=1, eval__n_samples=1,
+                                                  eval__sample_max_new_tokens=4).eval, device="cpu", say=said.append)
+    assert m["tokens"] == 8 * 32  # one batch of 8 windows of 32 tokens, then one sample
+    assert said[-1].startswith("evaluate: 9/9 windows") and "ETA 0 s" in said[-1]
+
+
 def test_uniform_model_scores_exactly_log_vocab(trained):
     model_dir, data, _ = trained
     model, tok, _ = load_model(model_dir)

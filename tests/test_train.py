@@ -84,6 +84,19 @@ def test_same_seed_same_losses_and_different_seed_differs(prepared, tmp_path):
     assert c.final_train_loss != a.final_train_loss
 
 
+def test_micro_batches_give_the_batch_its_own_losses(prepared, tmp_path):
+    """train.micro_batch runs a batch a few rows at a time (a base's activations) with the same gradient."""
+    p = tiny_params(train__max_steps=6, train__eval_interval=0, train__checkpoint_interval=0, train__log_interval=1,
+                    **PINNED)
+    whole = train(prepared, tmp_path / "whole", p.model, p.train, progress=False)
+    q = tiny_params(train__max_steps=6, train__eval_interval=0, train__checkpoint_interval=0, train__log_interval=1,
+                    train__micro_batch=3, **PINNED)
+    split = train(prepared, tmp_path / "split", q.model, q.train, progress=False)
+    a, b = ([float(r["train_loss"]) for r in _history(r.history_csv)] for r in (whole, split))
+    assert len(a) == 6 and a[0] != a[-1]
+    assert a == pytest.approx(b, abs=2e-5)  # rounding apart: chunks of 3 rows sum the same gradient
+
+
 def test_wall_clock_budget_stops_training(prepared, tmp_path):
     p = tiny_params(train__max_steps=100000, train__max_minutes=0.002, train__eval_interval=0)
     r = train(prepared, tmp_path / "run", p.model, p.train, progress=False)

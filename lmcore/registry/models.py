@@ -29,6 +29,7 @@ from lmcore.feedback.harvest import read_pairs
 from lmcore.machine import release_freed_memory
 from lmcore.model.base import load_base
 from lmcore.model.checkpoint import load_model, read_meta
+from lmcore.progress import Say
 from lmcore.registry.gate import (
     GateDecision,
     behaviour_checks,
@@ -406,30 +407,36 @@ def rollback(name: str, reason: str) -> str:
 
 
 # --------------------------------------------------------------------------- the gate
-def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, device: Any) -> tuple[dict, list, Any]:
+def _evaluate_version(name: str, version: str, data_dir: Path, params: Any, device: Any, say: Say | None = None
+                      ) -> tuple[dict, list, Any]:
+    if say:
+        say(f"gate: scoring v{version}")
     folder, _ = fetch_model_dir(f"models:/{name}/{version}")
     model, tokenizer, meta = load_model(folder, device=device)
     if not finite_logits(model, tokenizer, tuple(params.eval.prompts)):
         nan = float("nan")
         return ({"val_loss": nan, "bits_per_byte": nan, "perplexity": nan, "accuracy": 0.0}, [],
                 (model, tokenizer, folder))
-    metrics = evaluate_model(model, tokenizer, Path(data_dir), params.eval, device, trained_window=meta.get("window"))
+    metrics = evaluate_model(model, tokenizer, Path(data_dir), params.eval, device, trained_window=meta.get("window"),
+                             say=say)
     completions = prompt_completions(model, tokenizer, params.eval)
     return metrics, completions, (model, tokenizer, folder)
 
 
-def _base_scores(folder: Path, data_dir: Path, params: Any, device: Any) -> dict[str, float]:
+def _base_scores(folder: Path, data_dir: Path, params: Any, device: Any, say: Say | None = None) -> dict[str, float]:
     """The pretrained base a model was fine-tuned from, scored on the same held-out tokens in the same
     window ({} for a model trained from scratch): whether fine-tuning helped at all."""
     meta = read_meta(folder)
     if not meta.get("base"):
         return {}
+    if say:
+        say(f"gate: scoring the pretrained base {meta['base']['spec']}")
     try:
         base, tokenizer, _ = load_base(meta["base"]["spec"], verify=False)
     except LmopsError:  # the base is not on this machine (a registry shared by a team): nothing to compare
         return {}
     metrics = evaluate_model(base, tokenizer, Path(data_dir), dataclasses.replace(params.eval, n_samples=0), device,
-                             trained_window=meta.get("window"))
+                             trained_window=meta.get("window"), say=say)
     return {"base_val_loss": metrics["val_loss"], "base_bits_per_byte": metrics["bits_per_byte"],
             **({} if "sft_model" in meta else {"sft": 1.0})}
 
@@ -457,7 +464,7 @@ def _recorded_bpb(client: Any, name: str, version: str) -> float | None:
 
 
 def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
-         parent_run_id: str | None = None, pairs: list[dict] | None = None) -> GateDecision:
+         parent_run_id: str | None = None, pairs: list[dict] | None = None, say: Say | None = None) -> GateDecision:
     """Evaluate challenger and champion on the same current validation set and decide (:func:`.gate.decide`).
 
     The challenger becomes ``champion`` when it passes the behaviour checks and there is no
@@ -469,7 +476,8 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
 
     Both are also scored on what users asked for: the golden set (``gate.golden``) and the harvested
     preference pairs (``pairs``, default :func:`harvested_pairs`); the challenger's HF export must
-    load in transformers and decode greedily as lmops does (``gate.check_hf_export``).
+    load in transformers and decode greedily as lmops does (``gate.check_hf_export``). ``say`` gets a line
+    per phase and the evaluations' progress (a log: the Prefect task's).
     """
     client = get_client()
     challenger_version = str(challenger_version)
@@ -484,13 +492,15 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
     device = pick_device(params.train.device)
     pairs = harvested_pairs() if pairs is None else pairs
     ch_metrics, ch_samples, (model, tok, folder) = _evaluate_version(name, challenger_version, data_dir, params,
-                                                                     device)
+                                                                     device, say)
     checks = behaviour_checks(model, tok, tuple(params.eval.prompts), params.eval.seed, ch_metrics)
     if params.gate.check_hf_export:
+        if say:
+            say("gate: checking that the HF export loads in transformers and decodes the same")
         checks["hf_export_agrees"] = hf_export_agrees(folder, (params.eval.prompts or ("\n",))[0])
     scores = {f"challenger_{k}": v for k, v in user_scores(model, tok, params.gate.golden, pairs).items()}
     del model, tok
-    base = _base_scores(folder, data_dir, params, device)
+    base = _base_scores(folder, data_dir, params, device, say)
     if base.pop("sft", None):  # supervised fine-tuning that does worse on held-out data than its base taught nothing
         checks["beats_base"] = float(ch_metrics["val_loss"]) <= base["base_val_loss"]
     scores.update(base)
@@ -500,7 +510,7 @@ def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
     if champion is not None:
         try:
             champ_metrics, champ_samples, (cmodel, ctok, _) = _evaluate_version(name, champion, data_dir, params,
-                                                                                device)
+                                                                                device, say)
             scores.update({f"champion_{k}": v for k, v in user_scores(cmodel, ctok, params.gate.golden,
                                                                      pairs).items()})
             del cmodel, ctok

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lmcore.data.prepare import load_prepared, token_byte_lengths, tokenizer_hash
 from lmcore.device import pick_device
@@ -28,6 +26,7 @@ from lmcore.machine import release_freed_memory
 from lmcore.model.checkpoint import load_model
 from lmcore.model.generate import SamplingParams, generate_text
 from lmcore.model.weights import unwrap
+from lmcore.progress import Progress, Say
 
 
 def _val_ids(tokenizer, data_dir: Path) -> np.ndarray:
@@ -58,18 +57,26 @@ def eval_window(net: torch.nn.Module, params=None, trained_window: int | None = 
     return max(1, min(int(asked), context))
 
 
+def _n_windows(n_ids: int, block: int, batch_size: int, max_batches: int, max_tokens: int) -> int:
+    n = math.ceil((n_ids - 1) / block)
+    if max_batches > 0:
+        n = min(n, max_batches * batch_size)
+    if max_tokens > 0:
+        n = min(n, max(1, max_tokens // block))
+    return n
+
+
+def scored_windows(n_ids: int, block: int, params) -> int:
+    """How many windows :func:`evaluate_model` scores of a val split of ``n_ids`` tokens (``EvalParams``)."""
+    return _n_windows(n_ids, block, params.batch_size, params.max_batches, params.max_tokens)
+
+
 @torch.no_grad()
 def score_tokens(model: torch.nn.Module, ids: np.ndarray, byte_len: np.ndarray, block: int, batch_size: int,
-                 max_batches: int, device: torch.device, max_tokens: int = 0, progress: bool = False) -> dict:
+                 max_batches: int, device: torch.device, max_tokens: int = 0, progress: Progress | None = None) -> dict:
     """Total nats, correct top-1 predictions, tokens and bytes over contiguous windows of ``ids``."""
-    n_windows = math.ceil((len(ids) - 1) / block)
-    if max_batches > 0:
-        n_windows = min(n_windows, max_batches * batch_size)
-    if max_tokens > 0:
-        n_windows = min(n_windows, max(1, max_tokens // block))
+    n_windows = _n_windows(len(ids), block, batch_size, max_batches, max_tokens)
     nats, correct, count, nbytes = 0.0, 0, 0, 0
-    bar = tqdm(total=n_windows, unit="window", desc="evaluate", dynamic_ncols=True, leave=False, file=sys.stderr,
-               disable=not (progress and sys.stderr.isatty()))
     for w0 in range(0, n_windows, batch_size):
         ws = range(w0, min(w0 + batch_size, n_windows))
         full = [w for w in ws if (w + 1) * block + 1 <= len(ids)]
@@ -87,8 +94,8 @@ def score_tokens(model: torch.nn.Module, ids: np.ndarray, byte_len: np.ndarray, 
             correct += int((logits.argmax(-1) == y).sum())
             count += y.numel()
             nbytes += int(byte_len[win[:, 1:]].sum())
-            bar.update(len(g))
-    bar.close()
+            if progress is not None:
+                progress.update(len(g))
     return {"nats": nats, "correct": correct, "tokens": count, "bytes": nbytes}
 
 
@@ -120,9 +127,10 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, texts: list[str], max_token
 
 
 def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, device: str | torch.device = "auto",
-                   trained_window: int | None = None, progress: bool = True) -> dict:
+                   trained_window: int | None = None, say: Say | None = None) -> dict:
     """Metrics of an in-memory model (eval ``params`` = ``EvalParams``) on ``data_dir``'s val split, in
-    windows of :func:`eval_window` (``trained_window``: the model folder's meta ``window``)."""
+    windows of :func:`eval_window` (``trained_window``: the model folder's meta ``window``); progress on
+    the terminal, and to ``say`` (a log) with its ETA."""
     dev = device if isinstance(device, torch.device) else pick_device(device)
     net = unwrap(model)
     was_training = net.training
@@ -134,16 +142,19 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, de
         raise LmopsError(f"validation tokens in {data_dir} exceed the model vocabulary ({net.cfg.vocab_size})")
     byte_len = token_byte_lengths(tokenizer)
     window = eval_window(net, params, trained_window)
-    s = score_tokens(net, ids, byte_len, window, params.batch_size, params.max_batches, dev, params.max_tokens,
-                     progress)
-    val_loss = s["nats"] / s["tokens"]
-    prompts = list(params.prompts) or [""]
-    samples = []
-    for i in range(params.n_samples):
-        prompt = prompts[i % len(prompts)]
-        sp = SamplingParams(max_new_tokens=params.sample_max_new_tokens, temperature=params.temperature,
-                            top_k=params.top_k, top_p=params.top_p, seed=params.seed + i)
-        samples.append({"prompt": prompt, "completion": generate_text(net, tokenizer, prompt, sp)})
+    n_windows = scored_windows(len(ids), window, params)
+    with Progress(n_windows + params.n_samples, "evaluate", "window", say) as progress:
+        s = score_tokens(net, ids, byte_len, window, params.batch_size, params.max_batches, dev, params.max_tokens,
+                         progress)
+        val_loss = s["nats"] / s["tokens"]
+        prompts = list(params.prompts) or [""]
+        samples = []
+        for i in range(params.n_samples):
+            prompt = prompts[i % len(prompts)]
+            sp = SamplingParams(max_new_tokens=params.sample_max_new_tokens, temperature=params.temperature,
+                                top_k=params.top_k, top_p=params.top_p, seed=params.seed + i)
+            samples.append({"prompt": prompt, "completion": generate_text(net, tokenizer, prompt, sp)})
+            progress.update()
     net.train(was_training)
     return {
         "val_loss": val_loss,
@@ -157,11 +168,12 @@ def evaluate_model(model: torch.nn.Module, tokenizer, data_dir: Path, params, de
     }
 
 
-def evaluate(model_dir: Path, data_dir: Path, params, out_path: Path | None = None, device: str = "auto") -> dict:
+def evaluate(model_dir: Path, data_dir: Path, params, out_path: Path | None = None, device: str = "auto",
+             say: Say | None = None) -> dict:
     """Load a model folder and score it on ``data_dir``; the metrics JSON goes to ``out_path`` if given."""
     dev = pick_device(device)
     model, tokenizer, meta = load_model(model_dir, dev)
-    metrics = evaluate_model(model, tokenizer, data_dir, params, dev, trained_window=meta.get("window"))
+    metrics = evaluate_model(model, tokenizer, data_dir, params, dev, trained_window=meta.get("window"), say=say)
     del model
     release_freed_memory()
     metrics.update(model_dir=str(model_dir), data_dir=str(data_dir), dataset_version=meta.get("dataset_version"))
