@@ -265,12 +265,13 @@ def measure(shape: Shape, budget_s: float = 0.1, step: StepFactory | None = None
     tokens = max(shape.batch_size * shape.block_size, 1024)  # fewer rows time dispatch, not arithmetic
     fp32 = matmul_gflops(tokens, shape.d_model, shape.hidden, torch.float32, budget_s / 3)
     bf16 = matmul_gflops(tokens, shape.d_model, shape.hidden, torch.bfloat16, budget_s / 3, screen_below=fp32 / 4)
+    untimed = Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=0.0,
+                           step_ms_bf16=None, ns_ms_fp32=0.0, ns_ms_bf16=None)  # decide() keeps fp32
     rows, window = timed_rows(shape, fp32)
     if rows == 0:
         say(f"probe: one {shape.block_size}-token step of this model would take over {STEP_CALL_S:g} s at "
             f"{fp32:.0f} GFLOP/s: not timed, training runs in float32 (the safe choice)")
-        return Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=0.0,
-                            step_ms_bf16=None, ns_ms_fp32=0.0, ns_ms_bf16=None)
+        return untimed
     factory = step or _random_model_step(shape)
     x = torch.randint(0, shape.vocab_size, (rows, window))
     scale = shape.batch_size * shape.block_size / (rows * window)
@@ -288,8 +289,7 @@ def measure(shape: Shape, budget_s: float = 0.1, step: StepFactory | None = None
     if times is None:
         say(f"probe: stopped at its {PROBE_BUDGET_S:g} s budget (the machine is slower or busier than its matmul "
             f"speed said): training runs in float32 (the safe choice)")
-        return Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=0.0,
-                            step_ms_bf16=None, ns_ms_fp32=0.0, ns_ms_bf16=None)
+        return untimed
     return Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=times["step_ms_fp32"],
                         step_ms_bf16=times.get("step_ms_bf16"), ns_ms_fp32=times.get("ns_ms_fp32", 0.0),
                         ns_ms_bf16=times.get("ns_ms_bf16"))
