@@ -439,9 +439,10 @@ class ReservedCache(KVCache):
 
     def _reserve(self) -> None:
         kw = {"device": self.device, "dtype": self.dtype}
-        self.k = [torch.empty(self.shape, **kw) for _ in range(self.n_layer)]
-        self.v = [torch.empty(self.shape, **kw) for _ in range(self.n_layer)]
-        self.ready = [0] * len(self.lens)
+        # new lists, then one assignment: a compile thread reading the cache's shapes never sees an empty one
+        k = [torch.empty(self.shape, **kw) for _ in range(self.n_layer)]
+        v = [torch.empty(self.shape, **kw) for _ in range(self.n_layer)]
+        self.k, self.v, self.ready = k, v, [0] * len(self.lens)
 
     @property
     def position_bytes(self) -> int:
@@ -474,8 +475,7 @@ class ReservedCache(KVCache):
         self.written(dst, self.lens[dst])
 
     def release(self) -> None:
-        """Drop every slot's content and give its memory back (fresh, uncommitted tensors)."""
-        self.k, self.v = [], []  # the old tensors go first: their memory is freed before the new is reserved
+        """Drop every slot's content and give its memory back (fresh, uncommitted tensors replace the old)."""
         self.lens = [0] * len(self.lens)
         self._reserve()
 
