@@ -17,6 +17,22 @@ the count ``lmcore.probe.decode_probe`` measured faster (1 or all), both unless
 ``LMOPS_DECODE_THREADS`` says otherwise; pass ``--threads 1`` for a strictly single-threaded match.
 
     python bench/generate.py [--json] [--threads N] [--sizes small,large] [--repeats 3] [--new-tokens 500]
+
+``--model PATH_OR_GGUF`` (e.g. the shipped SmolLM2-135M-Instruct Q4_1 GGUF, an HF folder or an lmops model
+folder) measures a real pretrained model instead, against llama.cpp (``llama-cpp-python``, the ``bench``
+extra) at the same bits per weight: lmops fp32 (compiled step) vs llama.cpp on the F32 GGUF that
+``lmcore.model.gguf_writer`` exports, lmops int8 (``lmcore.optimize.quantize``, compiled int8 step) vs the
+Q8_0 export, the original GGUF (Q4_1) for reference, and HF ``generate`` fp32 as the third reference.
+Batch 1: ``--new-tokens`` (default 200 here) greedy tokens after the first prompt; batch 8: 8 concurrent
+requests of ``--batch8-tokens`` (default 64; lmops int8: 16, timed once, its batched step is slow), lmops
+through its batched decoder (``Decoder`` with 8 slots, the server engine's step),
+llama.cpp as 8 sequential requests (``llama-cpp-python``'s high-level API decodes one sequence). Every
+variant runs once per round, rounds alternate their order; medians and min-max ranges are reported.
+Threads: ``--threads`` for everyone (``LMOPS_DECODE_THREADS`` is set to it unless given), OpenMP threads
+wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless set, see ``bench/_llama_cpp.py``). A GGUF round
+trip: llama.cpp's greedy tokens on the F32 export against lmops' for the first 32 tokens of 3 prompts.
+
+    python bench/generate.py --model "$(python -c 'import lmcore.model.gguf as g; print(g.shipped_gguf())')" --json
 """
 
 from __future__ import annotations
@@ -88,10 +104,27 @@ def main() -> None:
     import os
 
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--new-tokens", type=int, default=500, help="tokens generated per run")
+    p.add_argument("--new-tokens", type=int, default=0, help="tokens generated per run (default 500; 200 with "
+                                                             "--model)")
+    p.add_argument("--batch8-tokens", type=int, default=64, help="--model: tokens per request at batch 8")
+    p.add_argument("--model", default=None, help="a real model (GGUF file, HF folder or lmops model folder): "
+                                                 "compare with llama.cpp and HF instead of the synthetic sizes")
     args = p.parse_args()
+    if args.model and "OMP_WAIT_POLICY" not in os.environ:  # read as torch loads: restart with it (_llama_cpp)
+        import sys
+
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    if args.model:
+        os.environ.setdefault("LMOPS_DECODE_THREADS", str(args.threads))
     setup(args)
     cpu_header()
+    if args.model:
+        from _real_generate import measure_real
+
+        emit_real(measure_real(args.model, args.new_tokens or 200, args.repeats or 3, args.threads,
+                               args.batch8_tokens), args.json)
+        return
+    args.new_tokens = args.new_tokens or 500
     from _common import quiet_transformers
 
     quiet_transformers()
@@ -103,6 +136,23 @@ def main() -> None:
     for name in args.sizes.split(","):
         result["sizes"][name] = measure(SIZES[name], vocab, prompt, args.new_tokens, args.repeats or 3)
     emit(result, args.json)
+
+
+def emit_real(result: dict, as_json: bool) -> None:
+    """Human lines for ``--model``: tok/s (median, min-max) per variant and batch, then the ratios."""
+    import json
+
+    from _common import with_cpu
+
+    for batch in ("batch1", "batch8"):
+        for name, r in result[batch].items():
+            print(f"{batch} {name:<16} {r['tokens_per_s']:>8.1f} tok/s  (range {r['min']:.1f}-{r['max']:.1f}, "
+                  f"{r['bits_per_weight']} bits/weight)")
+    for k, v in result["ratios"].items():
+        print(f"ratio {k:<34} {v:.2f}x")
+    print("  ".join(f"{k}={v}" for k, v in result.items() if k not in ("batch1", "batch8", "ratios", "cpu")))
+    if as_json:
+        print(json.dumps(with_cpu(result)))
 
 
 if __name__ == "__main__":
