@@ -58,7 +58,7 @@ MUON_STEP_GAIN = 1.5  # Muon saves steps: on a 2-core EPYC 860 Muon steps beat 1
 PROBE_BUDGET_S = 15.0  # a probe never takes longer than this, whatever the model (issue: 1B in <= 15 s)
 STEP_CALL_S = 1.2  # one timed training step should take about this long: rows are cut down (never below
 # MIN_TIMED_TOKENS) so that warm-up + 2 rounds of fp32 and bf16 steps fit PROBE_BUDGET_S with room to spare
-MIN_TIMED_TOKENS = 64  # fewer tokens per timed step time dispatch, not matrix work: the probe falls back instead
+MIN_TIMED_TOKENS = 16  # fewer tokens per timed step time dispatch, not matrix work: the probe falls back instead
 STEP_EFFICIENCY = 0.35  # share of the matmul peak a whole training step reaches (measured 0.3-0.6 on CPUs)
 DECODE_THREADS_MIN_GAIN = 1.15  # more threads must clearly win: they collapse when another process shares the cores
 # a compiled step shorter than this (on one thread) is not worth trying on more: it is one kernel with ~25
@@ -123,8 +123,10 @@ def decide(m: Measurements) -> Decisions:
     ns_ms = m.ns_ms_bf16 if ns_bf16 else m.ns_ms_fp32
     step_ms = m.step_ms_bf16 if bf16_step else m.step_ms_fp32
     overhead = ns_ms / max(step_ms, 1e-9)
-    # Muon loses per wall-clock second once a step costs more than the steps it saves: 1 + overhead > gain
-    optimizer = "muon" if 1.0 + overhead <= MUON_STEP_GAIN else "adamw"
+    # Muon loses per wall-clock second once a step costs more than the steps it saves: 1 + overhead > gain;
+    # an iteration not timed (0: a fine-tune, which uses AdamW) or a step not timed cannot pick Muon
+    timed = m.ns_ms_fp32 > 0 and m.step_ms_fp32 > 0
+    optimizer = "muon" if timed and 1.0 + overhead <= MUON_STEP_GAIN else "adamw"
     return Decisions(train_dtype="bfloat16" if bf16_step else "float32",
                      muon_ns_dtype="bfloat16" if ns_bf16 else "float32", optimizer=optimizer,
                      muon_overhead=round(overhead, 3))
@@ -159,10 +161,12 @@ def step_flops(shape: Shape, tokens: int) -> float:
     return (4.0 if shape.lora_r else 6.0) * tokens * (weights + attention)
 
 
-def timed_rows(shape: Shape, fp32_gflops: float) -> tuple[int, int]:
+def timed_rows(shape: Shape, fp32_gflops: float, seconds_per_token: float = 0.0) -> tuple[int, int]:
     """(rows, tokens per row) of a timed step: the training batch, cut until one step is about
-    ``STEP_CALL_S`` at the measured fp32 speed (rows first, then the window; (0, 0): too large to time)."""
-    seconds_per_token = step_flops(shape, 1) / (max(fp32_gflops, 1e-3) * 1e9 * STEP_EFFICIENCY)
+    ``STEP_CALL_S`` at the measured fp32 speed, or at ``seconds_per_token`` where a short step measured
+    slower than that (a busy machine; rows first, then the window; (0, 0): too large to time)."""
+    seconds_per_token = max(seconds_per_token,
+                            step_flops(shape, 1) / (max(fp32_gflops, 1e-3) * 1e9 * STEP_EFFICIENCY))
     batch_tokens = shape.batch_size * shape.block_size
     tokens = min(batch_tokens, int(STEP_CALL_S / seconds_per_token))
     if tokens < min(MIN_TIMED_TOKENS, batch_tokens):
@@ -267,12 +271,21 @@ def measure(shape: Shape, budget_s: float = 0.1, step: StepFactory | None = None
     bf16 = matmul_gflops(tokens, shape.d_model, shape.hidden, torch.bfloat16, budget_s / 3, screen_below=fp32 / 4)
     untimed = Measurements(fp32_gflops=round(fp32, 1), bf16_gflops=round(bf16, 1), step_ms_fp32=0.0,
                            step_ms_bf16=None, ns_ms_fp32=0.0, ns_ms_bf16=None)  # decide() keeps fp32
-    rows, window = timed_rows(shape, fp32)
-    if rows == 0:
+    if timed_rows(shape, fp32) == (0, 0):
         say(f"probe: one {shape.block_size}-token step of this model would take over {STEP_CALL_S:g} s at "
             f"{fp32:.0f} GFLOP/s: not timed, training runs in float32 (the safe choice)")
         return untimed
     factory = step or _random_model_step(shape)
+    # one short fp32 step first: what a step costs here and now (per-op overhead, other load), which a
+    # matmul's speed does not say; a step at the timed size is then not longer than STEP_CALL_S
+    short = torch.randint(0, shape.vocab_size, (1, MIN_TIMED_TOKENS))
+    t = time.perf_counter()
+    factory(short, None)()
+    rows, window = timed_rows(shape, fp32, (time.perf_counter() - t) / MIN_TIMED_TOKENS)
+    if rows == 0:
+        say(f"probe: a {MIN_TIMED_TOKENS}-token step took {time.perf_counter() - t:.1f} s: not timed, training "
+            "runs in float32 (the safe choice)")
+        return untimed
     x = torch.randint(0, shape.vocab_size, (rows, window))
     scale = shape.batch_size * shape.block_size / (rows * window)
     precisions = [None, torch.bfloat16] if bf16 > fp32 else [None]  # bf16 slower at matmul: minutes to learn that
