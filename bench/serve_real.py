@@ -216,7 +216,9 @@ def main() -> None:
 
     tokenizer = Tokenizer.load(folder / "tokenizer.json")
     messages, ids = prompt_of(tokenizer, args.prompt_tokens)
-    result: dict = {"model": "SmolLM2-135M-Instruct fp32", "prompt_tokens": len(ids)}
+    # the 1-minute load average before and after: on a shared machine, how quiet it was
+    result: dict = {"model": "SmolLM2-135M-Instruct fp32", "prompt_tokens": len(ids),
+                    "load_average_before": round(os.getloadavg()[0], 2)}
 
     server = Server(folder, home)
     try:
@@ -268,6 +270,7 @@ def main() -> None:
         result["memory_idle"] = tree_memory(server.proc.pid)
     finally:
         server.stop()
+    result["load_average_after"] = round(os.getloadavg()[0], 2)
 
     for k, v in result.items():
         print(f"{k}: {v}")
