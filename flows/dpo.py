@@ -21,11 +21,9 @@ from lmcore.data.versions import DataRegistry
 from lmcore.device import pick_device
 from lmcore.errors import LmopsError
 from lmcore.feedback.harvest import read_pairs
-from lmcore.locks import file_lock
 from lmcore.model.base import base_lineage
-from lmcore.registry.models import fetch_model_dir
+from lmcore.registry.models import fetch_model_dir, registry_lock
 from lmcore.registry.tracking import configure_mlflow, lineage_tags
-from lmcore.settings import get_settings
 
 
 @flow(name="dpo", log_prints=True)
@@ -61,7 +59,7 @@ def dpo_flow(params_path: str | None = None, overrides: dict[str, Any] | None = 
     with stage(3, steps, "evaluate + track") as note:
         evaluated = evaluate_task(trained, prepared, params, lineage)
         note["done"] = f"bits/byte {evaluated['metrics'].get('bits_per_byte', float('nan')):.4f}"
-    with file_lock(get_settings().home / "locks" / "model-registry.lock"), stage(4, steps, "register + gate") as note:
+    with registry_lock(), stage(4, steps, "register + gate") as note:
         registered = register_task(trained, evaluated["model_uri"], params, lineage)
         decision = gate_task(registered, prepared, params)
         note["done"] = ("promoted" if decision["promoted"] else "kept champion") + f": {decision['reason']}"

@@ -27,10 +27,9 @@ from flows.tasks import (
 from lmcore.config import load_params
 from lmcore.data.prepare import training_data_line
 from lmcore.device import pick_device
-from lmcore.locks import file_lock
 from lmcore.model.base import base_lineage
+from lmcore.registry.models import registry_lock
 from lmcore.registry.tracking import configure_mlflow, lineage_tags
-from lmcore.settings import get_settings
 
 
 def _cached(state) -> bool:
@@ -103,7 +102,7 @@ def training_flow(
         metrics = evaluated["metrics"]
         note["done"] = f"bits/byte {metrics.get('bits_per_byte', float('nan')):.4f}"
 
-    with file_lock(get_settings().home / "locks" / "model-registry.lock"):
+    with registry_lock():
         with stage(5, steps, "register") as note:
             registered = register_task(trained, evaluated["model_uri"], params, lineage)
             model_version = registered["version"]

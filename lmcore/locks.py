@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,3 +35,29 @@ def file_lock(path: str | Path, timeout_s: float = 600.0, poll_s: float = 0.2) -
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+_held = threading.local()  # the lock files this thread holds, with how deeply
+
+
+@contextmanager
+def reentrant_file_lock(path: str | Path, timeout_s: float = 600.0) -> Iterator[None]:
+    """:func:`file_lock` that a thread already holding it may take again (a flow holds the registry lock
+    around register + gate, and the gate takes it itself): other threads and processes still wait."""
+    key = str(Path(path).resolve())
+    depth = getattr(_held, "depth", None)
+    if depth is None:
+        depth = _held.depth = {}
+    if depth.get(key):
+        depth[key] += 1
+        try:
+            yield
+        finally:
+            depth[key] -= 1
+        return
+    with file_lock(path, timeout_s):
+        depth[key] = 1
+        try:
+            yield
+        finally:
+            del depth[key]

@@ -179,3 +179,40 @@ def test_corrupt_model_artifact_is_a_clean_error_and_moves_nothing(env):
     assert info["version"] == v1 and (folder / "model.safetensors").is_file()
     with pytest.raises(LmopsError, match="no version with alias 'nope'"):
         fetch_model_dir(f"models:/{name}@nope")
+
+
+def test_a_rollback_during_a_gate_waits_for_it_and_is_not_overwritten(env, tmp_path):
+    """Issue 25, finding 10: the gate, promote and rollback take one registry lock; a process that holds it
+    (a gate between reading the champion and moving it) makes a rollback wait, then the rollback stands."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from lmcore.registry.models import CHAMPION, promote, resolve_alias, rollback
+
+    name = "locked-lm"
+    v1, v2 = _register(env["trained"], name), _register(env["untrained"], name)
+    promote(name, v1, "first")
+    promote(name, v2, "second")
+    held, release = tmp_path / "held", tmp_path / "release"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, time\nfrom lmcore.registry.models import registry_lock\nwith registry_lock():\n"
+        f"    pathlib.Path({str(held)!r}).touch()\n"
+        f"    while not pathlib.Path({str(release)!r}).exists(): time.sleep(0.05)\n")], env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, "the lock holder did not start"
+            time.sleep(0.05)
+        done: list[str] = []
+        t = threading.Thread(target=lambda: done.append(rollback(name, "bad answers")))
+        t.start()
+        t.join(1.5)
+        assert t.is_alive() and not done and resolve_alias(name, CHAMPION) == v2  # waits for the lock
+        release.touch()
+        t.join(60)
+        assert done == [v1] and resolve_alias(name, CHAMPION) == v1
+    finally:
+        release.touch()
+        holder.wait(30)

@@ -26,6 +26,7 @@ from lmcore.data.versions import CATALOG, DataRegistry
 from lmcore.device import pick_device
 from lmcore.errors import LmopsError
 from lmcore.feedback.harvest import read_pairs
+from lmcore.locks import reentrant_file_lock
 from lmcore.machine import release_freed_memory
 from lmcore.model.base import load_base
 from lmcore.model.checkpoint import load_model, read_meta
@@ -341,6 +342,13 @@ def fetch_model_dir(model_uri: str, dst: Path | None = None) -> tuple[Path, dict
 
 
 # --------------------------------------------------------------------------- champion moves
+def registry_lock(timeout_s: float = 3600.0):
+    """The one lock every move of the champion takes (the gate, ``promote``, ``rollback``, the flows'
+    register + gate): a gate reads the champion minutes before it moves the alias, and the alias history
+    is a read-modify-write tag, so a rollback made during a gate would otherwise be overwritten."""
+    return reentrant_file_lock(get_settings().home / "locks" / "model-registry.lock", timeout_s)
+
+
 def _record_move(client: Any, name: str, entry: dict) -> None:
     history = alias_history(name) + [entry]
     text = json.dumps(history)
@@ -366,8 +374,9 @@ def promote(name: str, version: str, reason: str) -> None:
     if not reason or not reason.strip():
         raise LmopsError("a reason is required to move the champion")
     client = get_client()
-    _require_version(client, name, str(version))
-    _move_champion(client, name, str(version), "promote", reason.strip())
+    with registry_lock():
+        _require_version(client, name, str(version))
+        _move_champion(client, name, str(version), "promote", reason.strip())
 
 
 def _champion_stack(history: list[dict]) -> list[str]:
@@ -388,7 +397,11 @@ def rollback(name: str, reason: str) -> str:
     """Move ``champion`` back to the previous champion; returns that version."""
     if not reason or not reason.strip():
         raise LmopsError("a reason is required to roll back the champion")
-    client = get_client()
+    with registry_lock():
+        return _rollback(get_client(), name, reason)
+
+
+def _rollback(client: Any, name: str, reason: str) -> str:
     _require_model(client, name)
     current = resolve_alias(name, CHAMPION)
     if current is None:
@@ -465,6 +478,13 @@ def _recorded_bpb(client: Any, name: str, version: str) -> float | None:
 
 def gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
          parent_run_id: str | None = None, pairs: list[dict] | None = None, say: Say | None = None) -> GateDecision:
+    """Under :func:`registry_lock`: :func:`_gate`."""
+    with registry_lock():
+        return _gate(name, challenger_version, data_dir, params, parent_run_id=parent_run_id, pairs=pairs, say=say)
+
+
+def _gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
+          parent_run_id: str | None = None, pairs: list[dict] | None = None, say: Say | None = None) -> GateDecision:
     """Evaluate challenger and champion on the same current validation set and decide (:func:`.gate.decide`).
 
     The challenger becomes ``champion`` when it passes the behaviour checks and there is no
