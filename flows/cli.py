@@ -179,7 +179,10 @@ def ui(
     mlflow_port: int = typer.Option(MLFLOW_PORT, "--mlflow-port", help="Port for the MLflow UI."),
     prefect_port: int = typer.Option(PREFECT_PORT, "--prefect-port", help="Port for the Prefect UI."),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="Start only the MLflow UI."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: local only)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: local only; beyond "
+                                                         "loopback needs --open-to-network)."),
+    open_to_network: bool = typer.Option(False, "--open-to-network", help="Bind beyond loopback although neither "
+                                         "UI authenticates (only behind an authenticating proxy)."),
 ) -> None:
     """Start the MLflow UI (runs, models) and the Prefect UI (flows); Ctrl-C stops both.
 
@@ -188,7 +191,7 @@ def ui(
     from flows.ui import run_uis  # lazy: keeps `lmops --help` fast
 
     run_uis(mlflow_port=mlflow_port, prefect_port=None if no_prefect else prefect_port, host=host,
-            echo=typer.echo)
+            echo=typer.echo, open_to_network=open_to_network)
 
 
 stack_app = typer.Typer(help="The team stack on this machine: PostgreSQL, Prefect server + workers, MLflow server.",

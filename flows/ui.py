@@ -18,6 +18,7 @@ import prefect.settings
 
 from flows.prefect_home import prepare_prefect_database
 from lmcore.errors import LmopsError
+from lmcore.serve.limits import is_loopback
 from lmcore.services import Service, check_port, console_script, log_tail, start_mlflow_ui, start_service, stop_service
 from lmcore.settings import MLFLOW_PORT, PREFECT_PORT, apply_environment, get_settings
 
@@ -65,8 +66,18 @@ def start_prefect_server(port: int = PREFECT_PORT, host: str = "127.0.0.1", sett
 
 
 def run_uis(mlflow_port: int = MLFLOW_PORT, prefect_port: int | None = PREFECT_PORT, host: str = "127.0.0.1",
-            echo: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
-    """Start the UIs, print their URLs and block until Ctrl-C/SIGTERM (or a child dies); stop them all."""
+            echo: Callable[[str], None] = print, stop: threading.Event | None = None, open_to_network: bool = False
+            ) -> None:
+    """Start the UIs, print their URLs and block until Ctrl-C/SIGTERM (or a child dies); stop them all.
+
+    Beyond loopback it refuses unless ``open_to_network``: neither UI authenticates, and whoever reaches
+    MLflow's can move ``champion``, which a running server then follows.
+    """
+    if not is_loopback(host) and not open_to_network:
+        raise LmopsError(f"binding {host} (beyond loopback) would open the MLflow and Prefect UIs to the network "
+                         "with no authentication (anyone reaching them can move `champion`): bind 127.0.0.1 and "
+                         "use an SSH tunnel (ssh -L 5000:127.0.0.1:5000 -L 4200:127.0.0.1:4200 HOST), or pass "
+                         "--open-to-network behind an authenticating proxy")
     stop = stop or threading.Event()
     services: list[Service] = []
     previous = {}

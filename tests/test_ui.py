@@ -119,3 +119,15 @@ def test_the_database_is_prepared_only_for_the_servers_own_home(tmp_path, monkey
     said: list[str] = []
     assert prepare_server_database(other, echo=said.append) is None and said == []
     assert not (tmp_path / "other").exists()
+
+
+def test_ui_beyond_loopback_is_refused_unless_opened_on_purpose(tmp_path):
+    """Issue 25, finding 3: neither UI authenticates, so `lmops ui --host 0.0.0.0` refuses in one line
+    (before starting anything) unless --open-to-network says it sits behind an authenticating proxy."""
+    lmops = Path(sys.executable).with_name("lmops")
+    env = {**os.environ, "LMOPS_HOME": str(tmp_path / "home")}
+    r = subprocess.run([str(lmops), "ui", "--host", "0.0.0.0", "--no-prefect"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    err = r.stderr.strip()
+    assert r.returncode == 1 and len(err.splitlines()) == 1 and "no authentication" in err and "champion" in err
+    assert not (tmp_path / "home" / "logs").exists()  # refused before any server started
