@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
 from lmcore.model.int8 import load_quantized
-from lmcore.model.transformer import ModelConfig, Transformer
+from lmcore.model.transformer import ModelConfig, Transformer, rope_cache
 from lmcore.model.weights import HEAD, tie_head, unwrap
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
@@ -86,6 +86,26 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+def model_from_weights(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str | Path) -> Transformer:
+    """The model of ``cfg`` holding ``state``'s tensors (as fp32) without first building random ones.
+
+    Why: ``Transformer(cfg)`` initialises every weight before ``load_state_dict`` overwrites it, so loading
+    a 135M base held two copies of it at the peak (the server's 1.4 GB) and spent seconds drawing random
+    numbers. Built on the meta device, the model takes the loaded tensors as they are.
+    """
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tie_head(dict(state), cfg).items()}
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise LmopsError(f"weights in {where} do not match its config: {str(e).splitlines()[0]}") from None
+    if cfg.tie_embeddings:  # one parameter again, not two that share storage (training updates it once)
+        model.lm_head.weight = model.embed.weight
+    model.rope_cos, model.rope_sin = rope_cache(cfg, cfg.block_size)  # not in the file: computed
+    return model
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
     """Model (eval mode), tokenizer and metadata from a model folder; one-line error if broken.
 
@@ -98,7 +118,6 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     tokenizer = Tokenizer.load(folder / TOKENIZER)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise LmopsError(f"tokenizer in {folder} has {tokenizer.vocab_size} tokens, model only {cfg.vocab_size}")
-    model = Transformer(cfg)
     try:
         state = load_file(str(folder / WEIGHTS))
     except Exception as e:
@@ -108,9 +127,4 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
             raise LmopsError(f"model in {folder} uses unknown quantization {meta['quantization']!r}")
 
         return load_quantized(cfg, state), tokenizer, meta
-    tie_head(state, cfg)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise LmopsError(f"weights in {folder} do not match its config: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), tokenizer, meta
+    return model_from_weights(cfg, state, folder).to(device).eval(), tokenizer, meta

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
-from lmcore.model.checkpoint import atomic_dir, commit_dir, load_model, write_model_files
+from lmcore.model.checkpoint import atomic_dir, commit_dir, load_model, model_from_weights, write_model_files
 from lmcore.model.transformer import ModelConfig, Transformer
 from lmcore.model.weights import tie_head, unwrap
 
@@ -258,12 +258,7 @@ def read_hf_folder(hf_dir: str | Path) -> tuple[Transformer, Tokenizer]:
     tokenizer = Tokenizer.load(hf_dir / "tokenizer.json")
     if tokenizer.vocab_size > cfg.vocab_size:
         raise LmopsError(f"tokenizer in {hf_dir} has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
-    model = Transformer(cfg)
-    try:
-        model.load_state_dict(from_hf_state_dict(_read_hf_weights(hf_dir), cfg), strict=True)
-    except RuntimeError as e:
-        raise LmopsError(f"weights in {hf_dir} do not match its config: {str(e).splitlines()[0]}") from None
-    return model.eval(), tokenizer
+    return model_from_weights(cfg, from_hf_state_dict(_read_hf_weights(hf_dir), cfg), hf_dir).eval(), tokenizer
 
 
 def import_hf(hf_dir: str | Path, out_model_dir: str | Path, force: bool = False) -> Path:
