@@ -161,18 +161,29 @@ def step_flops(shape: Shape, tokens: int) -> float:
     return (4.0 if shape.lora_r else 6.0) * tokens * (weights + attention)
 
 
-def timed_rows(shape: Shape, fp32_gflops: float, seconds_per_token: float = 0.0) -> tuple[int, int]:
+def timed_rows(shape: Shape, fp32_gflops: float, seconds_per_token: float = 0.0, overhead_s: float = 0.0
+               ) -> tuple[int, int]:
     """(rows, tokens per row) of a timed step: the training batch, cut until one step is about
-    ``STEP_CALL_S`` at the measured fp32 speed, or at ``seconds_per_token`` where a short step measured
-    slower than that (a busy machine; rows first, then the window; (0, 0): too large to time)."""
+    ``STEP_CALL_S``: ``overhead_s`` (per-op cost, measured) plus tokens at the measured fp32 speed, or at
+    ``seconds_per_token`` where short steps measured slower than that (a busy machine). Rows go first,
+    then the window; (0, 0): too large to time."""
     seconds_per_token = max(seconds_per_token,
                             step_flops(shape, 1) / (max(fp32_gflops, 1e-3) * 1e9 * STEP_EFFICIENCY))
     batch_tokens = shape.batch_size * shape.block_size
-    tokens = min(batch_tokens, int(STEP_CALL_S / seconds_per_token))
+    tokens = min(batch_tokens, int(max(STEP_CALL_S - overhead_s, 0.0) / seconds_per_token))
     if tokens < min(MIN_TIMED_TOKENS, batch_tokens):
         return 0, 0
     rows = max(1, min(shape.batch_size, tokens // shape.block_size))
     return rows, min(shape.block_size, tokens // rows)
+
+
+def _short_step_s(factory: StepFactory, shape: Shape, tokens: int) -> float:
+    """Seconds of one fp32 step on one row of ``tokens`` (the second of two: the first allocates)."""
+    step = factory(torch.randint(0, shape.vocab_size, (1, min(tokens, shape.block_size))), None)
+    step()
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
 
 
 def _random_model_step(shape: Shape) -> StepFactory:
@@ -276,15 +287,14 @@ def measure(shape: Shape, budget_s: float = 0.1, step: StepFactory | None = None
             f"{fp32:.0f} GFLOP/s: not timed, training runs in float32 (the safe choice)")
         return untimed
     factory = step or _random_model_step(shape)
-    # one short fp32 step first: what a step costs here and now (per-op overhead, other load), which a
-    # matmul's speed does not say; a step at the timed size is then not longer than STEP_CALL_S
-    short = torch.randint(0, shape.vocab_size, (1, MIN_TIMED_TOKENS))
-    t = time.perf_counter()
-    factory(short, None)()
-    rows, window = timed_rows(shape, fp32, (time.perf_counter() - t) / MIN_TIMED_TOKENS)
+    # two short fp32 steps first (after a warm-up): what a step costs here and now, per op and per token
+    # (other load included), which a matmul's speed does not say; the timed step is sized by both
+    short, longer = (_short_step_s(factory, shape, n) for n in (MIN_TIMED_TOKENS, 4 * MIN_TIMED_TOKENS))
+    per_token = max(longer - short, 0.0) / (3 * MIN_TIMED_TOKENS)
+    rows, window = timed_rows(shape, fp32, per_token, max(short - per_token * MIN_TIMED_TOKENS, 0.0))
     if rows == 0:
-        say(f"probe: a {MIN_TIMED_TOKENS}-token step took {time.perf_counter() - t:.1f} s: not timed, training "
-            "runs in float32 (the safe choice)")
+        say(f"probe: a {4 * MIN_TIMED_TOKENS}-token step took {longer:.1f} s: not timed, training runs in float32 "
+            "(the safe choice)")
         return untimed
     x = torch.randint(0, shape.vocab_size, (rows, window))
     scale = shape.batch_size * shape.block_size / (rows * window)

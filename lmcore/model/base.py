@@ -27,6 +27,7 @@ from safetensors import safe_open
 
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
+from lmcore.machine import release_freed_memory
 from lmcore.model.gguf import check_gguf, gguf_source_hash, hf_folder_from_gguf, is_gguf
 from lmcore.model.hf import read_hf_folder
 from lmcore.model.transformer import Transformer
@@ -34,6 +35,7 @@ from lmcore.model.transformer import Transformer
 SUPPORTED = ("LlamaForCausalLM",)
 TAG_BASE, TAG_BASE_HASH = "lmops.base", "lmops.base_hash"
 PARITY_ATOL = 1e-3  # fp32 logits of lmops' model vs transformers' on the same weights
+PARITY_TEXT = "The quick brown fox jumps over the lazy dog."
 _HASHED = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
@@ -166,10 +168,11 @@ def check_fits_memory(spec: str, lora_r: int, available: int | None = None) -> N
                          f"{available / 2**30:.1f} GiB available: free memory, {hint}")
 
 
-def check_parity(model: Transformer, folder: Path, ids: list[int]) -> float:
-    """Largest logit difference between lmops' model and ``transformers``' reading of ``folder``.
+def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
+    """``transformers``' own logits for ``ids`` (at most 16) from ``folder``: what lmops' reading must match.
 
-    Raises when above :data:`PARITY_ATOL`: a mapping error would otherwise train silently.
+    Its model is gone (and its heap handed back) before lmops loads its own: two copies of a base at
+    once were the peak memory of a fine-tune's start.
     """
     try:
         from transformers import AutoModelForCausalLM  # lazy: transformers imports in ~1 s
@@ -178,10 +181,23 @@ def check_parity(model: Transformer, folder: Path, ids: list[int]) -> float:
         raise LmopsError("checking a base's logits needs transformers (pip install transformers)") from None
     hf_logging.disable_progress_bar()
     ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    x = torch.tensor([ids[: min(len(ids), 16, model.cfg.block_size)] or [0]])
     with torch.no_grad():
-        ours = model.float()(x)[0]
-        theirs = ref(x).logits.float()
+        logits = ref(torch.tensor([ids[:16] or [0]])).logits.float()[0]
+    del ref
+    release_freed_memory()
+    return logits
+
+
+def check_parity(model: Transformer, folder: Path, ids: list[int], reference: torch.Tensor | None = None) -> float:
+    """Largest logit difference between lmops' model and ``transformers``' reading of ``folder``
+    (``reference``: :func:`reference_logits`, taken before when given).
+
+    Raises when above :data:`PARITY_ATOL`: a mapping error would otherwise train silently.
+    """
+    ids = ids[: min(16, model.cfg.block_size)] or [0]
+    theirs = reference_logits(folder, ids) if reference is None else reference[: len(ids)]
+    with torch.no_grad():
+        ours = model.float()(torch.tensor([ids]))[0][0]
     diff = float((ours - theirs).abs().max())
     if not diff <= PARITY_ATOL:
         raise LmopsError(f"base {folder}: lmops' logits differ from transformers' by {diff:.2e} "
@@ -193,8 +209,10 @@ def load_base(spec: str, verify: bool = True) -> tuple[Transformer, Tokenizer, B
     """lmops' model (fp32, eval mode) and tokenizer of a base, with its lineage; logits checked when ``verify``."""
     folder = resolve_base(spec)
     arch = check_architecture(folder)
+    ids = Tokenizer.load(folder / "tokenizer.json").encode(PARITY_TEXT) if verify else []
+    reference = reference_logits(folder, ids) if verify else None  # first: one copy of the base at a time
     model, tokenizer = read_hf_folder(folder)
     if verify:
-        check_parity(model, folder, tokenizer.encode("The quick brown fox jumps over the lazy dog."))
+        check_parity(model, folder, ids, reference)
     return model, tokenizer, BaseInfo(spec=spec, dir=str(folder.resolve()), hash=base_hash(folder),
                                       architecture=arch)

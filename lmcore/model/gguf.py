@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from lmcore.errors import LmopsError
+from lmcore.machine import release_freed_memory
 
 SOURCE_FILE = "gguf_source.json"  # in a converted folder: which GGUF file (name, sha256) it came from
 SUPPORTED_ARCHS = ("llama",)  # GGUF general.architecture values lmops reads (Llama family: SmolLM2, TinyLlama, Llama 3)
@@ -121,6 +122,7 @@ def hf_folder_from_gguf(path: Path, home: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    release_freed_memory()  # the dequantized model is gone: its heap goes back before training starts
     return out
 
 
