@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from lmcore.machine import release_freed_memory
 from lmcore.model.checkpoint import load_model
 from lmcore.model.generate import SamplingParams, generate_text, generate_tokens
 from lmcore.model.hf import export_hf
@@ -169,6 +170,8 @@ def hf_export_agrees(model_dir: Path, prompt: str, new_tokens: int = 12) -> bool
     ids = (tokenizer.encode(prompt) or [tokenizer.eos_id])[: model.cfg.block_size - new_tokens]
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)
     ours = [t for t, _ in generate_tokens(model, ids, sp, tokenizer.eos_id)]
+    del model  # one copy of the model at a time: the export and transformers' reading come next
+    release_freed_memory()
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -514,12 +514,12 @@ def _gate(name: str, challenger_version: str, data_dir: Path, params: Any, *,
     ch_metrics, ch_samples, (model, tok, folder) = _evaluate_version(name, challenger_version, data_dir, params,
                                                                      device, say)
     checks = behaviour_checks(model, tok, tuple(params.eval.prompts), params.eval.seed, ch_metrics)
+    scores = {f"challenger_{k}": v for k, v in user_scores(model, tok, params.gate.golden, pairs).items()}
+    del model, tok  # each check below loads what it needs: one model in memory at a time
     if params.gate.check_hf_export:
         if say:
             say("gate: checking that the HF export loads in transformers and decodes the same")
         checks["hf_export_agrees"] = hf_export_agrees(folder, (params.eval.prompts or ("\n",))[0])
-    scores = {f"challenger_{k}": v for k, v in user_scores(model, tok, params.gate.golden, pairs).items()}
-    del model, tok
     base = _base_scores(folder, data_dir, params, device, say)
     if base.pop("sft", None):  # supervised fine-tuning that does worse on held-out data than its base taught nothing
         checks["beats_base"] = float(ch_metrics["val_loss"]) <= base["base_val_loss"]
