@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 from flows.reporting import stage
 from flows.tasks import deploy_task, dpo_key, dpo_task, evaluate_task, gate_task, prepare_task, register_task
 from lmcore.config import load_params
+from lmcore.data.prepare import training_kinds
 from lmcore.data.prepared import current_dataset
 from lmcore.data.versions import DataRegistry
 from lmcore.device import pick_device
@@ -43,7 +44,7 @@ def dpo_flow(params_path: str | None = None, overrides: dict[str, Any] | None = 
         sft_dir, info = fetch_model_dir(uri)
         sft = {"uri": uri if info["version"] is None else f"models:/{info['name']}/{info['version']}",
                "dir": str(sft_dir)}
-        prepared = prepare_task(current.id, params)  # the gate's validation text
+        prepared = prepare_task(current.id, params, list(training_kinds(current, params)))  # the gate's val text
         note["done"] = f"{len(pairs)} pairs from dataset {current.id}; SFT model {sft['uri']}"
     lineage = lineage_tags(dataset_version=current.id, dataset_git_rev=current.git_rev,
                            params_hash=params.slice_hash("dpo"), flow_run_id=str(flow_run.get_id() or ""),

@@ -76,8 +76,8 @@ def run_uis(mlflow_port: int = MLFLOW_PORT, prefect_port: int | None = PREFECT_P
     if not is_loopback(host) and not open_to_network:
         raise LmopsError(f"binding {host} (beyond loopback) would open the MLflow and Prefect UIs to the network "
                          "with no authentication (anyone reaching them can move `champion`): bind 127.0.0.1 and "
-                         "use an SSH tunnel (ssh -L 5000:127.0.0.1:5000 -L 4200:127.0.0.1:4200 HOST), or pass "
-                         "--open-to-network behind an authenticating proxy")
+                         f"use an SSH tunnel (ssh -L {MLFLOW_PORT}:127.0.0.1:{MLFLOW_PORT} -L {PREFECT_PORT}:"
+                         f"127.0.0.1:{PREFECT_PORT} HOST), or pass --open-to-network behind an authenticating proxy")
     stop = stop or threading.Event()
     services: list[Service] = []
     previous = {}

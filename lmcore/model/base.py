@@ -180,7 +180,11 @@ def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
     except ImportError:
         raise LmopsError("checking a base's logits needs transformers (pip install transformers)") from None
     hf_logging.disable_progress_bar()
-    ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    try:
+        ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    except Exception as e:  # a corrupt or foreign file: transformers says why in its first line
+        raise LmopsError(f"cannot read weights in {folder} with transformers: {str(e).splitlines()[0][:200]}") \
+            from None
     with torch.no_grad():
         logits = ref(torch.tensor([ids[:16] or [0]])).logits.float()[0]
     del ref

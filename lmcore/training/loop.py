@@ -369,13 +369,13 @@ class _Trainer:
         seq = min(mp.block_size, cfg.block_size)  # the training window: a base's whole context is never trained
         if base is not None:
             tp = _finetune_budget(tp, data.train_tokens, seq, d.world, say=say)
-        choices = _rank0_choices(lambda: training_choices(
-            device, tp, cfg, window=seq, lora_r=tp.lora_r if has_lora(net) else 0, step=model_step(net),
-            say=say), d, device)
-        ckpt = find_checkpoint(out_dir) if resume else None
+        ckpt = find_checkpoint(out_dir) if resume else None  # a checkpoint that does not fit fails before the probe
         if resume and ckpt is None and d.main:
             print(f"no checkpoint in {out_dir}: starting from step 0", file=sys.stderr)
         state = _resume_model(ckpt, net, cfg, device) if ckpt is not None else {}
+        choices = _rank0_choices(lambda: training_choices(
+            device, tp, cfg, window=seq, lora_r=tp.lora_r if has_lora(net) else 0, step=model_step(net),
+            say=say), d, device)
         if state:
             choices = _resumed_choices(choices, state.get("choices", {}), tp)
         net.to(device)
@@ -521,8 +521,8 @@ class _Trainer:
         if bar is not None:
             bar.set_postfix(loss=f"{self.last_train_loss:.3f}", tok_s=f"{tps:,.0f}")
         elif self.say:
-            self.say(f"step {self.step}/{self.tp.max_steps} loss {self.last_train_loss:.4f} {tps:,.0f} tok/s "
-                     f"({self.elapsed:.0f} s, ETA {self._eta():.0f} s)")
+            self.say(f"train {self.step}/{self.tp.max_steps} steps: loss {self.last_train_loss:.4f}, {tps:,.0f} "
+                     f"tok/s ({self.elapsed:.0f} s, ETA {self._eta():.0f} s)")
         window.loss.zero_()
         window.steps, window.t0, window.tokens = 0, now, 0
 
