@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 from flows.tasks import prepare_task
 from flows.training import run_cached
 from lmcore.config import load_params
+from lmcore.data.prepare import training_kinds
 from lmcore.data.prepared import current_dataset
 from lmcore.data.versions import DataRegistry
 from lmcore.errors import LmopsError
@@ -51,8 +52,10 @@ def ddp_training_flow(nproc_per_node: int | None = None, nnodes: int = 1, rdzv_i
     """Train with DDP on ``nproc_per_node`` processes (default: stack.nproc_per_node) on each of ``nnodes``
     nodes; with ``nnodes`` > 1 start one run per node, all with the same ``rdzv_id``."""
     params = load_params(params_path, overrides)
-    version = current_dataset(DataRegistry.open()).id
-    prepared = run_cached(prepare_task, lambda d: (Path(d) / "meta.json").is_file(), version, params).result()
+    current = current_dataset(DataRegistry.open())
+    version = current.id
+    prepared = run_cached(prepare_task, lambda d: (Path(d) / "meta.json").is_file(), version, params,
+                          list(training_kinds(current, params))).result()
     run_id = str(flow_run.get_id() or "local")
     out = get_settings().runs_dir / "ddp" / run_id
     if nnodes > 1 and not rdzv_id:
