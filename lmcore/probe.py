@@ -289,11 +289,12 @@ def measure(shape: Shape, budget_s: float = 0.1, step: StepFactory | None = None
     factory = step or _random_model_step(shape)
     # two short fp32 steps first (after a warm-up): what a step costs here and now, per op and per token
     # (other load included), which a matmul's speed does not say; the timed step is sized by both
-    short, longer = (_short_step_s(factory, shape, n) for n in (MIN_TIMED_TOKENS, 4 * MIN_TIMED_TOKENS))
-    per_token = max(longer - short, 0.0) / (3 * MIN_TIMED_TOKENS)
+    short = _short_step_s(factory, shape, MIN_TIMED_TOKENS)
+    longer = _short_step_s(factory, shape, 4 * MIN_TIMED_TOKENS) if 4 * short < STEP_CALL_S else 0.0
+    per_token = max(longer - short, 0.0) / (3 * MIN_TIMED_TOKENS) if longer else short / MIN_TIMED_TOKENS
     rows, window = timed_rows(shape, fp32, per_token, max(short - per_token * MIN_TIMED_TOKENS, 0.0))
-    if rows == 0:
-        say(f"probe: a {4 * MIN_TIMED_TOKENS}-token step took {longer:.1f} s: not timed, training runs in float32 "
+    if rows == 0 or short > STEP_CALL_S:
+        say(f"probe: a {MIN_TIMED_TOKENS}-token step took {short:.1f} s: not timed, training runs in float32 "
             "(the safe choice)")
         return untimed
     x = torch.randint(0, shape.vocab_size, (rows, window))
