@@ -35,7 +35,7 @@ from pathlib import Path
 
 import httpx
 import openai
-from _common import cpu_header, with_cpu
+from _common import cpu_header, wait_ready, with_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,17 +67,7 @@ class Server:
                "-S", "serve.max_concurrent=64"]
         env = {**os.environ, "LMOPS_HOME": str(home), "LMOPS_WORKSPACE": str(ROOT)}
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise SystemExit("server did not become ready")
+        wait_ready(self.proc, self.base + "/health", 120)
 
     def wait_compiled(self, limit_s: float = 600) -> float | None:
         """Seconds until the server decodes with its compiled step; None for a server without one."""

@@ -40,7 +40,7 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import cpu_header, with_cpu  # noqa: E402
+from _common import cpu_header, wait_ready, with_cpu  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 
@@ -109,17 +109,7 @@ class Server:
         env = {**os.environ, "LMOPS_HOME": str(home), "LMOPS_WORKSPACE": str(ROOT)}
         t0 = time.monotonic()
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while time.monotonic() - t0 < 300:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        else:
-            raise SystemExit("server did not become ready in 300 s")
+        wait_ready(self.proc, self.base + "/health", 300)
         self.ready_s = round(time.monotonic() - t0, 1)
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
         self.model = self.client.models.list().data[0].id
