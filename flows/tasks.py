@@ -17,6 +17,7 @@ import importlib
 import os
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,6 +53,17 @@ CACHED: dict[str, Any] = {"cache_expiration": timedelta(days=30), "persist_resul
 class OwnedFileLockManager(FileSystemLockManager):
     """Prefect's file locks, each with its owner (host and PID) beside it: a lock whose owner on this host
     has died (a killed worker's run) is stale and is removed, so the re-run does not wait for it forever."""
+
+    def _get_lock_info(self, key: str, use_cache: bool = True):
+        """Prefect's reading of a lock file, again while another flow is still writing it: Prefect creates
+        the file, then writes its JSON, and a reader in between got an empty file (``EOF while parsing``),
+        which failed a run that only had to wait (two runs at once, tests/test_flows.py)."""
+        for _ in range(100):
+            try:
+                return super()._get_lock_info(key, use_cache)
+            except ValueError:
+                time.sleep(0.01)
+        return super()._get_lock_info(key, use_cache)
 
     def _owner_path(self, key: str) -> Path:
         return self._lock_path_for_key(key).with_suffix(".owner")
