@@ -171,20 +171,3 @@ def flops_per_token(cfg, seq: int) -> float:
     n_matmul = L * per_layer + C * cfg.vocab_size
     return 6 * n_matmul + 12 * L * C * seq
 
-
-def wait_ready(proc, health_url: str, timeout_s: float) -> None:
-    """Poll a server ``proc`` started for a benchmark until ``health_url`` answers 200; exit if it dies or
-    takes longer than ``timeout_s``."""
-    import httpx  # lazy: only the serving benchmarks start a server
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(health_url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"server did not become ready in {timeout_s:.0f} s")

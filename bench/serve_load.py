@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import sqlite3
 import statistics
@@ -35,7 +34,9 @@ from pathlib import Path
 
 import httpx
 import openai
-from _common import cpu_header, wait_ready, with_cpu
+from _common import cpu_header, with_cpu
+
+from lmcore.services import stop_group, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +67,9 @@ class Server:
                str(self.port), "-S", f"serve.max_batch={max_batch}", "-S", "serve.poll_interval_s=0",
                "-S", "serve.max_concurrent=64"]
         env = {**os.environ, "LMOPS_HOME": str(home), "LMOPS_WORKSPACE": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_ready(self.proc, self.base + "/health", 120)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)  # its own group: stop() ends its children too
+        wait_http(self.base + "/health", 120, self.proc)
 
     def wait_compiled(self, limit_s: float = 600) -> float | None:
         """Seconds until the server decodes with its compiled step; None for a server without one."""
@@ -82,13 +84,8 @@ class Server:
         raise SystemExit(f"the compiled decode step was not ready within {limit_s:.0f} s")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc.pid, 20)  # the server and its decode-step compile child
+        self.proc.wait()
 
 
 async def _native_request(c: httpx.AsyncClient, base: str, body: dict) -> tuple[bool, list[float]]:

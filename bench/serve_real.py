@@ -26,7 +26,6 @@ import concurrent.futures
 import contextlib
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -40,7 +39,9 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from _common import cpu_header, wait_ready, with_cpu  # noqa: E402
+from _common import cpu_header, with_cpu  # noqa: E402
+
+from lmcore.services import stop_group, wait_http  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 
@@ -108,8 +109,9 @@ class Server:
                str(self.port), "-S", "serve.poll_interval_s=0", *(extra or [])]
         env = {**os.environ, "LMOPS_HOME": str(home), "LMOPS_WORKSPACE": str(ROOT)}
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_ready(self.proc, self.base + "/health", 300)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)  # its own group: stop() ends its children too
+        wait_http(self.base + "/health", 300, self.proc)
         self.ready_s = round(time.monotonic() - t0, 1)
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0, timeout=120)
         self.model = self.client.models.list().data[0].id
@@ -139,13 +141,8 @@ class Server:
         return times[0] - t0, times
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc.pid, 30)  # the server and its decode-step compile child
+        self.proc.wait()
 
 
 def prompt_of(tokenizer, n_tokens: int) -> tuple[list[dict], list[int]]:
