@@ -35,6 +35,17 @@ ISA_CAP_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
 MALLOC_KEEP_BYTES = 1 << 30  # blocks up to this size stay in the heap, and this much free heap is kept
 
 
+@functools.cache  # the C library does not change under a running process
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, whose malloc these tune; None off Linux/glibc (other allocators decide for themselves)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 @functools.cache  # once per process: the setting is process-wide
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed blocks for reuse instead of handing them back to the kernel.
@@ -46,11 +57,8 @@ def keep_freed_memory() -> bool:
     trim thresholds keeps them in the heap (the same blocks reused: peak RSS is unchanged). True
     when set; False off glibc (other allocators decide for themselves).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     return bool(libc.mallopt(m_mmap_threshold, MALLOC_KEEP_BYTES)) and bool(
@@ -63,12 +71,9 @@ def release_freed_memory() -> None:
     Why: :func:`keep_freed_memory` keeps a step's freed activations in the heap for the next step, so a
     long-running process (the flow, a server) would otherwise stay at its training peak after training.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------- the CPU

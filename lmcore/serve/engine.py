@@ -26,15 +26,13 @@ Shapes: B active rows, S slots, V vocab.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import logging
-import platform
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +41,7 @@ import torch
 
 from lmcore.data.tokenizer import Tokenizer
 from lmcore.errors import LmopsError
+from lmcore.machine import release_freed_memory
 from lmcore.model.checkpoint import load_model
 from lmcore.model.decode import DECODER_SLOTS, Decoder
 from lmcore.model.generate import SamplingParams, decode_threads, pick_next, process_threads
@@ -177,14 +176,6 @@ def _logprobs(row: Row, logits: torch.Tensor, token: int) -> tuple:
         values, ids = torch.topk(lp, min(row.top_logprobs, lp.numel()))
         top = list(zip(ids.tolist(), values.tolist(), strict=True))
     return ((float(lp[token]), top),)
-
-
-def _trim_heap() -> None:
-    """Hand the free pages of glibc's heap back to the kernel (no-op off glibc)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    with suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @contextmanager
@@ -324,7 +315,7 @@ class Batcher:
                         break
                     if self.decoder.cache.committed_bytes() > IDLE_RELEASE_BYTES:
                         self.decoder.release()  # idle: resident memory back to the model's own
-                        _trim_heap()  # and the batch's prefill activations, which malloc keeps in its heap
+                        release_freed_memory()  # and the batch's prefill activations, which malloc keeps in its heap
                     try:
                         first = self.pending.get(timeout=0.05)
                     except queue.Empty:
@@ -499,7 +490,7 @@ class Engine:
             batcher.threads_chosen.wait()  # not inside the first request after /health said ready
             # what loading (the state dict beside the model) and a first decode probe (quantized copies of the
             # model) freed stays in malloc's heap otherwise: 200 MB of a fresh home's 135M model
-            _trim_heap()
+            release_freed_memory()
             with self._swap_lock:
                 old, self.current = self.current, batcher
                 self.source = source
